@@ -1,0 +1,3 @@
+from dsv4cli.cli import main
+
+main()

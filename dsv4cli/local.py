@@ -1,0 +1,35 @@
+"""What is already on disk for a model: its pulled checkpoint folder and its quantized GGUFs.
+
+`dsv4 pull` writes MANIFEST_NAME into a folder only after every file is verified, so its presence
+means "complete"; a folder without it is a partial (resumable) download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsv4cli.home import gguf_dir
+from dsv4cli.registry import ModelSpec
+
+MANIFEST_NAME = ".dsv4-pull.json"
+
+
+def checkpoint_state(folder: Path) -> str | None:
+    """'complete', 'partial', or None when nothing was pulled there."""
+    if (folder / MANIFEST_NAME).is_file():
+        return "complete"
+    if folder.is_dir() and any(folder.iterdir()):
+        return "partial"
+    return None
+
+
+def default_gguf_path(spec: ModelSpec, experts: str, dense: str) -> Path:
+    """Where `dsv4 quantize NAME` writes when no `-o` is given; the recipe is part of the name."""
+    return gguf_dir() / f"{spec.name.replace('/', '--')}-{experts}-{dense}.gguf"
+
+
+def local_ggufs(spec: ModelSpec) -> list[Path]:
+    """Quantized files of this model under `$DSV4_HOME/gguf` (first shard only for split files)."""
+    stem = spec.name.replace("/", "--")
+    found = sorted(gguf_dir().glob(f"{stem}-*.gguf"))
+    return [p for p in found if "-of-" not in p.name or "-00001-of-" in p.name]

@@ -1,0 +1,212 @@
+"""The model registry: `models.toml` (built in) plus `$DSV4_HOME/models.toml` (the user's additions).
+
+Entries are validated strictly (an unknown key is an error, so a typo cannot pass silently) and looked up
+by exact name only; close matches are offered in the error, never picked.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsv4cli.errors import RegistryError, UnknownModelError
+from dsv4cli.home import dsv4_home, models_dir
+
+BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
+
+ENTRY_KEYS = {"description", "builtin", "repo", "revision", "download_bytes", "expert_dtype", "arch", "config"}
+EXPERT_DTYPES = ("fp4", "fp8")
+ARCHES = ("deepseek4", "deepseek41")
+
+# config.json of DeepSeek-V4-Flash (checkpoints.md §3.1); registry entries override what differs.
+V4_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 43,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 1,
+    "head_dim": 512,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 1024,
+    "o_lora_rank": 1024,
+    "o_groups": 8,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 6,
+    "routed_scaling_factor": 1.5,
+    "scoring_func": "sqrtsoftplus",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "num_hash_layers": 3,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 512,
+    "sliding_window": 128,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-6,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "compress_rope_theta": 160000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 16,
+        "original_max_position_embeddings": 65536,
+        "type": "yarn",
+    },
+    "max_position_embeddings": 1048576,
+    "vocab_size": 129280,
+    "swiglu_limit": 10.0,
+    "num_nextn_predict_layers": 1,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "bfloat16",
+}
+
+# V4.1 keys that have no V4 default (checkpoints.md §3.6); rows of the Engram tables come per model.
+V41_DEFAULTS: dict[str, Any] = {
+    "kv_source_layer_ids": [],
+    "index_source_layer_ids": [],
+    "candidate_source_layer_id": 0,
+    "candidate_topk_blocks": 2048,
+    "candidate_block_size": 8,
+    "engram_layer_ids": [],
+    "engram_num_embeddings": [],
+    "engram_max_ngram_size": 4,
+    "engram_vocab_size": 16000000,
+    "engram_n_heads": 8,
+    "engram_head_dim": 256,
+    "engram_pad_token_id": 2,
+    "weight_block_size": 128,
+}
+CONFIG_KEYS = set(V4_DEFAULTS) | set(V41_DEFAULTS) | {"compress_ratios"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry. `config` holds config.json facts (flat, official key names)."""
+
+    name: str
+    description: str = ""
+    repo: str | None = None
+    revision: str = "main"
+    builtin: bool = False
+    download_bytes: int | None = None
+    expert_dtype: str = "fp4"
+    arch: str = "deepseek4"
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"models.toml entry '{self.name}'"
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise RegistryError(f"{where}: expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
+        if self.arch not in ARCHES:
+            raise RegistryError(f"{where}: arch must be one of {ARCHES}, got {self.arch!r}")
+        if not self.builtin and not self.repo:
+            raise RegistryError(f"{where}: needs a repo (or builtin = true)")
+        unknown = set(self.config) - CONFIG_KEYS
+        if unknown:
+            raise RegistryError(f"{where}: unknown config keys {sorted(unknown)}")
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """Flat architecture facts: defaults overlaid with this entry's config."""
+        merged = copy.deepcopy(V4_DEFAULTS)
+        if self.arch == "deepseek41":
+            merged.update(copy.deepcopy(V41_DEFAULTS))
+            merged["rope_scaling"]["rope_type"] = merged["rope_scaling"].pop("type")
+        merged.update(copy.deepcopy(self.config))
+        if "compress_ratios" not in merged:
+            raise RegistryError(f"models.toml entry '{self.name}': config needs compress_ratios")
+        return merged
+
+    def hf_config(self) -> dict[str, Any]:
+        """The config.json this model ships, in the official layout (nested `text_config` for V4.1)."""
+        facts = self.facts
+        block = facts.pop("weight_block_size", 128)
+        quant = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "scale_fmt": "ue8m0",
+            "weight_block_size": [block, block],
+        }
+        if self.arch == "deepseek41":
+            quant["expert_dtype"] = self.expert_dtype
+            text = {"model_type": "deepseek_v41_text", **facts}
+            root_ids = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "torch_dtype")}
+            return {
+                "architectures": ["DeepseekV41ForCausalLM"],
+                "model_type": "deepseek_v41",
+                "dtype": root_ids.pop("torch_dtype"),
+                **root_ids,
+                "pad_token_id": 2,
+                "quantization_config": quant,
+                "text_config": text,
+            }
+        for key in V41_DEFAULTS:
+            facts.pop(key, None)
+        config: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
+        if self.expert_dtype == "fp4":
+            config["expert_dtype"] = "fp4"
+        config.update(facts)
+        config["quantization_config"] = quant
+        return config
+
+    @property
+    def local_dir(self) -> Path:
+        """Default download folder under `$DSV4_HOME/models/`."""
+        return models_dir() / self.name.replace("/", "--")
+
+
+def _read_entries(path: Path) -> dict[str, ModelSpec]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
+    unknown_top = set(data) - {"models"}
+    if unknown_top:
+        raise RegistryError(f"{path}: unknown top-level tables {sorted(unknown_top)}; entries go under [models.NAME]")
+    specs = {}
+    for name, entry in data.get("models", {}).items():
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:
+            raise RegistryError(f"{path}: model '{name}' has unknown keys {sorted(unknown)}")
+        try:
+            specs[name] = ModelSpec(name=name, **entry)
+        except TypeError as e:
+            raise RegistryError(f"{path}: model '{name}': {e}") from e
+    return specs
+
+
+def load_registry() -> dict[str, ModelSpec]:
+    """Built-in entries, then the user's file (which may add or replace entries)."""
+    specs = _read_entries(BUILTIN_REGISTRY)
+    user_file = dsv4_home() / "models.toml"
+    if user_file.is_file():
+        specs.update(_read_entries(user_file))
+    return specs
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look `name` up exactly; `org/name` not in the registry becomes an ad-hoc Hub spec."""
+    specs = load_registry()
+    if name in specs:
+        return specs[name]
+    for spec in specs.values():
+        if spec.repo and spec.repo.lower() == name.lower():
+            return spec
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return ModelSpec(name=name, repo=name, description="Hub repo (not in the registry)")
+    close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `dsv4 models` to list known names"
+    raise UnknownModelError(f"unknown model '{name}'", hint=hint)
