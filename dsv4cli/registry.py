@@ -142,6 +142,7 @@ class ModelSpec:
         }
         if self.arch == "deepseek41":
             quant["expert_dtype"] = self.expert_dtype
+            facts.pop("num_hash_layers")  # V4.1 has no hash-routed layers and no such key (checkpoints.md §3.6)
             text = {"model_type": "deepseek_v41_text", **facts}
             root_ids = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "torch_dtype")}
             return {

@@ -16,8 +16,8 @@ FP4_MAX = 6.0
 
 
 def _e8m0_table() -> np.ndarray:
-    table = np.ldexp(np.float32(1.0), np.arange(256) - 127).astype(np.float32)
-    table[255] = np.nan
+    table = np.full(256, np.nan, dtype=np.float32)
+    table[:255] = np.ldexp(1.0, np.arange(255) - 127)
     return table
 
 
@@ -25,9 +25,7 @@ def _fp8_e4m3_table() -> np.ndarray:
     code = np.arange(256)
     sign = np.where(code & 0x80, -1.0, 1.0)
     exponent, mantissa = (code >> 3) & 0x0F, code & 0x07
-    magnitude = np.where(
-        exponent == 0, np.ldexp(mantissa / 8.0, -6), np.ldexp(1.0 + mantissa / 8.0, exponent - 7)
-    )
+    magnitude = np.where(exponent == 0, np.ldexp(mantissa / 8.0, -6), np.ldexp(1.0 + mantissa / 8.0, exponent - 7))
     table = (sign * magnitude).astype(np.float32)
     table[(code & 0x7F) == 0x7F] = np.nan
     return table
@@ -89,7 +87,8 @@ def dequant_fp8_block(weight_u8: np.ndarray, scale_u8: np.ndarray, block: Block,
         )
     column_scales = np.repeat(e8m0_to_f32(scale_u8), cols, axis=1)[:, :in_dim]
     full = (out_dim // rows) * rows
-    weight[:full].reshape(-1, rows, in_dim)[...] *= column_scales[: out_dim // rows, None, :]
+    full_blocks = weight[:full].reshape(-1, rows, in_dim)
+    full_blocks *= column_scales[: out_dim // rows, None, :]
     if full < out_dim:
         weight[full:] *= column_scales[-1]
     return weight
@@ -121,16 +120,6 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
 
 
-def _nearest_code(magnitude: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Index of the nearest entry of increasing `values`; exact midpoints go to the even index."""
-    midpoints = (values[:-1] + values[1:]) / 2
-    index = np.searchsorted(midpoints, magnitude, side="left")
-    tie = index < len(midpoints)
-    tie[tie] = midpoints[index[tie]] == magnitude[tie]
-    index[tie & (index % 2 == 1)] += 1
-    return index
-
-
 def _power_of_two_scales(amax: np.ndarray, limit: float) -> np.ndarray:
     """E8M0 byte of the smallest power of two s with amax / s <= limit (127, i.e. 1.0, for all-zero blocks)."""
     amax = amax.astype(np.float64)
@@ -141,9 +130,19 @@ def _power_of_two_scales(amax: np.ndarray, limit: float) -> np.ndarray:
     return np.clip(exponent + 127, 0, 254).astype(np.uint8)
 
 
-def _encode_magnitudes(x: np.ndarray, table: np.ndarray, n_positive: int, sign_bit: int) -> np.ndarray:
-    magnitude = np.minimum(np.abs(x), table[n_positive - 1])
-    code = _nearest_code(magnitude, table[:n_positive].astype(np.float64))
+def _encode_minifloat(
+    x: np.ndarray, *, mantissa_bits: int, min_exponent: int, max_value: float, sign_bit: int
+) -> np.ndarray:
+    """Round to the nearest sign/exponent/mantissa code (ties to even, saturating); sign bit above the magnitude.
+
+    Below the top of each binade the codes are evenly spaced: code = (e - min_exponent) * 2**mantissa_bits
+    + rint(|x| / 2**(e - mantissa_bits)), with e the binade clamped at the subnormal range.
+    """
+    magnitude = np.minimum(np.abs(x), max_value)
+    _, exponent = np.frexp(np.maximum(magnitude, np.ldexp(1.0, min_exponent)))
+    exponent = exponent - 1
+    steps = np.rint(np.ldexp(magnitude, mantissa_bits - exponent)).astype(np.int64)
+    code = (exponent - min_exponent) * (1 << mantissa_bits) + steps
     return (code | np.where(x < 0, sign_bit, 0)).astype(np.uint8)
 
 
@@ -160,7 +159,9 @@ def quantize_fp8_block(x: np.ndarray, block: Block) -> tuple[np.ndarray, np.ndar
     padded[:out_dim, :in_dim] = np.abs(x)
     scale = _power_of_two_scales(padded.reshape(grid[0], rows, grid[1], cols).max(axis=(1, 3)), FP8_MAX)
     divisor = np.repeat(np.repeat(np.ldexp(1.0, scale.astype(np.int64) - 127), rows, 0), cols, 1)
-    code = _encode_magnitudes(x / divisor[:out_dim, :in_dim], FP8_E4M3, 0x7F, 0x80)
+    code = _encode_minifloat(
+        x / divisor[:out_dim, :in_dim], mantissa_bits=3, min_exponent=-6, max_value=FP8_MAX, sign_bit=0x80
+    )
     return code, scale
 
 
@@ -173,5 +174,7 @@ def quantize_fp4_e2m1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     groups = x.reshape(out_dim, in_dim // 32, 32)
     scale = _power_of_two_scales(np.abs(groups).max(axis=2), FP4_MAX)
     scaled = groups / np.ldexp(1.0, scale.astype(np.int64) - 127)[:, :, None]
-    code = _encode_magnitudes(scaled.reshape(out_dim, in_dim), FP4_E2M1, 8, 0x8)
+    code = _encode_minifloat(
+        scaled.reshape(out_dim, in_dim), mantissa_bits=1, min_exponent=0, max_value=FP4_MAX, sign_bit=0x8
+    )
     return (code[:, 0::2] | (code[:, 1::2] << 4)).astype(np.uint8), scale

@@ -91,8 +91,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if len(prefix) < 8:
                 raise _fail(path, f"only {size} bytes, too short for a safetensors header")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
+            if header_len > size - 8:
                 raise _fail(path, f"header length {header_len} exceeds the file size {size} (file truncated?)")
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(path, f"header length {header_len} exceeds the format's {MAX_HEADER_BYTES}-byte limit")
             raw = f.read(header_len)
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e})") from e
@@ -130,7 +132,9 @@ class SafetensorsFile:
             raise _fail(self.path, "not in this shard's header", name)
         dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
-            return np.empty(info.shape, dtype=dtype)
+            empty = np.empty(info.shape, dtype=dtype)
+            empty.flags.writeable = False
+            return empty
         if self._map is None:
             with self.path.open("rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -139,6 +143,18 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.start).reshape(
             info.shape
         )
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident set (they stay in the page cache).
+
+        Mapped pages count towards RSS until the kernel needs them back; streaming a whole checkpoint would
+        otherwise look like holding it in memory. Views stay valid: a later access faults the pages back in.
+        """
+        info = self.tensors[name]
+        if self._map is None or info.nbytes == 0:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -213,6 +229,10 @@ class Checkpoint:
 
     def raw(self, name: str) -> np.ndarray:
         return self.shard_of(name).raw(name)
+
+    def release(self, name: str) -> None:
+        """Call when done with a tensor to keep resident memory bounded (see SafetensorsFile.release)."""
+        self.shard_of(name).release(name)
 
 
 def _header_bytes(tensors: Mapping[str, tuple[str, np.ndarray]], metadata: Mapping[str, str]) -> bytes:

@@ -57,3 +57,45 @@ def dsv4(capsys: pytest.CaptureFixture[str]):
 def python() -> str:
     """The interpreter to run subprocesses with (the one running the tests)."""
     return sys.executable
+
+
+def _write_builtin_checkpoint(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Write a built-in tiny checkpoint once per session; the registry is read with an empty home so a
+    user's own models.toml cannot change the built-in entry."""
+    from dsv4cli.registry import get_model
+    from dsv4cli.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp(f"{name}-checkpoint")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSV4_HOME", str(root / "empty-home"))
+        spec = get_model(name)
+    write_tiny_checkpoint(spec, root / name)
+    return root / name
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the `tiny` checkpoint (V4-Flash layout, FP4 experts); read-only for tests."""
+    return _write_builtin_checkpoint(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the `tiny-base` checkpoint (V4-Flash-Base layout, FP8 experts); read-only for tests."""
+    return _write_builtin_checkpoint(tmp_path_factory, "tiny-base")
+
+
+@pytest.fixture(scope="session")
+def tiny_v41_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the `tiny-v41` checkpoint (V4.1-Flash layout with Engram tables); read-only for tests."""
+    return _write_builtin_checkpoint(tmp_path_factory, "tiny-v41")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The default-recipe GGUF (MXFP4 experts, Q8_0 dense) of `tiny`, with its report beside it; read-only."""
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-mxfp4-q8_0.gguf"
+    quantize_checkpoint(tiny_checkpoint, out, QuantOptions())
+    return out
