@@ -85,7 +85,7 @@ def list_repo(repo: str, revision: str) -> RepoListing:
                 raise TransientError(f"HTTP {status} from {endpoint()}") from e
             raise _hub_error(e, repo=repo, revision=revision) from e
         except httpx2.TransportError as e:
-            raise TransientError(f"{type(e).__name__}: {e}") from e
+            raise TransientError(f"cannot reach {endpoint()} ({type(e).__name__}: {e})") from e
 
     info = with_retries(call, what=f"{repo} metadata")
     files = tuple(
@@ -104,8 +104,12 @@ def _hub_error(e: HfHubHTTPError, *, repo: str, revision: str) -> Exception:
     """Translate huggingface_hub's errors into ours; 401 is also what the Hub answers for private repos."""
     status = e.response.status_code if e.response is not None else None
     token_hint = f"set HF_TOKEN to a token with access, and accept the licence on {endpoint()}/{repo}"
-    if isinstance(e, GatedRepoError) or status in (401, 403):
-        return AuthError(f"{repo}: access denied (HTTP {status})", hint=token_hint)
+    if isinstance(e, GatedRepoError):
+        return AuthError(f"{repo} is gated and this token has not been granted access (HTTP {status})", hint=token_hint)
+    if status == 401:  # the Hub's answer to an anonymous request for a private, gated or missing repo
+        return AuthError(f"{repo}: not found, or private/gated and needs a token (HTTP 401)", hint=token_hint)
+    if status == 403:
+        return AuthError(f"{repo}: access denied (HTTP 403)", hint=token_hint)
     if isinstance(e, RevisionNotFoundError):
         return NotFoundOnHubError(f"{repo}: revision '{revision}' not found", hint="check --revision")
     if isinstance(e, RepositoryNotFoundError) or status == 404:
@@ -190,6 +194,7 @@ class Transfer:
         """Throw away what is in `part` (a hash mismatch, or a server that ignored our Range)."""
         self.on_bytes(-self.part.stat().st_size if self.part.exists() else 0)
         self.part.write_bytes(b"")
+        self._hasher = FileHasher(self.remote)
 
     def _attempt(self) -> FileHasher:
         offset = self.part.stat().st_size
@@ -198,7 +203,7 @@ class Transfer:
             self._hasher = hash_file(self.part, self.remote)
         if offset > self.remote.size:
             self.restart()
-            self._hasher, offset = FileHasher(self.remote), 0
+            offset = 0
         if offset == self.remote.size:
             return self._hasher
         url = hf_hub_url(self.listing.repo, self.remote.path, revision=self.listing.revision, endpoint=endpoint())
@@ -210,9 +215,8 @@ class Transfer:
                 self._check_status(response)
                 if offset and response.status_code == 200:  # Range ignored: the body starts at byte 0
                     self.restart()
-                    self._hasher = FileHasher(self.remote)
                 with open(self.part, "ab") as f:
-                    for chunk in response.iter_bytes(CHUNK):
+                    for chunk in response.iter_bytes():  # as received, so a drop loses nothing
                         if self.stop.is_set():
                             raise Stopped
                         f.write(chunk)
@@ -242,4 +246,3 @@ class Transfer:
         if status == 404:
             raise NotFoundOnHubError(f"{repo}/{self.remote.path}: not found at revision {self.listing.revision}")
         raise DownloadError(f"{repo}/{self.remote.path}: HTTP {status}", hint=RESUME_HINT)
-

@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # One module per command; each defines `register(app)`. Only commands that work are listed.
-COMMAND_MODULES = ("models", "pull")
+COMMAND_MODULES = ("models", "pull", "quantize", "plan", "chat")
 
 
 def _version(value: bool) -> None:
@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dsv4` script."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="dsv4", standalone_mode=False)
+        # Outside standalone mode typer returns (not raises) the code of a `typer.Exit`, and Ctrl-C as 130.
+        code = command.main(args=argv, prog_name="dsv4", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
