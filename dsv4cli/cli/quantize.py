@@ -1,0 +1,87 @@
+"""`dsv4 quantize`: official checkpoint -> deepseek4 GGUF with 4-bit experts (progress, summary, worst experts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsv4cli.cli.options import JsonOpt, ModelArg
+from dsv4cli.ui import byte_progress, err, human_bytes, out, print_json
+
+EXAMPLES = """\b
+Examples:
+  dsv4 quantize tiny                                  # default recipe: MXFP4 experts, Q8_0 dense
+  dsv4 quantize deepseek-v4-flash --split-max-size 50G
+  dsv4 quantize ./DeepSeek-V4-Flash-Base --experts q4_k -o flash-base.gguf
+"""
+
+
+def quantize(
+    model: ModelArg,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output .gguf (default: $DSV4_HOME/gguf/NAME-EXPERTS-DENSE.gguf; next to a folder given as MODEL).",
+        ),
+    ] = None,
+    experts: Annotated[
+        str, typer.Option(help="Routed experts: mxfp4 (lossless for FP4 releases), q4_0, q4_k.")
+    ] = "mxfp4",
+    dense: Annotated[str, typer.Option(help="FP8 dense projections: q8_0, q4_k, bf16.")] = "q8_0",
+    split_max_size: Annotated[
+        str | None, typer.Option("--split-max-size", help="Write shards of at most this size, e.g. 50G.")
+    ] = None,
+    mtp: Annotated[bool, typer.Option("--mtp", help="Include the MTP block (speculative decoding).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Convert an official DeepSeek V4 checkpoint into a deepseek4 GGUF in one streaming pass."""
+    from dsv4cli.quantize import parse_size
+    from dsv4cli.quantize import quantize as run_quantize
+    from quant.convert import QuantOptions
+
+    options = QuantOptions(
+        experts=experts, dense=dense, mtp=mtp, split_max_size=parse_size(split_max_size) if split_max_size else 0
+    )
+    display = byte_progress(transient=True)
+    task = display.add_task("quantize", total=None)
+    with display:
+        report = run_quantize(
+            model,
+            output=output,
+            options=options,
+            force=force,
+            progress=lambda done, total: display.update(task, completed=done, total=total),
+        )
+    worst = report.worst(5)
+    if json_output:
+        data = report.to_dict()
+        data.pop("expert_errors")
+        data["worst_experts"] = [vars(e) for e in worst]
+        print_json(data)
+        return
+    rate = report.source_bytes / max(report.seconds, 1e-9)
+    out.print(f"wrote {', '.join(report.outputs)}")
+    out.print(
+        f"  {report.tensors} tensors, {human_bytes(report.bytes_written)} from {human_bytes(report.source_bytes)} "
+        f"in {report.seconds:.1f} s ({human_bytes(rate)}/s); experts {report.experts}, dense {report.dense}"
+    )
+    out.print(f"  experts: {report.expert_method}; report {report.report_file}")
+    for fallback in report.fallbacks[:5]:
+        err.print(f"note: {fallback['tensor']} stored as {fallback['used']} (rows do not fit {fallback['wanted']})")
+    if len(report.fallbacks) > 5:
+        err.print(f"note: {len(report.fallbacks) - 5} more tensors fell back; see the report")
+    if worst and worst[0].rms > 0:
+        out.print("  worst experts (RMS error vs source; plain quantizer in brackets):")
+        for e in worst:
+            out.print(
+                f"    blk.{e.layer}.{e.proj}[{e.expert}]  rms {e.rms:.3g} [{e.plain_rms:.3g}]  max {e.max_abs:.3g}"
+            )
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EXAMPLES)(quantize)

@@ -1,0 +1,83 @@
+"""`dsv4 quantize` work: resolve MODEL to a complete checkpoint folder, pick the output, check disk, convert.
+
+The conversion itself is quant.convert; this module adds what needs the registry and $DSV4_HOME: registry names,
+default output names, refusing to overwrite, and the free-disk check (done before anything is written).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from dsv4cli.errors import DiskSpaceError, UsageError
+from dsv4cli.local import checkpoint_state, default_gguf_path
+from dsv4cli.registry import get_model
+from dsv4cli.ui import human_bytes
+from quant.convert import Progress, QuantOptions, QuantReport, quantize_checkpoint
+from quant.errors import QuantError
+from quant.mapping import gguf_tensor_specs
+
+HEADER_ALLOWANCE = 16 << 20  # metadata + tokenizer + alignment padding, generous
+SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """'50G' -> 50_000_000_000 (decimal units, like llama.cpp's gguf-split)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if m is None or float(m.group(1)) <= 0:
+        raise UsageError(f"--split-max-size {text!r}: expected a size such as 50G or 500M")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+
+
+def resolve_source(model: str, *, experts: str, dense: str) -> tuple[Path, Path]:
+    """(checkpoint folder, default output) for a registry name or a checkpoint folder path."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        folder = path.resolve()
+        return folder, folder.parent / f"{folder.name}-{experts}-{dense}.gguf"
+    spec = get_model(model)
+    folder = spec.local_dir
+    state = checkpoint_state(folder)
+    if state != "complete":
+        what = "partly downloaded" if state == "partial" else "not downloaded"
+        raise UsageError(f"model '{spec.name}' is {what} ({folder})", hint=f"run `dsv4 pull {spec.name}` first")
+    return folder, default_gguf_path(spec, experts, dense)
+
+
+def estimated_bytes(folder: Path, options: QuantOptions) -> int:
+    """Output size from the tensor list (exact payload) plus a header allowance."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        specs = gguf_tensor_specs(config, experts=options.experts, dense=options.dense, mtp=options.mtp)
+    except (OSError, ValueError, QuantError):
+        return 0  # the converter reports a bad config with its file name and a hint
+    return sum(s.nbytes for s in specs) + HEADER_ALLOWANCE
+
+
+def quantize(
+    model: str, *, output: Path | None, options: QuantOptions, force: bool = False, progress: Progress | None = None
+) -> QuantReport:
+    """Convert MODEL into a GGUF; raises before writing anything when the output exists or the disk is too small."""
+    folder, default_out = resolve_source(model, experts=options.experts, dense=options.dense)
+    out = (output or default_out).expanduser().resolve()
+    if out.suffix != ".gguf":
+        raise UsageError(f"-o {out}: the output name must end in .gguf")
+    existing = [p for p in [out, *out.parent.glob(f"{out.stem}-*-of-*.gguf")] if p.exists()]
+    if existing and not force:
+        raise UsageError(f"{existing[0]} already exists", hint="pass --force to replace it, or choose -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    needed = estimated_bytes(folder, options)
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise DiskSpaceError(
+            f"not enough free disk in {out.parent}: the GGUF needs about {human_bytes(needed)}, "
+            f"{human_bytes(free)} is free",
+            hint="free some space or choose another -o",
+        )
+    report = quantize_checkpoint(folder, out, options, progress)
+    stale = set(existing) - {Path(p) for p in report.outputs}
+    for path in stale:  # shards of an earlier, differently split output under --force
+        path.unlink(missing_ok=True)
+    return report

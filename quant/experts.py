@@ -1,0 +1,141 @@
+"""Routed experts -> 4-bit ggml blocks, one expert at a time, never sharing a scale between experts.
+
+FP4 checkpoints repack to MXFP4 as a pure nibble permutation (deepseek4-gguf.md §5.1), so the result is
+byte-for-byte the released weights. Everything else (FP8 experts of the -Base releases, BF16 fine-tunes, or a
+non-MXFP4 target) is quantized by a search per expert: besides the plain quantizer's output, each block tries
+other scales (a smaller one that clips the block's largest values, a larger one that does not clip), and the
+choice with the lowest squared error is kept, so the expert's reconstruction error is minimised block by block
+with the choice folded into the blocks' own scales (the deepseek4 graph ignores separate `.scale` tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from quant.quantizers import dequantize, ggml_quantize
+
+T = GGMLQuantizationType
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float32)  # ggml's doubled e2m1 magnitudes
+MXFP4_MIDPOINTS = (KVALUES_MXFP4[1:] + KVALUES_MXFP4[:-1]) / 2
+Q4_0_SCALE_GRID = (0.8, 0.85, 0.9, 0.95, 1.05, 1.1)  # d = c * max / -8 candidates besides c = 1 (plain)
+MXFP4_EXPONENT_STEPS = (-1, 1)  # E8M0 exponent offsets tried besides the plain one
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    """One expert projection: its ggml bytes [out, row_bytes] and errors against the source values."""
+
+    data: np.ndarray
+    rms: float
+    max_abs: float
+    plain_rms: float
+
+
+def repack_fp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Checkpoint FP4 [out, in/2] + E8M0 [out, in/32] -> ggml block_mxfp4 bytes [out, in/32 * 17], lossless.
+
+    The checkpoint pairs neighbours (2j low nibble, 2j+1 high); ggml pairs j with j+16 inside each 32-block.
+    """
+    packed = packed.view(np.uint8)
+    rows = packed.shape[0]
+    codes = np.empty((rows, packed.shape[1] * 2), dtype=np.uint8)
+    codes[:, 0::2] = packed & 0x0F
+    codes[:, 1::2] = packed >> 4
+    codes = codes.reshape(rows, -1, 32)
+    out = np.empty((rows, codes.shape[1], 17), dtype=np.uint8)
+    out[:, :, 0] = scale.view(np.uint8)
+    out[:, :, 1:] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+    return out.reshape(rows, -1)
+
+
+def _mxfp4(blocks: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 32] blocks as block_mxfp4 with E8M0 bytes `e` (nearest code, ties to the smaller magnitude).
+
+    Returns the bytes and the values ggml decodes from them (kvalue * 2^(e - 128)).
+    """
+    half = np.ldexp(np.float32(1.0), e.astype(np.int32) - 128).astype(np.float32)[:, None]
+    magnitude = np.searchsorted(MXFP4_MIDPOINTS, np.abs(blocks) / half, side="left").astype(np.uint8)
+    negative = (blocks < 0) & (magnitude > 0)
+    recon = np.where(negative, -KVALUES_MXFP4[magnitude], KVALUES_MXFP4[magnitude]) * half
+    code = magnitude | (negative.astype(np.uint8) << 3)
+    out = np.empty((blocks.shape[0], 17), dtype=np.uint8)
+    out[:, 0] = e
+    out[:, 1:] = code[:, :16] | (code[:, 16:] << 4)
+    return out, recon
+
+
+def _q4_0(blocks: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 32] blocks as block_q4_0 with d = c * max / -8 (c = 1 is ggml's choice), rounded the way ggml rounds.
+
+    Returns the bytes and the values ggml decodes from them ((q - 8) * f16(d)).
+    """
+    imax = np.abs(blocks).argmax(axis=-1, keepdims=True)
+    d = np.take_along_axis(blocks, imax, axis=-1) * np.float32(c) / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
+    q = np.trunc(blocks * inv + np.float32(8.5)).clip(0, 15).astype(np.uint8)
+    d16 = d.astype(np.float16)
+    out = np.empty((blocks.shape[0], 18), dtype=np.uint8)
+    out[:, :2] = d16.view(np.uint8)
+    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
+    return out, (q.astype(np.float32) - 8) * d16.astype(np.float32)
+
+
+def _candidates(blocks: np.ndarray, ggml_type: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encodings of every block, the plain quantizer's choice first."""
+    if ggml_type == T.MXFP4:
+        amax = np.abs(blocks).max(axis=1)
+        with np.errstate(divide="ignore"):
+            e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
+        for step in (0, *MXFP4_EXPONENT_STEPS):
+            yield _mxfp4(blocks, np.clip(e + step, 0, 254).astype(np.uint8))
+    elif ggml_type == T.Q4_0:
+        for c in (1.0, *Q4_0_SCALE_GRID):
+            yield _q4_0(blocks, c)
+    else:
+        raise ValueError(f"no block search for {T(ggml_type).name}")
+
+
+def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
+    """Quantize one expert's [out, in] float32 weights with the per-expert search described above."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if ggml_type == T.Q4_K:
+        return _search_q4_k(x)
+    blocks = x.reshape(-1, 32)
+    candidates = _candidates(blocks, ggml_type)
+    best, recon = next(candidates)
+    best, recon = best.copy(), recon.copy()
+    best_err = ((recon - blocks) ** 2).sum(axis=1)
+    plain_sse = float(best_err.sum(dtype=np.float64))
+    for data, candidate in candidates:
+        err = ((candidate - blocks) ** 2).sum(axis=1)
+        better = err < best_err
+        best[better], recon[better], best_err[better] = data[better], candidate[better], err[better]
+    return ExpertResult(
+        data=best.reshape(x.shape[0], -1),
+        rms=float(np.sqrt(best_err.sum(dtype=np.float64) / x.size)),
+        max_abs=float(np.abs(recon - blocks).max()),
+        plain_rms=float(np.sqrt(plain_sse / x.size)),
+    )
+
+
+def _search_q4_k(x: np.ndarray) -> ExpertResult:
+    """Q4_K: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
+    plain = ggml_quantize(x, T.Q4_K)
+    weighted = ggml_quantize(x, T.Q4_K, imatrix=np.mean(x * x, axis=0) + 1e-12)
+    plain_err = (dequantize(plain, T.Q4_K).reshape(x.shape) - x) ** 2
+    weighted_diff = dequantize(weighted, T.Q4_K).reshape(x.shape) - x
+    better = (weighted_diff**2).sum(axis=1) < plain_err.sum(axis=1)
+    best = np.where(better[:, None], weighted, plain)
+    diff = np.where(better[:, None], weighted_diff, np.sqrt(plain_err))
+    sse = np.where(better, (weighted_diff**2).sum(axis=1), plain_err.sum(axis=1)).sum(dtype=np.float64)
+    return ExpertResult(
+        data=best,
+        rms=float(np.sqrt(sse / x.size)),
+        max_abs=float(np.abs(diff).max()),
+        plain_rms=float(np.sqrt(plain_err.sum(dtype=np.float64) / x.size)),
+    )

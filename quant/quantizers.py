@@ -1,0 +1,80 @@
+"""float32 rows -> ggml block bytes, using existing quantizers only (no block math is re-derived here).
+
+Block types go through ggml's own `ggml_quantize_chunk` in the libggml-base bundled with llama-cpp-python
+(ctypes): for Q8_0/Q4_0/MXFP4 it writes the same bytes as the `gguf` package's numpy quantizers (the tests check
+this) but 4-10x faster, which keeps conversion near disk speed; K-quants exist only there. BF16 comes from the
+`gguf` package; F32 is a plain copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+T = GGMLQuantizationType
+NUMPY_TYPES = (T.BF16,)
+GGML_TYPES = (T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_K)
+
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    block, size = GGML_QUANT_SIZES[T(ggml_type)]
+    return n // block * size
+
+
+@functools.cache
+def _libggml_base() -> ctypes.CDLL:
+    """libggml-base from the installed llama_cpp package (found without importing llama_cpp)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llama-cpp-python is not installed; K-quants need its bundled libggml-base")
+    lib_dir = Path(spec.origin).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.so*")) + sorted(lib_dir.glob("libggml-base*.dylib"))
+    if not candidates:
+        raise RuntimeError(f"no libggml-base in {lib_dir}")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+    return lib
+
+
+def ggml_quantize(x: np.ndarray, ggml_type: int, *, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over float32 rows [n, k] -> uint8 [n, row_bytes]; `imatrix` = per-column importance."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.empty((rows, row_bytes(ggml_type, cols)), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = _libggml_base().ggml_quantize_chunk(
+        int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if weights is None else weights.ctypes.data
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
+
+
+def quantize(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """float32 [..., k] -> uint8 [..., row_bytes] in `ggml_type`."""
+    t = T(ggml_type)
+    x = np.asarray(x, dtype=np.float32)
+    if t == T.F32:
+        return np.ascontiguousarray(x).view(np.uint8)
+    if t in NUMPY_TYPES:
+        return gguf_quants.quantize(x, t)
+    if t in GGML_TYPES:
+        return ggml_quantize(x.reshape(-1, x.shape[-1]), t).reshape(*x.shape[:-1], -1)
+    raise ValueError(f"no quantizer for {t.name}")
+
+
+def dequantize(data: np.ndarray, ggml_type: int) -> np.ndarray:
+    """uint8 block bytes -> float32 (for error measurement)."""
+    t = T(ggml_type)
+    if t == T.F32:
+        return data.view(np.float32)
+    return gguf_quants.dequantize(data, t)
