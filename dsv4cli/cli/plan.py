@@ -1,0 +1,122 @@
+"""`dsv4 plan`: where each tensor of a model goes (GPU / host RAM / disk) and how fast it will run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from dsv4cli.cli.options import JsonOpt, ModelArg
+from dsv4cli.errors import UsageError
+from dsv4cli.ui import err, human_bytes, out, print_json
+
+if TYPE_CHECKING:
+    from dsv4cli.plan import Plan
+
+
+def _gib_list(value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise UsageError(f"--vram {value!r}: expected GiB per GPU, e.g. 24 or 24,24") from e
+
+
+def plan(
+    model: ModelArg,
+    vram: Annotated[str | None, typer.Option(help="GiB per GPU, comma-separated (default: detected).")] = None,
+    ram: Annotated[float | None, typer.Option(help="Host RAM budget in GiB (default: available now).")] = None,
+    no_disk: Annotated[bool, typer.Option("--no-disk", help="Forbid weights memory-mapped from disk.")] = False,
+    ctx: Annotated[int | None, typer.Option(help="Context length (default: 32768 or the model's limit).")] = None,
+    ubatch: Annotated[int, typer.Option(help="Micro-batch size (sets the compute buffer).")] = 512,
+    kv_type: Annotated[str, typer.Option(help="KV cache type: f16 or q8_0.")] = "f16",
+    margin: Annotated[float, typer.Option(help="GiB kept free on each GPU.")] = 1.0,
+    experts: Annotated[str, typer.Option(help="Expert recipe when estimating from a model name or folder.")] = "mxfp4",
+    dense: Annotated[str, typer.Option(help="Dense recipe when estimating from a model name or folder.")] = "q8_0",
+    ram_bw: Annotated[float | None, typer.Option(help="Host RAM read GB/s.")] = None,
+    vram_bw: Annotated[float | None, typer.Option(help="GPU memory GB/s.")] = None,
+    disk_bw: Annotated[float | None, typer.Option(help="Disk read GB/s.")] = None,
+    pcie_bw: Annotated[float | None, typer.Option(help="Host-to-GPU GB/s.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here first.")] = False,
+    llama_args: Annotated[bool, typer.Option("--llama-args", help="Print the equivalent llama-server flags.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the plan JSON (for chat --plan).")
+    ] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Plan GPU / RAM / disk placement for a GGUF, a checkpoint folder or a registry name, with predicted speed."""
+    from dsv4cli.plan import PlanInputs, make_plan, save_plan
+
+    inputs = PlanInputs(
+        vram_gib=_gib_list(vram),
+        ram_gib=ram,
+        no_disk=no_disk,
+        ctx=ctx,
+        ubatch=ubatch,
+        kv_type=kv_type,
+        margin_gib=margin,
+        experts=experts,
+        dense=dense,
+        ram_bw=ram_bw,
+        vram_bw=vram_bw,
+        disk_bw=disk_bw,
+        pcie_bw=pcie_bw,
+        measure=measure,
+        threads=threads,
+    )
+    result = make_plan(model, inputs)
+    if output is not None:
+        save_plan(result, output)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    if llama_args:
+        out.print(" ".join(_quote(a) for a in ["llama-server", *result.llama_args()]), soft_wrap=True)
+        return
+    _render(result)
+    if output is not None:
+        err.print(f"plan written to {output}")
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in "|()\\ ^") else arg
+
+
+def _render(result: Plan) -> None:
+    src = result.source
+    what = f"{src.name} ({src.kind}" + (f", {src.recipe['experts']}/{src.recipe['dense']})" if src.recipe else ")")
+    gpus = [t for t in result.tiers if t.kind == "gpu"]
+    if result.vram_source == "none":
+        err.print("no GPU found (NVML, nvidia-smi): CPU-only plan; pass --vram GiB to plan for a GPU")
+    elif result.vram_source != "flag":
+        found = ", ".join(f"{t.device} ({human_bytes(t.budget or 0)} free)" for t in gpus)
+        err.print(f"VRAM detected via {result.vram_source}: {found}")
+    table = Table(title=what, box=box.SIMPLE_HEAD)
+    for column, justify in (("tier", "left"), ("class", "left"), ("tensors", "right"), ("bytes", "right")):
+        table.add_column(column, justify=justify)
+    for row in result.class_rows():
+        table.add_row(row["tier"], row["class"], str(row["count"]), human_bytes(row["bytes"]))
+    for tier in result.tiers:
+        if tier.kv or tier.compute or tier.margin:
+            parts = f"KV {human_bytes(tier.kv)}, compute {human_bytes(tier.compute)}, margin {human_bytes(tier.margin)}"
+            table.add_row(tier.name, "context", "", parts)
+    out.print(table)
+    budget = Table(box=box.SIMPLE_HEAD)
+    for column in ("tier", "device", "used", "budget", "GB/s"):
+        budget.add_column(column)
+    for tier in result.tiers:
+        limit = human_bytes(tier.budget) if tier.budget is not None else "-"
+        budget.add_row(tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:g}")
+    out.print(budget)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}")
+    out.print(result.verdict)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)

@@ -1,0 +1,142 @@
+"""What this machine has: GPUs and their memory, host RAM, and the bandwidths the speed model divides by.
+
+Detection never fails: no NVML and no nvidia-smi simply means no GPU. Default bandwidths are effective (not
+peak) figures; `measure_*` replace them with numbers taken here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+
+# Effective decode-time bandwidths (GB/s): roughly 80 % of the spec sheet for GPUs (landscape.md §4).
+GPU_BANDWIDTH = {
+    "5090": 1500.0,
+    "4090": 850.0,
+    "3090": 800.0,
+    "4080": 600.0,
+    "4070": 420.0,
+    "3080": 640.0,
+    "A100": 1600.0,
+    "H100": 2700.0,
+    "H200": 3900.0,
+    "L40": 700.0,
+    "A6000": 650.0,
+}
+DEFAULT_GPU_BW = 500.0
+DEFAULT_RAM_BW = 60.0  # dual-channel DDR5 effective; 8-channel servers reach 150+
+DEFAULT_DISK_BW = 3.0  # one PCIe 4.0 NVMe, sequential
+DEFAULT_PCIE_BW = 25.0  # PCIe 4.0 x16 effective
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_bytes: int
+    used_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.used_bytes
+
+
+@dataclass(frozen=True)
+class GpuScan:
+    gpus: tuple[Gpu, ...]
+    source: str  # "nvml", "nvidia-smi" or "none"
+
+
+def detect_gpus() -> GpuScan:
+    """NVIDIA GPUs through NVML (pynvml) if importable, else nvidia-smi; none found is not an error."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        try:
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                name = pynvml.nvmlDeviceGetName(handle)
+                gpus.append(Gpu(name.decode() if isinstance(name, bytes) else name, mem.total, mem.used))
+            return GpuScan(tuple(gpus), "nvml")
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # any NVML failure (not installed, no driver) means: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        query = [smi, "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"]
+        try:
+            lines = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return GpuScan((), "none")
+        gpus = []
+        for line in lines.strip().splitlines():
+            name, total, used = (part.strip() for part in line.rsplit(",", 2))
+            gpus.append(Gpu(name, int(float(total)) * 2**20, int(float(used)) * 2**20))
+        return GpuScan(tuple(gpus), "nvidia-smi")
+    return GpuScan((), "none")
+
+
+def gpu_bandwidth(name: str) -> float:
+    """Effective GB/s for a GPU name (substring match on the model number), or a middling default."""
+    for key, bandwidth in GPU_BANDWIDTH.items():
+        if key.lower() in name.lower():
+            return bandwidth
+    return DEFAULT_GPU_BW
+
+
+def available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def cpu_threads() -> int:
+    """Physical cores: llama.cpp decode gains nothing from hyper-threads."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def measure_ram_bandwidth(*, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Host RAM read GB/s: best of `repeats` sums over an array far larger than any CPU cache."""
+    import numpy as np
+
+    data = np.ones(nbytes // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / GB
+
+
+def measure_disk_bandwidth(folder: Path, *, nbytes: int = 256 * 2**20) -> float:
+    """Sequential read GB/s of a fresh temp file in `folder`, with its pages dropped from the cache first.
+
+    O_DIRECT is not portable and needs aligned buffers, so the file is written, fsync'd and evicted with
+    posix_fadvise(DONTNEED) — the kernel then has to read it from the device.
+    """
+    block = os.urandom(4 * 2**20)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".dsv4-bw-") as tmp:
+        for _ in range(nbytes // len(block)):
+            tmp.write(block)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(tmp.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with open(tmp.name, "rb", buffering=0) as f:
+            start = time.perf_counter()
+            while f.read(len(block)):
+                pass
+            elapsed = time.perf_counter() - start
+    return nbytes / elapsed / GB

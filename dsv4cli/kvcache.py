@@ -1,0 +1,203 @@
+"""Context memory of a deepseek4 model in llama.cpp: the KV cache per layer and the compute buffer.
+
+The KV layout follows `llama_kv_cache_dsv4` in the bundled llama.cpp (deepseek4-gguf.md §4.1), with
+`swa_full` off as `dsv4 chat` runs it:
+
+* n_ctx is first padded to a multiple of 256 (llama_context);
+* raw sliding-window K cache, every layer: min(n_ctx, pad256(sliding_window + n_ubatch)) cells × head_dim;
+* CSA compressed K cache, ratio-4 layers: pad256(ceil(n_ctx / 4)) cells × head_dim;
+* HCA compressed K cache, ratio-128 layers: pad256(ceil(n_ctx / 128)) cells × head_dim;
+* lightning-indexer K cache, ratio-4 layers: pad256(ceil(n_ctx / 4)) cells × index_head_dim;
+* compressor states (always F32, a kv and a score tensor per layer): CSA 8 × 2·head_dim, HCA 128 × head_dim,
+  indexer 8 × 2·index_head_dim.
+
+K only (MLA style, no V tensor); a cell costs one row of `kv_type`. V4.1 (`deepseek41`) has no llama.cpp support in
+our runtime; its cache is our best guess from the checkpoint layout (checkpoints.md §8.1): the raw window on every
+layer, a compressed cache on each KV-source layer and an indexer cache on each index-source layer, at that layer's
+ratio.
+
+The compute buffer is llama.cpp's graph-allocator peak, which has no closed form. It is modelled as a weighted sum
+of the largest per-ubatch intermediates and calibrated (least squares on relative error, non-negative weights)
+against the CPU compute buffer llama.cpp 0.3.36 reports for three generated deepseek4 models (hidden 256–2048, 4–16
+heads, vocab 512–32768) at n_ctx 4k–64k and n_ubatch 128–1024 (bench/plan.py re-measures it):
+
+    scores = n_ubatch · n_head · (raw_cells + csa_cells) · 4      attention scores of a CSA layer
+    mask   = n_ubatch · (raw_cells + csa_cells) · 4               its KQ mask
+    logits = n_ubatch · vocab · 4
+    stream = n_ubatch · hc · hidden · 4                           the hyper-connection residual stream
+    compute = 1.12·scores + 2.11·mask + 2.78·stream                    flash attention off (worst 5.9 %)
+    compute = 0.018·scores + 1.80·mask + 0.425·logits + 3.09·stream    flash attention on (worst 14 %)
+    and at least logits + 2·stream (the output stage; it only binds for a large vocab at a short context)
+
+The CPU fit includes a vocab-512 twin of the vocab-32768 model: both report the same buffer, so the logits do not
+set the peak there.
+
+GPU backends allocate their own compute buffer per device; the same formula is used for them (unverified here: no
+GPU on the calibration machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+CSA_RATIO = 4
+HCA_RATIO = 128
+CELL_PAD = 256
+STATE_ROWS = {CSA_RATIO: 2 * CSA_RATIO, HCA_RATIO: HCA_RATIO}
+KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34)}  # values per block, bytes per block
+
+# Weights of (scores, mask, logits, stream); see the module docstring.
+COMPUTE_WEIGHTS = (1.1186, 2.1068, 0.0, 2.7769)
+COMPUTE_WEIGHTS_FA = (0.0179, 1.7981, 0.4249, 3.0885)
+
+
+def pad(n: int, to: int = CELL_PAD) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The architecture facts the memory and speed model needs, in config.json terms."""
+
+    arch: str
+    n_layer: int
+    hidden: int
+    n_head: int
+    head_dim: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    sliding_window: int
+    vocab: int
+    hc: int
+    n_expert: int
+    n_expert_used: int
+    context_length: int
+    compress_ratios: tuple[int, ...]
+    kv_source_layers: tuple[int, ...] = ()
+    index_source_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any], *, arch: str) -> ModelDims:
+        n_layer = int(facts["num_hidden_layers"])
+        return cls(
+            arch=arch,
+            n_layer=n_layer,
+            hidden=int(facts["hidden_size"]),
+            n_head=int(facts["num_attention_heads"]),
+            head_dim=int(facts["head_dim"]),
+            index_n_heads=int(facts["index_n_heads"]),
+            index_head_dim=int(facts["index_head_dim"]),
+            index_topk=int(facts["index_topk"]),
+            sliding_window=int(facts["sliding_window"]),
+            vocab=int(facts["vocab_size"]),
+            hc=int(facts.get("hc_mult", 4)),
+            n_expert=int(facts["n_routed_experts"]),
+            n_expert_used=int(facts["num_experts_per_tok"]),
+            context_length=int(facts["max_position_embeddings"]),
+            compress_ratios=tuple(int(r) for r in facts["compress_ratios"][:n_layer]),
+            kv_source_layers=tuple(int(i) for i in facts.get("kv_source_layer_ids") or ()),
+            index_source_layers=tuple(int(i) for i in facts.get("index_source_layer_ids") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """Bytes of each part of the cache; `per_layer[i]` is what layer i owns (it lives on that layer's device)."""
+
+    n_ctx: int
+    raw_cells: int
+    csa_cells: int
+    hca_cells: int
+    raw_bytes: int
+    csa_bytes: int
+    hca_bytes: int
+    indexer_bytes: int
+    state_bytes: int
+    per_layer: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.raw_bytes + self.csa_bytes + self.hca_bytes + self.indexer_bytes + self.state_bytes
+
+
+def _row_bytes(width: int, kv_type: str) -> int:
+    block, size = KV_TYPES[kv_type]
+    return width // block * size
+
+
+def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = "f16") -> KvCache:
+    """The cache llama.cpp allocates for one sequence with swa_full off."""
+    n_ctx = pad(n_ctx)
+    raw_cells = min(n_ctx, pad(dims.sliding_window + n_ubatch))
+    k_row = _row_bytes(dims.head_dim, kv_type)
+    i_row = _row_bytes(dims.index_head_dim, kv_type)
+    parts = {"raw": 0, "csa": 0, "hca": 0, "idx": 0, "state": 0}
+    per_layer = []
+    for il, ratio in enumerate(dims.compress_ratios):
+        layer = {"raw": raw_cells * k_row, "csa": 0, "hca": 0, "idx": 0, "state": 0}
+        if dims.arch == "deepseek41":
+            if il in dims.kv_source_layers and ratio:
+                layer["csa"] = pad(math.ceil(n_ctx / ratio)) * k_row
+            if il in dims.index_source_layers and ratio:
+                layer["idx"] = pad(math.ceil(n_ctx / ratio)) * i_row
+        elif ratio == CSA_RATIO:
+            cells = pad(math.ceil(n_ctx / CSA_RATIO))
+            layer["csa"] = cells * k_row
+            layer["idx"] = cells * i_row
+            layer["state"] = 2 * 4 * STATE_ROWS[CSA_RATIO] * 2 * (dims.head_dim + dims.index_head_dim)
+        elif ratio == HCA_RATIO:
+            layer["hca"] = pad(math.ceil(n_ctx / HCA_RATIO)) * k_row
+            layer["state"] = 2 * 4 * STATE_ROWS[HCA_RATIO] * dims.head_dim
+        for key, value in layer.items():
+            parts[key] += value
+        per_layer.append(sum(layer.values()))
+    return KvCache(
+        n_ctx=n_ctx,
+        raw_cells=raw_cells,
+        csa_cells=pad(math.ceil(n_ctx / CSA_RATIO)),
+        hca_cells=pad(math.ceil(n_ctx / HCA_RATIO)),
+        raw_bytes=parts["raw"],
+        csa_bytes=parts["csa"],
+        hca_bytes=parts["hca"],
+        indexer_bytes=parts["idx"],
+        state_bytes=parts["state"],
+        per_layer=tuple(per_layer),
+    )
+
+
+def compute_buffer_bytes(dims: ModelDims, *, n_ctx: int, n_ubatch: int, flash_attn: bool = False) -> int:
+    """Calibrated estimate of llama.cpp's compute buffer for one device (see the module docstring)."""
+    cache = kv_cache(dims, n_ctx=n_ctx, n_ubatch=n_ubatch)
+    n_kv = cache.raw_cells + (cache.csa_cells if CSA_RATIO in dims.compress_ratios else cache.hca_cells)
+    features = (
+        n_ubatch * dims.n_head * n_kv * 4,
+        n_ubatch * n_kv * 4,
+        n_ubatch * dims.vocab * 4,
+        n_ubatch * dims.hc * dims.hidden * 4,
+    )
+    weights = COMPUTE_WEIGHTS_FA if flash_attn else COMPUTE_WEIGHTS
+    fitted = sum(w * f for w, f in zip(weights, features, strict=True))
+    return int(max(fitted, features[2] + 2 * features[3]))
+
+
+def attention_flops(dims: ModelDims, cache: KvCache, *, flash_attn: bool) -> tuple[float, ...]:
+    """FLOPs one decoded token spends in each layer's attention and indexer at a full cache.
+
+    llama.cpp's graph attends over every cell of a layer's caches (raw window plus all compressed cells); only the
+    flash-attention kernel honours the CSA top-k bound (n_kv_max = sliding_window + index_topk). K doubles as V,
+    so each cell costs 2·2·head_dim per head; the indexer scores every CSA cell with index_n_heads heads.
+    """
+    per_layer = []
+    for ratio in dims.compress_ratios:
+        cells = cache.raw_cells
+        indexer = 0.0
+        if dims.arch == "deepseek4" and ratio == CSA_RATIO:
+            cells = min(cells, dims.sliding_window) + dims.index_topk if flash_attn else cells + cache.csa_cells
+            indexer = 2.0 * dims.index_n_heads * dims.index_head_dim * cache.csa_cells
+        elif dims.arch == "deepseek4" and ratio == HCA_RATIO:
+            cells += cache.hca_cells
+        per_layer.append(4.0 * dims.n_head * dims.head_dim * cells + indexer)
+    return tuple(per_layer)

@@ -1,0 +1,21 @@
+"""The plan's model, KV and compute bytes against what the real llama.cpp allocates (loaded in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_planned_bytes_within_5_percent_of_llama(tiny_gguf: Path, python: str) -> None:
+    argv = [python, str(ROOT / "bench" / "plan.py"), "--gguf", str(tiny_gguf), "--ctx", "1024,4096", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert [r["n_ctx"] for r in rows] == [1024, 4096]
+    for row in rows:
+        for key in ("model", "kv", "compute", "total"):
+            assert abs(row[f"{key}_ratio"] - 1) <= 0.05, (key, row)
+        assert row["kv_reported"] > 0 and row["compute_reported"] > 0
