@@ -1,0 +1,304 @@
+"""`dsv4 chat`: resolve the model, load it with its placement, and run the conversation.
+
+The REPL talks to a small `Runtime` protocol (implemented by `dsv4cli.runtime.LlamaRuntime`) and to a `ChatUI`
+given by the caller, so the loop is the same for the terminal and for tests; it never imports llama_cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
+from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
+from dsv4cli.runtime import LoadSettings, SampleOptions, TurnStats
+
+if TYPE_CHECKING:
+    from dsv4cli.runtime import LlamaRuntime
+
+DEFAULT_MODEL = "tiny"
+TINY_NOTE = (
+    "note: no model given, using the built-in tiny model: random weights, for testing only; for a real one run "
+    "`dsv4 pull deepseek-v4-flash && dsv4 quantize deepseek-v4-flash`"
+)
+HELP = """\
+/help             this help
+/reset            forget the conversation (keeps the system prompt)
+/system [TEXT]    show or set the system prompt (`/system off` clears it)
+/think on|off     thinking mode: the model reasons (shown dimmed) before answering
+/save FILE        save the conversation as JSON
+/load FILE        load a conversation saved with /save
+/stats            statistics of the last turn
+/exit             leave (or Ctrl-D); Ctrl-C stops the current answer"""
+
+
+class Runtime(Protocol):
+    stats: TurnStats
+
+    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> Iterator[str]: ...
+
+    def reset(self) -> None: ...
+
+
+class ChatUI(Protocol):
+    def read_line(self) -> str:
+        """The next input line; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C at the prompt."""
+
+    def piece(self, kind: str, text: str) -> None:
+        """Show streamed text; kind is "reasoning" or "answer"."""
+
+    def end_answer(self, turn: TurnResult) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+
+@dataclass
+class TurnResult:
+    answer: str
+    reasoning: str
+    stats: TurnStats
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "reasoning": self.reasoning, "stats": self.stats.to_dict()}
+
+
+@dataclass
+class ChatSession:
+    """The conversation: history, system prompt, mode and sampling options, bound to a runtime."""
+
+    runtime: Runtime
+    renderer: PromptRenderer
+    system: str | None = None
+    thinking: bool = False
+    options: SampleOptions = field(default_factory=SampleOptions)
+    history: list[Message] = field(default_factory=list)
+    last: TurnResult | None = None
+
+    def prompt_for(self, text: str) -> ChatPrompt:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return self.renderer.render([*system, *self.history, {"role": "user", "content": text}], thinking=self.thinking)
+
+    def send(self, text: str) -> Iterator[tuple[str, str]]:
+        """Stream ("reasoning" | "answer", text) pieces; the turn enters history even when cut short."""
+        prompt = self.prompt_for(text)
+        splitter = ReasoningSplitter(thinking=self.thinking)
+        parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
+        stream = self.runtime.stream(prompt.text, self.options, fork_at=prompt.fork_at)
+        outcome = "interrupted"
+        try:
+            for chunk in stream:
+                for kind, piece in splitter.feed(chunk):
+                    parts[kind].append(piece)
+                    yield kind, piece
+            for kind, piece in splitter.flush():
+                parts[kind].append(piece)
+                yield kind, piece
+            outcome = "finished"
+        except Dsv4Error:
+            outcome = "failed"  # e.g. the context is full: the turn does not enter the conversation
+            raise
+        finally:
+            stream.close()
+            if outcome != "failed":
+                answer, reasoning = "".join(parts["answer"]), "".join(parts["reasoning"])
+                self._record(text, answer=answer, reasoning=reasoning, interrupted=outcome == "interrupted")
+
+    def _record(self, text: str, *, answer: str, reasoning: str, interrupted: bool) -> None:
+        message: Message = {"role": "assistant", "content": answer}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        self.history += [{"role": "user", "content": text}, message]
+        self.last = TurnResult(answer, reasoning, self.runtime.stats, interrupted=interrupted)
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.runtime.reset()
+
+    def save(self, path: Path) -> None:
+        data = {"system": self.system, "thinking": self.thinking, "messages": self.history}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            messages = data["messages"]
+            if not all(m["role"] in ("user", "assistant") and isinstance(m["content"], str) for m in messages):
+                raise ValueError("messages need a role user/assistant and a string content")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"cannot load conversation from {path}: {e}", hint="use a file written by /save") from e
+        self.system = data.get("system")
+        self.thinking = bool(data.get("thinking", self.thinking))
+        self.history = list(messages)
+
+
+def run_repl(session: ChatSession, ui: ChatUI) -> None:
+    """Read lines until Ctrl-D or /exit; Ctrl-C stops an answer and keeps the session."""
+    while True:
+        try:
+            line = ui.read_line()
+        except KeyboardInterrupt:
+            ui.note("(Ctrl-D or /exit leaves)")
+            continue
+        except EOFError:
+            return
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _command(session, ui, line.strip()):
+                return
+            continue
+        turn = session.send(line)
+        try:
+            for kind, text in turn:
+                ui.piece(kind, text)
+        except KeyboardInterrupt:
+            turn.close()
+        except Dsv4Error as e:
+            ui.note(f"error: {e}" + (f" ({e.hint})" if e.hint else ""))
+            continue
+        ui.end_answer(session.last)
+
+
+def _command(session: ChatSession, ui: ChatUI, line: str) -> bool:
+    """Run one slash command; False means leave."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        ui.note(HELP)
+    elif name == "/reset":
+        session.reset()
+        ui.note("conversation cleared")
+    elif name == "/system":
+        if arg:
+            session.system = None if arg == "off" else arg
+        ui.note(f"system prompt: {session.system!r}" if session.system else "no system prompt")
+    elif name == "/think":
+        if arg not in ("on", "off", ""):
+            ui.note("usage: /think on|off")
+        else:
+            session.thinking = {"on": True, "off": False}.get(arg, session.thinking)
+            ui.note(f"thinking {'on' if session.thinking else 'off'}")
+    elif name in ("/save", "/load"):
+        _file_command(session, ui, name, arg)
+    elif name == "/stats":
+        ui.note(format_stats(session.last.stats) if session.last else "no turn yet")
+    else:
+        ui.note(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def _file_command(session: ChatSession, ui: ChatUI, name: str, arg: str) -> None:
+    try:
+        [file] = shlex.split(arg)
+    except ValueError:
+        ui.note(f"usage: {name} FILE")
+        return
+    path = Path(file).expanduser()
+    try:
+        if name == "/save":
+            session.save(path)
+            ui.note(f"saved {len(session.history)} messages to {path}")
+        else:
+            session.load(path)
+            ui.note(f"loaded {len(session.history)} messages from {path}")
+    except (OSError, UsageError) as e:
+        ui.note(f"error: {e}")
+
+
+def format_stats(stats: TurnStats) -> str:
+    return (
+        f"{stats.prompt_tokens} prompt tokens ({stats.prefill_tokens} prefilled, {stats.reused_tokens} reused) "
+        f"at {stats.prefill_tps:.1f} tok/s, first token {stats.ttft_s * 1000:.0f} ms, "
+        f"{stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s"
+    )
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `--plan` or `--vram/--ram/--ctx` put the model; all None means plan for this machine."""
+
+    plan_file: Path | None = None
+    vram_gib: float | None = None
+    ram_gib: float | None = None
+    ctx: int | None = None
+
+
+@dataclass
+class LoadedChat:
+    runtime: LlamaRuntime
+    renderer: PromptRenderer
+    gguf: Path
+
+
+def resolve_gguf(model: str | None, *, note: Callable[[str], None]) -> Path:
+    """A GGUF path for MODEL: a file path, or a registry name's quantized file; the tiny model when none."""
+    from dsv4cli.gguf_check import V41_HINT, V41_UNSUPPORTED
+    from dsv4cli.local import default_gguf_path, local_ggufs
+    from dsv4cli.registry import get_model
+    from quant.convert import QuantOptions
+
+    if model and (model.endswith(".gguf") or Path(model).expanduser().exists()):
+        return Path(model).expanduser()
+    if model is None:
+        note(TINY_NOTE)
+    spec = get_model(model or DEFAULT_MODEL)
+    if spec.arch != "deepseek4":
+        raise RuntimeLoadError(f"{spec.name} is a DeepSeek V4.1 model: {V41_UNSUPPORTED}", hint=V41_HINT)
+    found = local_ggufs(spec)
+    if found:  # the default recipe when there are several
+        default = default_gguf_path(spec, QuantOptions.experts, QuantOptions.dense)
+        return default if default in found else found[0]
+    if not spec.builtin:
+        raise RuntimeLoadError(
+            f"no quantized GGUF of {spec.name} in the dsv4 home",
+            hint=f"run `dsv4 pull {spec.name} && dsv4 quantize {spec.name}`",
+        )
+    return _prepare_builtin(spec, note=note)
+
+
+def _prepare_builtin(spec: Any, *, note: Callable[[str], None]) -> Path:
+    """Pull (write) and quantize a built-in test model on first use: it takes seconds and needs no network."""
+    from dsv4cli.pull import PullOptions, pull
+    from dsv4cli.quantize import quantize
+    from quant.convert import QuantOptions
+
+    pull(spec.name, PullOptions())
+    note(f"quantizing {spec.name} (first use)")
+    return Path(quantize(spec.name, output=None, options=QuantOptions()).outputs[0])
+
+
+def load_settings(gguf: Path, placement: Placement, *, verbose: bool) -> LoadSettings:
+    """The llama.cpp settings from a plan file, or from a plan made now for the given budgets."""
+    from dsv4cli.plan import PlanInputs, load_plan, make_plan
+
+    if placement.plan_file:
+        llama = load_plan(placement.plan_file)["llama"]
+    else:
+        vram = None if placement.vram_gib is None else (placement.vram_gib,)
+        inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
+        llama = make_plan(str(gguf), inputs).llama()
+    return LoadSettings.from_plan(llama, verbose=verbose)
+
+
+def open_chat(model: str | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
+    """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
+    from dsv4cli.gguf_check import check_gguf
+    from dsv4cli.runtime import LlamaRuntime
+
+    gguf = resolve_gguf(model, note=note)
+    info = check_gguf(gguf)
+    renderer = PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
+    settings = load_settings(gguf, placement, verbose=verbose)
+    return LoadedChat(runtime=LlamaRuntime(gguf, settings), renderer=renderer, gguf=gguf)

@@ -1,0 +1,138 @@
+"""`dsv4 chat`: parse options, open the model through dsv4cli.chat, and render the conversation."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from dsv4cli.cli.options import JsonOpt
+from dsv4cli.errors import UsageError
+from dsv4cli.ui import err, out, print_json
+
+if TYPE_CHECKING:
+    from dsv4cli.chat import ChatSession, TurnResult
+
+CHAT_EXAMPLES = """\b
+Examples:
+  dsv4 chat                                   # the built-in tiny test model
+  dsv4 chat deepseek-v4-flash --vram 24 --ram 128 --ctx 32768
+  dsv4 chat model.gguf --plan plan.json --think
+  echo "Why is the sky blue?" | dsv4 chat deepseek-v4-flash --json"""
+
+
+class TerminalUI:
+    """The interactive terminal: readline line editing and history, streamed text, dimmed reasoning."""
+
+    def __init__(self, history_file: Path) -> None:
+        import readline  # importing it gives input() line editing and history
+
+        self._readline = readline
+        self._history = history_file
+        with contextlib.suppress(OSError):
+            readline.read_history_file(history_file)
+
+    def read_line(self) -> str:
+        return input("> ")
+
+    def piece(self, kind: str, text: str) -> None:
+        out.print(
+            text, style="dim" if kind == "reasoning" else None, end="", markup=False, highlight=False, soft_wrap=True
+        )
+        out.file.flush()
+
+    def end_answer(self, turn: TurnResult) -> None:
+        from dsv4cli.chat import format_stats
+
+        out.print()
+        if turn.interrupted:
+            err.print("[interrupted]", style="yellow", markup=False, soft_wrap=True)
+        err.print(format_stats(turn.stats), style="dim", markup=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._history.parent.mkdir(parents=True, exist_ok=True)
+            self._readline.set_history_length(1000)
+            self._readline.write_history_file(self._history)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=CHAT_EXAMPLES)
+    def chat(
+        model: Annotated[
+            str | None, typer.Argument(help="GGUF path or registry name; default: the built-in tiny test model.")
+        ] = None,
+        prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,
+        system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+        think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (reasoning first).")] = False,
+        plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")] = None,
+        vram: Annotated[
+            float | None, typer.Option("--vram", help="GPU memory budget in GiB (default: detected).")
+        ] = None,
+        ram: Annotated[float | None, typer.Option("--ram", help="Host RAM budget in GiB (default: available).")] = None,
+        ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")] = None,
+        max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
+        temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
+        top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+        seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log on stderr.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
+        from dsv4cli.chat import ChatSession, Placement, open_chat
+        from dsv4cli.runtime import SampleOptions
+
+        if plan and (vram is not None or ram is not None or ctx is not None):
+            raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
+        if prompt is None and not sys.stdin.isatty():
+            prompt = sys.stdin.read()
+            if not prompt.strip():
+                raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
+        if as_json and prompt is None:
+            raise UsageError("--json needs a prompt (-p or stdin)")
+        placement = Placement(plan_file=plan, vram_gib=vram, ram_gib=ram, ctx=ctx)
+        loaded = open_chat(model, placement, verbose=verbose, note=lambda m: err.print(m, markup=False, soft_wrap=True))
+        options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+        session = ChatSession(loaded.runtime, loaded.renderer, system=system, thinking=think, options=options)
+        try:
+            if prompt is None:
+                _interactive(session, loaded.gguf)
+            else:
+                _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
+        finally:
+            loaded.runtime.close()
+
+
+def _interactive(session: ChatSession, gguf: Path) -> None:
+    from dsv4cli.chat import run_repl
+    from dsv4cli.home import dsv4_home
+
+    ui = TerminalUI(dsv4_home() / "chat_history")
+    err.print(f"{gguf.name} loaded; /help for commands, Ctrl-D to leave", markup=False, soft_wrap=True)
+    try:
+        run_repl(session, ui)
+    finally:
+        ui.close()
+
+
+def _one_shot(session: ChatSession, prompt: str, *, gguf: Path, as_json: bool) -> None:
+    """Only the answer on stdout (reasoning and stats on stderr), or one JSON object with --json."""
+    from dsv4cli.chat import format_stats
+
+    for kind, text in session.send(prompt):
+        if not as_json:
+            stream = sys.stdout if kind == "answer" else sys.stderr
+            stream.write(text)
+            stream.flush()
+    turn = session.last
+    if as_json:
+        print_json({"model": str(gguf), **turn.to_dict()})
+    else:
+        sys.stdout.write("\n")
+        err.print(format_stats(turn.stats), markup=False, soft_wrap=True)

@@ -1,0 +1,249 @@
+"""Check a GGUF's header against what the bundled llama.cpp's deepseek4 loader needs, before it sees the file.
+
+llama.cpp aborts the whole process (GGML_ASSERT, SIGFPE) on several bad values instead of returning an error
+(deepseek4-gguf.md §3, §8.4), so `dsv4 chat` reads the header with gguf-py first and turns every known hazard
+into a one-line RuntimeLoadError naming the key or tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsv4cli.errors import RuntimeLoadError
+
+ARCH = "deepseek4"
+V41_ARCH = "deepseek41"
+ALLOWED_RATIOS = (0, 4, 128)
+HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
+V41_UNSUPPORTED = (
+    "the bundled llama.cpp (llama-cpp-python 0.3.36) has no deepseek41 architecture yet; "
+    "V4.1 GGUFs can be quantized and planned but not run"
+)
+V41_HINT = "chat with a V4 model such as deepseek-v4-flash"
+# Generic per-expert/per-tensor scales that the loader tolerates (deepseek4-gguf.md §2, §8.2).
+_TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """What chat needs from the header: the architecture, the chat template and its special tokens."""
+
+    arch: str
+    block_count: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+def check_gguf(path: Path) -> GgufInfo:
+    """Read only the header of `path` and verify the deepseek4 hard constraints.
+
+    Raises:
+        RuntimeLoadError: missing or unreadable file, wrong architecture (with a dedicated message for V4.1),
+            or a key/tensor that would make llama.cpp fail or abort.
+        PlanError: a split GGUF given by a later shard or with a shard missing.
+    """
+    if not path.is_file():
+        raise RuntimeLoadError(
+            f"GGUF file not found: {path}", hint="give a .gguf path or a model name from `dsv4 models`"
+        )
+    import gguf
+
+    from dsv4cli.plan import split_shards
+
+    readers = []
+    for shard in split_shards(path):  # metadata is in the first shard, tensors are spread over all of them
+        try:
+            readers.append(gguf.GGUFReader(shard))
+        except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage
+            raise RuntimeLoadError(f"{shard} is not a readable GGUF file ({e})", hint=HINT_REQUANTIZE) from e
+    return _Header(path, readers[0], tensor_names=[t.name for r in readers for t in r.tensors]).check()
+
+
+class _Header:
+    """Typed access to the key/value fields of one GGUF, with errors that name the key."""
+
+    def __init__(self, path: Path, reader: Any, *, tensor_names: list[str]) -> None:
+        self.path = path
+        self.reader = reader
+        self.tensor_names = tensor_names
+
+    def fail(self, what: str) -> RuntimeLoadError:
+        return RuntimeLoadError(f"{self.path}: {what}", hint=HINT_REQUANTIZE)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.get_field(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise self.fail(f"required key {key} is missing")
+        return value
+
+    def need_int(self, key: str) -> int:
+        """An integer key; per-layer arrays (allowed for some head/expert counts) must hold one value."""
+        value = _uniform(self.need(f"{ARCH}.{key}"))
+        if isinstance(value, (list, bool)) or not isinstance(value, int):
+            raise self.fail(f"key {ARCH}.{key} must be an integer, got {value!r}")
+        return value
+
+    def check(self) -> GgufInfo:
+        arch = self.need("general.architecture")
+        if arch == V41_ARCH:
+            raise RuntimeLoadError(f"{self.path} is a DeepSeek V4.1 GGUF: {V41_UNSUPPORTED}", hint=V41_HINT)
+        if arch != ARCH:
+            raise RuntimeLoadError(
+                f"{self.path} has architecture {arch!r}, not {ARCH!r}; dsv4 chat runs DeepSeek V4 GGUFs only",
+                hint="quantize a V4 checkpoint with `dsv4 quantize`",
+            )
+        n_layer = self.need_int("block_count")
+        self._check_attention()
+        self._check_moe(n_layer)
+        ratios = self._check_ratios(n_layer)
+        tokens = self._check_tokens()
+        self._check_tensors(n_layer, ratios)
+        template = self.get("tokenizer.chat_template")
+        return GgufInfo(
+            arch=arch,
+            block_count=n_layer,
+            chat_template=template if isinstance(template, str) else None,
+            bos_token=tokens[self.get("tokenizer.ggml.bos_token_id", 0)],
+            eos_token=tokens[self.get("tokenizer.ggml.eos_token_id", 1)],
+        )
+
+    def _check_attention(self) -> None:
+        if _uniform(self.get(f"{ARCH}.attention.head_count_kv")) != 1:
+            raise self.fail(f"{ARCH}.attention.head_count_kv must be present and 1 (MQA)")
+        head_count = self.need_int("attention.head_count")
+        key_length = self.need_int("attention.key_length")
+        if self.need_int("attention.value_length") != key_length:
+            raise self.fail(f"{ARCH}.attention.value_length must equal key_length ({key_length})")
+        groups = self.need_int("attention.output_group_count")
+        if groups <= 0 or head_count % groups:
+            raise self.fail(f"{ARCH}.attention.head_count {head_count} is not divisible by output_group_count {groups}")
+        if self.get(f"{ARCH}.rope.dimension_count", key_length) > key_length:
+            raise self.fail(f"{ARCH}.rope.dimension_count exceeds key_length {key_length}")
+        index_len = self.need_int("attention.indexer.key_length")
+        if index_len <= 0 or index_len % 64:
+            raise self.fail(f"{ARCH}.attention.indexer.key_length {index_len} is not a multiple of 64")
+        if self.need_int("hyper_connection.count") != 4:
+            raise self.fail(f"{ARCH}.hyper_connection.count must be 4 (llama.cpp asserts it)")
+
+    def _check_moe(self, n_layer: int) -> None:
+        if self.need_int("expert_gating_func") != 4:
+            raise self.fail(f"{ARCH}.expert_gating_func must be 4 (sqrtsoftplus)")
+        n_expert = self.need_int("expert_count")
+        used = self.need_int("expert_used_count")
+        if not 0 < used <= n_expert <= 1024:
+            raise self.fail(f"expert_used_count {used} / expert_count {n_expert} out of range")
+        for key in ("swiglu_clamp_exp", "swiglu_clamp_shexp"):
+            value = self.get(f"{ARCH}.{key}")
+            if key == "swiglu_clamp_exp" and value is None:
+                raise self.fail(f"required key {ARCH}.{key} is missing")
+            if isinstance(value, list) and len(value) != n_layer:
+                raise self.fail(f"{ARCH}.{key} has {len(value)} entries; expected block_count = {n_layer}")
+
+    def _check_ratios(self, n_layer: int) -> list[int]:
+        ratios = self.need(f"{ARCH}.attention.compress_ratios")
+        if not isinstance(ratios, list) or len(ratios) < n_layer:
+            raise self.fail(f"{ARCH}.attention.compress_ratios must be an array of at least block_count = {n_layer}")
+        ratios = ratios[:n_layer]
+        if bad := sorted({r for r in ratios if r not in ALLOWED_RATIOS}):
+            raise self.fail(f"{ARCH}.attention.compress_ratios contains {bad}; only 0, 4 and 128 are supported")
+        # A cache with zero layers crashes llama.cpp with SIGFPE at context creation (deepseek4-gguf.md §3.4).
+        if 4 not in ratios:
+            raise self.fail(f"{ARCH}.attention.compress_ratios has no ratio-4 layer")
+        same_dim = self.need_int("attention.key_length") == self.need_int("attention.indexer.key_length")
+        if same_dim and 128 not in ratios:
+            raise self.fail(f"{ARCH}.attention.compress_ratios has no ratio-128 layer")
+        return ratios
+
+    def _check_tokens(self) -> list[str]:
+        tokens = self.need("tokenizer.ggml.tokens")
+        if len(set(tokens)) != len(tokens):
+            seen: set[str] = set()
+            dup = next(t for t in tokens if t in seen or seen.add(t))
+            raise self.fail(f"tokenizer.ggml.tokens has duplicate token string {dup!r}")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            if not 0 <= self.get(key, 0) < len(tokens):
+                raise self.fail(f"{key} is outside the vocabulary of {len(tokens)} tokens")
+        return tokens
+
+    def _check_tensors(self, n_layer: int, ratios: list[int]) -> None:
+        present = set(self.tensor_names)
+        n_hash = self.need_int("hash_layer_count")
+        expected = set(_ROOT_TENSORS)
+        for layer, ratio in enumerate(ratios):
+            expected |= {f"blk.{layer}.{n}.weight" for n in _layer_tensors(ratio)}
+            expected.add(f"blk.{layer}.ffn_gate_tid2eid.weight" if layer < n_hash else f"blk.{layer}.exp_probs_b.bias")
+        if missing := sorted(expected - present):
+            raise self.fail(f"tensor {missing[0]} is missing ({len(missing)} missing in all)")
+        extra = [n for n in sorted(present - expected) if not _tolerated_extra(n, n_layer)]
+        if extra:
+            raise self.fail(f"unexpected tensor {extra[0]} (llama.cpp rejects extra tensors)")
+
+
+_ROOT_TENSORS = (
+    "token_embd.weight",
+    "output_norm.weight",
+    "output.weight",
+    "output_hc_fn.weight",
+    "output_hc_base.weight",
+    "output_hc_scale.weight",
+)
+_EVERY_LAYER = [
+    "attn_norm",
+    "attn_sinks",
+    "attn_q_a",
+    "attn_q_a_norm",
+    "attn_q_b",
+    "attn_kv",
+    "attn_kv_a_norm",
+    "attn_output_a",
+    "attn_output_b",
+    "hc_attn_fn",
+    "hc_attn_base",
+    "hc_attn_scale",
+    "hc_ffn_fn",
+    "hc_ffn_base",
+    "hc_ffn_scale",
+    "ffn_norm",
+    "ffn_gate_inp",
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
+    "ffn_gate_shexp",
+    "ffn_up_shexp",
+    "ffn_down_shexp",
+]
+_COMPRESSED = ["attn_compressor_kv", "attn_compressor_gate", "attn_compressor_ape", "attn_compressor_norm"]
+_INDEXED = [
+    "indexer.proj",
+    "indexer.attn_q_b",
+    "indexer_compressor_kv",
+    "indexer_compressor_gate",
+    "indexer_compressor_ape",
+    "indexer_compressor_norm",
+]
+
+
+def _uniform(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value and len(set(value)) == 1 else value
+
+
+def _tolerated_extra(name: str, n_layer: int) -> bool:
+    """Generic scales, the Vision-Exp bias and MTP (nextn) layers past block_count load without complaint."""
+    if _TOLERATED_EXTRA.match(name) or name.endswith(".exp_probs_b_vl.bias"):
+        return True
+    mtp = _LAYER.match(name)
+    return mtp is not None and int(mtp.group(1)) >= n_layer
+
+
+def _layer_tensors(ratio: int) -> list[str]:
+    """Names (without `blk.N.` and `.weight`) the loader creates for a layer with this compress ratio (§2.1)."""
+    return _EVERY_LAYER + (_COMPRESSED if ratio else []) + (_INDEXED if ratio == 4 else [])

@@ -1,0 +1,431 @@
+"""The llama.cpp runtime behind `dsv4 chat`: load a deepseek4 GGUF with the plan applied and stream tokens.
+
+This is the only module that imports `llama_cpp`, and it uses the low-level C API of llama-cpp-python
+rather than its `Llama` class, because that class cannot pass what a DeepSeek V4 chat needs
+(deepseek4-gguf.md §8): tensor buffer overrides that keep experts in host RAM (`tensor_buft_overrides`,
+declared `void *` in the bindings, filled here through ctypes) and context fields such as `n_rs_seq`.
+Prefix reuse works by extending the KV cache: when the new prompt starts with the text already in the
+cache, only the new suffix is tokenized and prefilled, so turn N costs its own tokens, not the history.
+Extending needs no partial removal, which the deepseek4 cache cannot do (deepseek4-gguf.md §8.3).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsv4cli.errors import RuntimeLoadError, UsageError
+from dsv4cli.hardware import cpu_threads
+
+_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
+_KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8}  # ggml_type ids accepted for type_k/type_v
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to place and run the model: the "llama" section of a plan (see `dsv4cli.plan`)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    host_tensors: tuple[str, ...] = ()  # regexes of tensors kept in host RAM (CPU buffer type)
+    tensor_split: tuple[float, ...] = ()  # share of the GPU layers per GPU (several GPUs only)
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: bool = False
+    type_kv: str = "f16"
+    # Recurrent-state snapshots for rollback (deepseek4-gguf.md §8.3). They reach back only inside the last
+    # llama_decode call (one token after generation) and are copied on every decode: 1 snapshot measured 9%
+    # slower decode on the tiny model. Turns extend the cache by text and thinking turns resume from a saved
+    # state (`_Fork`), neither of which needs rollback, so the default is none.
+    n_rs_seq: int = 0
+    n_threads: int = field(default_factory=cpu_threads)
+    verbose: bool = False
+
+    @classmethod
+    def from_plan(cls, llama: dict[str, Any], *, verbose: bool = False) -> LoadSettings:
+        """Settings from a plan's "llama" dict; deepseek4 needs equal K and V cache types (§3.11)."""
+        if llama.get("type_k", "f16") != llama.get("type_v", "f16"):
+            raise UsageError("plan: type_k and type_v must be equal for deepseek4", hint="re-run `dsv4 plan`")
+        host = []
+        for entry in llama.get("override_tensor", []):
+            if entry.get("buffer", "CPU") != "CPU":
+                raise UsageError(f"plan: buffer {entry.get('buffer')!r} is not supported; only CPU overrides are")
+            host.append(entry["pattern"])
+        return cls(
+            n_ctx=int(llama.get("n_ctx", cls.n_ctx)),
+            n_batch=int(llama.get("n_batch", cls.n_batch)),
+            n_ubatch=int(llama.get("n_ubatch", cls.n_ubatch)),
+            n_gpu_layers=int(llama.get("n_gpu_layers", 0)),
+            host_tensors=tuple(host),
+            tensor_split=tuple(llama.get("tensor_split") or ()),
+            use_mmap=bool(llama.get("use_mmap", True)),
+            use_mlock=bool(llama.get("use_mlock", False)),
+            flash_attn=bool(llama.get("flash_attn", False)),
+            type_kv=str(llama.get("type_k", "f16")),
+            n_threads=int(llama.get("n_threads") or cpu_threads()),
+            verbose=verbose,
+        )
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    max_tokens: int = 2048
+    temp: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+
+
+@dataclass
+class TurnStats:
+    """Per-turn counters: prompt = prefill (decoded this turn) + reused (already in the cache)."""
+
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    stopped: str = "eos"  # eos | length | interrupted
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LogSink:
+    """Receives llama.cpp's log: echoes it to stderr when verbose, keeps the tail for error messages."""
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self.verbose = False
+        self.tail: deque[str] = deque(maxlen=50)
+
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            line = text.decode("utf-8", errors="replace")
+            self.tail.append(line)
+            if self.verbose:
+                sys.stderr.write(line)
+
+        self._callback = llama_cpp.llama_log_callback(callback)  # keep a reference: C holds only the pointer
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def last_error(self) -> str:
+        text = "".join(self.tail)
+        errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+        return errors[-1] if errors else ""
+
+
+class _BuftOverride(ctypes.Structure):
+    """C `struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }`."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _cpu_buffer_type() -> int:
+    """The CPU buffer type from the libggml that libllama already loaded (a second copy gives another pointer)."""
+    mode = os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL
+    try:
+        ggml = ctypes.CDLL("libggml.so.0", mode=mode)
+        base = ctypes.CDLL("libggml-base.so.0", mode=mode)
+    except OSError as e:
+        raise RuntimeLoadError(f"cannot find the ggml library loaded by llama-cpp-python ({e})") from e
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    device = ggml.ggml_backend_dev_by_type(_CPU_DEVICE)
+    if not device:
+        raise RuntimeLoadError("llama.cpp has no CPU backend device to keep tensors in host RAM")
+    return base.ggml_backend_dev_buffer_type(device)
+
+
+def build_overrides(patterns: tuple[str, ...]) -> ctypes.Array[_BuftOverride]:
+    """NULL-terminated override array mapping each regex to the CPU buffer type (first match wins in llama.cpp)."""
+    buft = _cpu_buffer_type()
+    array = (_BuftOverride * (len(patterns) + 1))()
+    for slot, pattern in zip(array, patterns, strict=False):
+        slot.pattern = pattern.encode()
+        slot.buft = buft
+    return array
+
+
+@dataclass
+class _Fork:
+    """Cache state saved at a point where the next turn's prompt will diverge (e.g. dropped reasoning)."""
+
+    text: str
+    tokens: list[int]
+    state: ctypes.Array[ctypes.c_uint8]
+
+
+class LlamaRuntime:
+    """One loaded model and context; `stream()` generates from a rendered prompt, reusing the cached prefix."""
+
+    def __init__(self, path: Path, settings: LoadSettings) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._log = _LogSink(llama_cpp)
+        self._log.verbose = settings.verbose
+        llama_cpp.llama_backend_init()
+        self.settings = settings
+        self._model = self._load_model(path, settings)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._ctx = self._new_context(path, settings)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._cached_text = ""  # their text (special tokens rendered), to extend the cache by text
+        self._last_decode = 0  # size of the last llama_decode call: how far llama.cpp can roll back
+        self._fork: _Fork | None = None
+        self._pieces: dict[int, bytes] = {}
+        self.stats = TurnStats()
+
+    def _load_model(self, path: Path, s: LoadSettings) -> Any:
+        lib = self._lib
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = s.n_gpu_layers
+        params.load_mode = {
+            (True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (True, False): lib.LLAMA_LOAD_MODE_MMAP,
+            (False, True): lib.LLAMA_LOAD_MODE_MLOCK,
+            (False, False): lib.LLAMA_LOAD_MODE_NONE,
+        }[(s.use_mmap, s.use_mlock)]
+        if s.host_tensors:
+            if len(s.host_tensors) > lib.llama_max_tensor_buft_overrides():
+                raise UsageError(f"too many tensor overrides ({len(s.host_tensors)})")
+            self._overrides = build_overrides(s.host_tensors)  # must outlive the load
+            params.tensor_buft_overrides = ctypes.addressof(self._overrides)
+        if s.tensor_split:
+            self._split = (ctypes.c_float * lib.llama_max_devices())(*s.tensor_split)  # must outlive the load
+            params.tensor_split = self._split
+        model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise RuntimeLoadError(f"llama.cpp could not load {path}: {self._log.last_error() or 'unknown error'}")
+        return model
+
+    def _new_context(self, path: Path, s: LoadSettings) -> Any:
+        lib = self._lib
+        if s.type_kv not in _KV_TYPES:
+            raise UsageError(f"KV cache type {s.type_kv!r} is not one of {', '.join(_KV_TYPES)}")
+        params = lib.llama_context_default_params()
+        params.n_ctx = s.n_ctx
+        params.n_batch = s.n_batch
+        params.n_ubatch = min(s.n_ubatch, s.n_batch)
+        params.n_threads = params.n_threads_batch = s.n_threads
+        params.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.type_k = params.type_v = _KV_TYPES[s.type_kv]
+        params.swa_full = False
+        params.n_rs_seq = s.n_rs_seq
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            lib.llama_model_free(self._model)
+            raise RuntimeLoadError(
+                f"llama.cpp could not create a context for {path}: {self._log.last_error() or 'unknown error'}",
+                hint="lower --ctx or free memory",
+            )
+        return ctx
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose K/V are in the cache, oldest first."""
+        return list(self._cached)
+
+    # -- tokens -------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text` with special tokens parsed and no BOS added (the chat template writes it)."""
+        data = text.encode()
+        buf = (self._lib.llama_token * (len(data) + 8))()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, True)
+        if n < 0:
+            raise RuntimeLoadError(f"tokenizer failed on a {len(data)}-byte prompt")
+        return buf[:n]
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens rendered), cached: the vocabulary never changes."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._token_bytes(token)
+        return piece
+
+    def _token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(128)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def reset(self) -> None:
+        """Forget the cached prefix (e.g. after `/reset`)."""
+        self._lib.llama_memory_clear(self._mem, True)
+        self._cached, self._cached_text, self._last_decode, self._fork = [], "", 0, None
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _decode(self, tokens: list[int]) -> None:
+        lib = self._lib
+        for start in range(0, len(tokens), self.settings.n_batch):
+            chunk = tokens[start : start + self.settings.n_batch]
+            array = (lib.llama_token * len(chunk))(*chunk)
+            rc = lib.llama_decode(self._ctx, lib.llama_batch_get_one(array, len(chunk)))
+            if rc != 0:
+                self.reset()
+                raise RuntimeLoadError(
+                    f"llama_decode failed (code {rc}) after {len(self._cached)} tokens",
+                    hint="the context is full: /reset, or raise --ctx",
+                )
+            self._cached.extend(chunk)
+            self._last_decode = len(chunk)
+
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        """Tokens of `prompt`, re-using the cached tokens (or the saved fork) when the prompt extends their text.
+
+        Extending by text keeps the cache valid even where tokenizing the whole history would split the
+        model's own output differently.
+        """
+        extends_cache = bool(self._cached_text) and prompt.startswith(self._cached_text)
+        if not extends_cache and self._fork and prompt.startswith(self._fork.text):
+            self._restore(self._fork)
+        if self._cached_text and prompt.startswith(self._cached_text):
+            return self._cached + self.tokenize(prompt[len(self._cached_text) :])
+        return self.tokenize(prompt)
+
+    def _save_fork(self, text: str) -> None:
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self._ctx, 0)
+        state = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(self._ctx, state, size, 0) == size:
+            self._fork = _Fork(text=text, tokens=list(self._cached), state=state)
+
+    def _restore(self, fork: _Fork) -> None:
+        lib = self._lib
+        lib.llama_memory_clear(self._mem, True)
+        if lib.llama_state_seq_set_data(self._ctx, fork.state, len(fork.state), 0) != len(fork.state):
+            self.reset()
+            return
+        self._cached, self._cached_text, self._last_decode = list(fork.tokens), fork.text, 0
+
+    def _reuse(self, tokens: list[int], *, limit: int) -> int:
+        """Keep the longest cached prefix llama.cpp can keep; return how many tokens stay cached."""
+        if self._lib.llama_memory_seq_pos_max(self._mem, 0) + 1 != len(self._cached):
+            self.reset()  # an interrupt landed between a decode and our bookkeeping
+        keep = 0
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, limit)
+        # The deepseek4 cache can only roll back inside the last decode call, with snapshots (§8.3).
+        rollback = len(self._cached) - keep
+        if rollback and (rollback > min(self._last_decode, self.settings.n_rs_seq) or keep == 0):
+            self.reset()
+            return 0
+        if rollback and not self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1):
+            self.reset()
+            return 0
+        del self._cached[keep:]
+        self._last_decode = 0
+        return keep
+
+    def _sampler(self, options: SampleOptions) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if options.temp <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            seed = lib.LLAMA_DEFAULT_SEED if options.seed is None else options.seed
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(options.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(options.temp))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is generated; `self.stats` describes the turn when the iterator ends.
+
+        `fork_at` is a character offset in `prompt` where the next turn's prompt will differ (the thinking
+        opener, whose reasoning the template drops from history): the cache state there is saved so the next
+        turn resumes from it instead of re-reading the whole conversation. Closing the iterator early
+        (Ctrl-C) keeps every decoded token in the cache.
+        """
+        lib = self._lib
+        start = time.perf_counter()
+        head = self._prompt_tokens(prompt[:fork_at] if fork_at else prompt)
+        tokens = head + (self.tokenize(prompt[fork_at:]) if fork_at else [])
+        if len(tokens) >= self.settings.n_ctx:
+            raise UsageError(
+                f"the conversation has {len(tokens)} tokens, the context holds {self.settings.n_ctx}",
+                hint="/reset, or raise --ctx",
+            )
+        self.stats = stats = TurnStats(prompt_tokens=len(tokens), stopped="interrupted")
+        # At least one token must be decoded to get logits; a fork must be taken before its tail is decoded.
+        stats.reused_tokens = self._reuse(tokens, limit=len(head) if fork_at else len(tokens) - 1)
+        if self.settings.verbose:
+            new = len(tokens) - stats.reused_tokens
+            sys.stderr.write(f"dsv4 chat: prefix-match hit, {stats.reused_tokens} tokens reused, {new} to prefill\n")
+        lib.llama_synchronize(self._ctx)
+        lib.llama_perf_context_reset(self._ctx)
+        self._cached_text = ""  # unknown until the prefill completes (Ctrl-C may stop it half way)
+        self._decode(tokens[stats.reused_tokens : len(head)])
+        if fork_at:
+            lib.llama_synchronize(self._ctx)
+            self._save_fork(prompt[:fork_at])
+            self._decode(tokens[len(head) :])
+        lib.llama_synchronize(self._ctx)  # llama.cpp adds the prompt-eval counters at synchronization
+        prefilled = time.perf_counter()
+        stats.prefill_tokens = len(tokens) - stats.reused_tokens
+        stats.prefill_tps = stats.prefill_tokens / max(prefilled - start, 1e-9)
+        self._cached_text = prompt
+        sampler = self._sampler(options)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        first = 0.0
+        try:
+            while stats.generated_tokens < options.max_tokens:
+                if len(self._cached) >= self.settings.n_ctx:
+                    stats.stopped = "length"
+                    break
+                token = lib.llama_sampler_sample(sampler, self._ctx, -1)
+                if lib.llama_vocab_is_eog(self._vocab, token):
+                    stats.stopped = "eos"
+                    break
+                if not first:
+                    first = time.perf_counter()
+                    stats.ttft_s = first - start
+                self._decode([token])
+                stats.generated_tokens += 1
+                text = decoder.decode(self._piece(token))
+                self._cached_text += text
+                if text:
+                    yield text
+            else:
+                stats.stopped = "length"
+        finally:
+            tail = decoder.decode(b"", final=True)
+            self._cached_text += tail
+            lib.llama_sampler_free(sampler)
+            if self.settings.verbose:
+                lib.llama_synchronize(self._ctx)
+                lib.llama_perf_context_print(self._ctx)  # llama.cpp's own prompt-eval / eval counters
+            if first:
+                stats.decode_tps = stats.generated_tokens / max(time.perf_counter() - first, 1e-9)
+        if tail:
+            yield tail
