@@ -19,7 +19,7 @@ demo: setup
 	$(DSV4) pull tiny
 	$(DSV4) quantize tiny
 	$(DSV4) plan tiny
-	$(DSV4) chat tiny -p "Hello"
+	$(DSV4) chat tiny -p "Hello" --max-tokens 48
 
 lint: setup
 	$(PY) -m ruff check .
