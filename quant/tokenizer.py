@@ -15,7 +15,7 @@ from gguf import GGUFValueType
 
 from quant.errors import CheckpointError
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
 # llama.cpp's name for the V4 pre-tokenizer regexes (src/llama-vocab.cpp has it; deepseek-v3 selects the same).
 PRE_TOKENIZER = "joyai-llm"
 TEMPLATE_PATH = Path(__file__).with_name("deepseek_v4.jinja")
