@@ -244,6 +244,11 @@ class LlamaRuntime:
             self._lib.llama_model_free(self._model)
             self._model = None
 
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose K/V are in the cache, oldest first."""
+        return list(self._cached)
+
     # -- tokens -------------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
