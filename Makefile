@@ -32,3 +32,4 @@ bench: setup
 	$(PY) bench/pull.py
 	$(PY) bench/quantize.py
 	$(PY) bench/chat.py
+	$(PY) bench/plan.py --decode 64
