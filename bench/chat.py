@@ -49,14 +49,15 @@ def run_json(argv: list[str]) -> dict:
 
 def decode_speed(gguf: Path, *, tokens: int, repeats: int, n_ctx: int, threads: int) -> dict:
     """Median decode tok/s of both paths over `repeats` alternating runs (alternating evens out machine load)."""
+    cli = [sys.executable, "-m", "dsv4cli", "chat", str(gguf), "-p", PROMPT, "--json", "--temp", "0"]
+    cli += ["--max-tokens", str(tokens), "--ctx", str(n_ctx)]
+    prompt = f"{BOS}{USER}{PROMPT}{ASSISTANT}</think>"
+    reference = [sys.executable, "-c", BARE_LOOP, str(gguf), prompt, str(tokens), str(n_ctx), str(threads)]
     chat, bare = [], []
     for _ in range(repeats):
-        cli = [sys.executable, "-m", "dsv4cli", "chat", str(gguf), "-p", PROMPT, "--json", "--temp", "0"]
-        data = run_json([*cli, "--max-tokens", str(tokens), "--ctx", str(n_ctx)])
+        data = run_json(cli)
         chat.append(data["stats"]["decode_tps"])
-        prompt = f"{BOS}{USER}{PROMPT}{ASSISTANT}</think>"
-        ref = run_json([sys.executable, "-c", BARE_LOOP, str(gguf), prompt, str(tokens), str(n_ctx), str(threads)])
-        bare.append(ref["decode_tps"])
+        bare.append(run_json(reference)["decode_tps"])
     return {
         "generated": data["stats"]["generated_tokens"],
         "chat_tps": statistics.median(chat),
@@ -67,29 +68,28 @@ def decode_speed(gguf: Path, *, tokens: int, repeats: int, n_ctx: int, threads: 
 
 def second_turn_latency(gguf: Path, *, n_ctx: int, first_tokens: int = 1500) -> dict:
     """TTFT of turn 1 (~1,500 prompt tokens), of a short turn 2 on the same session, and of turn 2 from scratch."""
-    from dsv4cli.chat import ChatSession
-    from dsv4cli.gguf_check import check_gguf
-    from dsv4cli.prompt import PromptRenderer
+    from dsv4cli.chat import ChatSession, prompt_renderer
     from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions
 
-    info = check_gguf(gguf)
-    renderer = PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    renderer = prompt_renderer(gguf)
     settings = LoadSettings(n_ctx=n_ctx, use_mmap=False)
     options = SampleOptions(max_tokens=16, temp=0)
-    runtime = LlamaRuntime(gguf, settings)
+
+    def warmed_runtime() -> LlamaRuntime:
+        runtime = LlamaRuntime(gguf, settings)
+        list(ChatSession(runtime, renderer, options=options).send("warm up"))  # first-call allocations
+        runtime.reset()
+        return runtime
+
+    runtime = warmed_runtime()
     words = "the sea was calm and the ships sailed home "
     long_text = words * (first_tokens // max(1, len(runtime.tokenize(words))) + 1)
-    list(ChatSession(runtime, renderer, options=options).send("warm up"))  # first-call allocations
-    runtime.reset()
     session = ChatSession(runtime, renderer, options=options)
     list(session.send(long_text))
     first = session.last.stats
     list(session.send("Thanks, and then?"))
     second = session.last.stats
-    fresh = LlamaRuntime(gguf, settings)
-    list(ChatSession(fresh, renderer, options=options).send("warm up"))
-    fresh.reset()
-    scratch = ChatSession(fresh, renderer, options=options, history=list(session.history[:2]))
+    scratch = ChatSession(warmed_runtime(), renderer, options=options, history=list(session.history[:2]))
     list(scratch.send("Thanks, and then?"))
     return {
         "turn1_prompt_tokens": first.prompt_tokens,

@@ -97,8 +97,6 @@ def main() -> None:
                     print(f"round {round_no} {name}: {run['seconds']:.2f}s  {mb_s:.0f} MB/s  peak RSS {rss_mb:.0f} MB")
                     if name not in best or run["seconds"] < best[name]["seconds"]:
                         best[name] = run
-            shutil.rmtree(work / "out-dsv4", ignore_errors=True)
-            shutil.rmtree(work / "out-hf", ignore_errors=True)
 
     dsv4_rate = total / best["dsv4"]["seconds"] / 1e6
     hf_rate = total / best["hf"]["seconds"] / 1e6

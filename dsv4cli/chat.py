@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
 from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
-from dsv4cli.runtime import LoadSettings, SampleOptions, TurnStats
+from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions, TurnStats
 
 if TYPE_CHECKING:
-    from dsv4cli.runtime import LlamaRuntime
+    from dsv4cli.registry import ModelSpec
 
 DEFAULT_MODEL = "tiny"
 TINY_NOTE = (
@@ -91,11 +91,7 @@ class ChatSession:
         stream = self.runtime.stream(prompt.text, self.options, fork_at=prompt.fork_at)
         outcome = "interrupted"
         try:
-            for chunk in stream:
-                for kind, piece in splitter.feed(chunk):
-                    parts[kind].append(piece)
-                    yield kind, piece
-            for kind, piece in splitter.flush():
+            for kind, piece in splitter.split(stream):
                 parts[kind].append(piece)
                 yield kind, piece
             outcome = "finished"
@@ -244,7 +240,7 @@ class LoadedChat:
 
 def resolve_gguf(model: str | None, *, note: Callable[[str], None]) -> Path:
     """A GGUF path for MODEL: a file path, or a registry name's quantized file; the tiny model when none."""
-    from dsv4cli.gguf_check import V41_HINT, V41_UNSUPPORTED
+    from dsv4cli.gguf_check import ARCH, V41_HINT, V41_UNSUPPORTED
     from dsv4cli.local import default_gguf_path, local_ggufs
     from dsv4cli.registry import get_model
     from quant.convert import QuantOptions
@@ -254,7 +250,7 @@ def resolve_gguf(model: str | None, *, note: Callable[[str], None]) -> Path:
     if model is None:
         note(TINY_NOTE)
     spec = get_model(model or DEFAULT_MODEL)
-    if spec.arch != "deepseek4":
+    if spec.arch != ARCH:
         raise RuntimeLoadError(f"{spec.name} is a DeepSeek V4.1 model: {V41_UNSUPPORTED}", hint=V41_HINT)
     found = local_ggufs(spec)
     if found:  # the default recipe when there are several
@@ -268,7 +264,7 @@ def resolve_gguf(model: str | None, *, note: Callable[[str], None]) -> Path:
     return _prepare_builtin(spec, note=note)
 
 
-def _prepare_builtin(spec: Any, *, note: Callable[[str], None]) -> Path:
+def _prepare_builtin(spec: ModelSpec, *, note: Callable[[str], None]) -> Path:
     """Pull (write) and quantize a built-in test model on first use: it takes seconds and needs no network."""
     from dsv4cli.pull import PullOptions, pull
     from dsv4cli.quantize import quantize
@@ -292,13 +288,17 @@ def load_settings(gguf: Path, placement: Placement, *, verbose: bool) -> LoadSet
     return LoadSettings.from_plan(llama, verbose=verbose)
 
 
+def prompt_renderer(gguf: Path) -> PromptRenderer:
+    """Check the header (llama.cpp aborts on some bad values) and build the renderer from its chat template."""
+    from dsv4cli.gguf_check import check_gguf
+
+    info = check_gguf(gguf)
+    return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
+
+
 def open_chat(model: str | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
     """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
-    from dsv4cli.gguf_check import check_gguf
-    from dsv4cli.runtime import LlamaRuntime
-
     gguf = resolve_gguf(model, note=note)
-    info = check_gguf(gguf)
-    renderer = PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
+    renderer = prompt_renderer(gguf)
     settings = load_settings(gguf, placement, verbose=verbose)
     return LoadedChat(runtime=LlamaRuntime(gguf, settings), renderer=renderer, gguf=gguf)

@@ -88,7 +88,7 @@ class _Header:
     def need_int(self, key: str) -> int:
         """An integer key; per-layer arrays (allowed for some head/expert counts) must hold one value."""
         value = _uniform(self.need(f"{ARCH}.{key}"))
-        if isinstance(value, (list, bool)) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"key {ARCH}.{key} must be an integer, got {value!r}")
         return value
 
@@ -141,10 +141,9 @@ class _Header:
         used = self.need_int("expert_used_count")
         if not 0 < used <= n_expert <= 1024:
             raise self.fail(f"expert_used_count {used} / expert_count {n_expert} out of range")
+        self.need(f"{ARCH}.swiglu_clamp_exp")  # the shared-expert clamp is optional
         for key in ("swiglu_clamp_exp", "swiglu_clamp_shexp"):
             value = self.get(f"{ARCH}.{key}")
-            if key == "swiglu_clamp_exp" and value is None:
-                raise self.fail(f"required key {ARCH}.{key} is missing")
             if isinstance(value, list) and len(value) != n_layer:
                 raise self.fail(f"{ARCH}.{key} has {len(value)} entries; expected block_count = {n_layer}")
 

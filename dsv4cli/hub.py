@@ -103,7 +103,7 @@ def list_repo(repo: str, revision: str) -> RepoListing:
 def _hub_error(e: HfHubHTTPError, *, repo: str, revision: str) -> Exception:
     """Translate huggingface_hub's errors into ours; 401 is also what the Hub answers for private repos."""
     status = e.response.status_code if e.response is not None else None
-    token_hint = f"set HF_TOKEN to a token with access, and accept the licence on {endpoint()}/{repo}"
+    token_hint = _token_hint(repo)
     if isinstance(e, GatedRepoError):
         return AuthError(f"{repo} is gated and this token has not been granted access (HTTP {status})", hint=token_hint)
     if status == 401:  # the Hub's answer to an anonymous request for a private, gated or missing repo
@@ -115,6 +115,10 @@ def _hub_error(e: HfHubHTTPError, *, repo: str, revision: str) -> Exception:
     if isinstance(e, RepositoryNotFoundError) or status == 404:
         return NotFoundOnHubError(f"repo '{repo}' not found on {endpoint()}", hint="check the repo id")
     return DownloadError(f"{repo}: HTTP {status} from {endpoint()}", hint=RESUME_HINT)
+
+
+def _token_hint(repo: str) -> str:
+    return f"set HF_TOKEN to a token with access, and accept the licence on {endpoint()}/{repo}"
 
 
 def with_retries(fn: Callable[[], Any], *, what: str, stop: threading.Event | None = None) -> Any:
@@ -241,7 +245,7 @@ class Transfer:
         if status in (401, 403):
             raise AuthError(
                 f"{repo}/{self.remote.path}: access denied (HTTP {status})",
-                hint=f"set HF_TOKEN to a token with access, and accept the licence on {endpoint()}/{repo}",
+                hint=_token_hint(repo),
             )
         if status == 404:
             raise NotFoundOnHubError(f"{repo}/{self.remote.path}: not found at revision {self.listing.revision}")

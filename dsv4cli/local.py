@@ -25,11 +25,10 @@ def checkpoint_state(folder: Path) -> str | None:
 
 def default_gguf_path(spec: ModelSpec, experts: str, dense: str) -> Path:
     """Where `dsv4 quantize NAME` writes when no `-o` is given; the recipe is part of the name."""
-    return gguf_dir() / f"{spec.name.replace('/', '--')}-{experts}-{dense}.gguf"
+    return gguf_dir() / f"{spec.slug}-{experts}-{dense}.gguf"
 
 
 def local_ggufs(spec: ModelSpec) -> list[Path]:
     """Quantized files of this model under `$DSV4_HOME/gguf` (first shard only for split files)."""
-    stem = spec.name.replace("/", "--")
-    found = sorted(gguf_dir().glob(f"{stem}-*.gguf"))
+    found = sorted(gguf_dir().glob(f"{spec.slug}-*.gguf"))
     return [p for p in found if "-of-" not in p.name or "-00001-of-" in p.name]

@@ -39,11 +39,13 @@ from typing import Any
 
 from dsv4cli import hardware
 from dsv4cli.errors import PlanError, UsageError
-from dsv4cli.kvcache import KV_TYPES, KvCache, ModelDims, attention_flops, compute_buffer_bytes, kv_cache
+from dsv4cli.home import dsv4_home
+from dsv4cli.kvcache import CSA_RATIO, KV_TYPES, KvCache, ModelDims, attention_flops, compute_buffer_bytes, kv_cache
+from dsv4cli.local import default_gguf_path
+from dsv4cli.registry import ARCHES, get_model
 from dsv4cli.ui import human_bytes
 
 GIB = 2**30
-ARCHES = ("deepseek4", "deepseek41")
 PAGE = 4096
 DEFAULT_CTX = 32768
 DEFAULT_UBATCH = 512
@@ -222,7 +224,8 @@ class Plan:
         if gpu and self.cpu_expert_layers:
             layers = "|".join(str(i) for i in self.cpu_expert_layers)
             patterns.append({"pattern": rf"^blk\.({layers})\.ffn_(gate|up|down)_exps\.", "buffer": "CPU"})
-        if gpu and self._has_engram():
+        engram = any(tensor_class(s.name) == "engram" for s in self.source.tensors)
+        if gpu and engram:
             patterns.append({"pattern": r"\.engram_embd\.", "buffer": "CPU"})
         total = sum(self.gpu_layer_counts)
         split = [round(n / total, 4) for n in self.gpu_layer_counts] if len(self.gpu_layer_counts) > 1 else None
@@ -233,7 +236,7 @@ class Plan:
             "n_batch": self.inputs.ubatch,
             "n_ubatch": self.inputs.ubatch,
             # mmap when anything is read from disk, and always for Engram tables (sparse lookups); else load it all
-            "use_mmap": any(t.kind == "disk" and t.weights for t in self.tiers) or self._has_engram(),
+            "use_mmap": any(t.kind == "disk" and t.weights for t in self.tiers) or engram,
             "use_mlock": False,
             "swa_full": False,
             "type_k": self.inputs.kv_type,
@@ -242,9 +245,6 @@ class Plan:
             "n_threads": self.inputs.threads,
             "tensor_split": split,
         }
-
-    def _has_engram(self) -> bool:
-        return any(tensor_class(s.name) == "engram" for s in self.source.tensors)
 
     def llama_args(self) -> list[str]:
         """The equivalent llama-server command line (without the binary)."""
@@ -433,9 +433,6 @@ def load_source(source: str, inputs: PlanInputs) -> ModelSource:
         return estimate_from_config(config, name=path.name, experts=inputs.experts, dense=inputs.dense)
     if path.suffix == ".gguf" or source.startswith((".", "/", "~")):
         raise PlanError(f"{source}: no such file", hint="check the path")
-    from dsv4cli.local import default_gguf_path
-    from dsv4cli.registry import get_model
-
     spec = get_model(source)
     if spec.repo and not spec.config and not spec.builtin:
         raise PlanError(f"{source}: no architecture facts for this Hub repo", hint="pull it and plan the folder")
@@ -597,7 +594,7 @@ def make_plan(source: ModelSource | str, inputs: PlanInputs) -> Plan:
         )
 
     gpus, vram_source = _gpu_tiers(inputs)
-    bandwidths = _bandwidths(inputs, warnings)
+    bandwidths = _bandwidths(inputs)
     ram_budget = int(inputs.ram_gib * GIB) if inputs.ram_gib is not None else hardware.available_ram()
     ram = Tier("ram", "ram", "host RAM", ram_budget, bandwidths["ram"])
     disk = Tier("disk", "disk", "mmap from disk", None, bandwidths["disk"])
@@ -688,11 +685,10 @@ def _gib(n: float) -> str:
     return human_bytes(n) if n < GIB else f"{n / GIB:.1f} GiB"
 
 
-def _bandwidths(inputs: PlanInputs, warnings: list[str]) -> dict[str, float]:
+def _bandwidths(inputs: PlanInputs) -> dict[str, float]:
+    """GB/s per host tier: a flag wins, then a measurement here (--measure), then the hardware default."""
     ram_bw, disk_bw = inputs.ram_bw, inputs.disk_bw
     if inputs.measure:
-        from dsv4cli.home import dsv4_home
-
         folder = dsv4_home()
         folder.mkdir(parents=True, exist_ok=True)
         ram_bw = ram_bw or hardware.measure_ram_bandwidth()
@@ -710,7 +706,7 @@ def _bandwidths(inputs: PlanInputs, warnings: list[str]) -> dict[str, float]:
 def _kv_read_per_token(plan: Plan) -> int:
     """Cache bytes one decode step reads: the window, the indexer keys, top-k CSA rows and all HCA rows."""
     kv, dims = plan.kv, plan.source.dims
-    n_csa_layers = sum(1 for r in dims.compress_ratios if r == 4)
+    n_csa_layers = sum(1 for r in dims.compress_ratios if r == CSA_RATIO)
     row = kv.csa_bytes // max(1, n_csa_layers * kv.csa_cells) if n_csa_layers else 0
     topk_rows = n_csa_layers * min(dims.index_topk, kv.csa_cells) * row
     return kv.raw_bytes + kv.indexer_bytes + kv.hca_bytes + topk_rows
@@ -732,8 +728,9 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
         if cls == "engram":
             rows = _engram_rows_per_token(plan.source.facts)
             row_bytes = spec.nbytes // spec.ne[-1]
-            decode[tier] += rows * (max(row_bytes, PAGE) if tier == "disk" else row_bytes)
-            chunk[tier] += rows * inputs.ubatch * (max(row_bytes, PAGE) if tier == "disk" else row_bytes)
+            read = rows * (max(row_bytes, PAGE) if tier == "disk" else row_bytes)
+            decode[tier] += read
+            chunk[tier] += read * inputs.ubatch
             continue
         if cls == "token_embd":
             decode[tier] += spec.nbytes // spec.ne[-1]

@@ -8,7 +8,7 @@ the runtime. Thinking prompts end in `<｜Assistant｜><think>`; the template dr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +86,21 @@ class ReasoningSplitter:
             if after:
                 yield "answer", after
             return
-        keep = _partial_suffix(buffer, THINK_CLOSE)
-        self._held = buffer[len(buffer) - keep :] if keep else ""
-        if buffer[: len(buffer) - keep]:
-            yield "reasoning", buffer[: len(buffer) - keep]
+        cut = len(buffer) - _partial_suffix(buffer, THINK_CLOSE)  # hold back what may be the start of `</think>`
+        self._held = buffer[cut:]
+        if cut:
+            yield "reasoning", buffer[:cut]
 
     def flush(self) -> Iterator[tuple[str, str]]:
         if self._held:
             yield ("reasoning" if self.in_reasoning else "answer"), self._held
             self._held = ""
+
+    def split(self, chunks: Iterable[str]) -> Iterator[tuple[str, str]]:
+        """Yield ("reasoning" | "answer", text) pieces of a whole stream, held-back text included."""
+        for chunk in chunks:
+            yield from self.feed(chunk)
+        yield from self.flush()
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from dsv4cli import hub
 from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UsageError
-from dsv4cli.local import MANIFEST_NAME
+from dsv4cli.local import MANIFEST_NAME, checkpoint_state
 from dsv4cli.registry import ModelSpec, get_model
 from dsv4cli.ui import human_bytes
 
@@ -173,8 +173,8 @@ def _write_builtin(spec: ModelSpec, folder: Path) -> None:
     """Write a built-in checkpoint offline and record it in a manifest, unless a complete one is there."""
     if read_manifest(folder).get("revision") == BUILTIN_REVISION:
         return
-    ours = (folder / MANIFEST_NAME).is_file() or (folder / PARTIAL_DIR).is_dir()
-    if folder.is_dir() and any(folder.iterdir()) and not ours:  # the writer replaces the whole folder
+    # The writer replaces the whole folder: only a folder we wrote (manifest or partial dir) may be non-empty.
+    if checkpoint_state(folder) == "partial" and not (folder / PARTIAL_DIR).is_dir():
         raise UsageError(f"{folder} is not empty and was not written by `dsv4 pull`", hint="pass an empty --dir")
     from dsv4cli.tiny import write_tiny_checkpoint
 
@@ -265,10 +265,7 @@ def _verify(
             state.status = "mismatch"
             progress.note(f"{remote.path}: missing")
             return
-        progress.file_started(remote.path, remote.size, action="hash")
-        hasher = hub.hash_file(final, remote, on_bytes=lambda n: progress.advance(remote.path, n))
-        progress.file_done(remote.path)
-        why = hasher.mismatch(remote)
+        why = _check_on_disk(final, remote, progress, action="hash")
         state.status = "mismatch" if why else "verified"
         if why:
             progress.note(f"{remote.path}: does not match the Hub ({why})")
@@ -281,7 +278,7 @@ def _verify(
         lock = threading.Lock()
         for path, state in states.items():
             if state.status == "verified":
-                _journal(folder / PARTIAL_DIR / JOURNAL_NAME, result.revision, remotes[path], lock)
+                _journal(_journal_path(folder), result.revision, remotes[path], lock)
         (folder / MANIFEST_NAME).unlink()
 
 
@@ -298,15 +295,13 @@ def _download(
     """Hash present files, fetch the rest; a file reaches its final path only once its hash matched."""
     stop = threading.Event()
     lock = threading.Lock()
-    journal = folder / PARTIAL_DIR / JOURNAL_NAME
+    journal = _journal_path(folder)
 
     def fetch(remote: hub.RemoteFile, client: Any) -> None:
         state = states[remote.path]
         final = folder / remote.path
         if state.status == "present":
-            progress.file_started(remote.path, remote.size, action="check")
-            why = hub.hash_file(final, remote, on_bytes=lambda n: progress.advance(remote.path, n)).mismatch(remote)
-            progress.file_done(remote.path)
+            why = _check_on_disk(final, remote, progress, action="check")
             if why is None:
                 state.status = "verified"
                 _journal(journal, listing.revision, remote, lock)
@@ -341,27 +336,36 @@ def _download(
         _run_parallel(lambda remote: fetch(remote, client), todo, workers=workers, stop=stop)
 
 
+def _check_on_disk(final: Path, remote: hub.RemoteFile, progress: PullProgress, *, action: str) -> str | None:
+    """Hash a file already on disk, with progress; why it is not `remote`, or None when it is."""
+    progress.file_started(remote.path, remote.size, action=action)
+    hasher = hub.hash_file(final, remote, on_bytes=lambda n: progress.advance(remote.path, n))
+    progress.file_done(remote.path)
+    return hasher.mismatch(remote)
+
+
 def _run_parallel(fn: Callable[[Any], None], items: Iterable[Any], *, workers: int, stop: threading.Event) -> None:
     """Run fn over items on `workers` threads; the first error (or Ctrl-C) stops the others, then re-raises."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsv4-pull") as pool:
         futures = [pool.submit(fn, item) for item in items]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((e for e in (f.exception() for f in done) if e is not None), None)
+            if failed is not None:
+                raise failed
         except BaseException:
             stop.set()
             for f in futures:
                 f.cancel()
             raise
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise failed[0].exception()  # type: ignore[misc]
 
 
 def _part_path(folder: Path, path: str) -> Path:
     return folder / PARTIAL_DIR / f"{path}.part"
+
+
+def _journal_path(folder: Path) -> Path:
+    return folder / PARTIAL_DIR / JOURNAL_NAME
 
 
 def _existing_parent(folder: Path) -> Path:
@@ -382,7 +386,7 @@ def _known_verified(folder: Path, revision: str) -> dict[str, dict[str, Any]]:
     """Files verified earlier at this revision: the manifest, plus the journal of an unfinished pull."""
     manifest = read_manifest(folder)
     known = dict(manifest["files"]) if manifest.get("revision") == revision else {}
-    journal = folder / PARTIAL_DIR / JOURNAL_NAME
+    journal = _journal_path(folder)
     if journal.is_file():
         for line in journal.read_text(encoding="utf-8").splitlines():
             try:
@@ -416,6 +420,6 @@ def _write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.R
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MANIFEST_NAME)
     partial = folder / PARTIAL_DIR
-    (partial / JOURNAL_NAME).unlink(missing_ok=True)
+    _journal_path(folder).unlink(missing_ok=True)
     if partial.is_dir() and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
         shutil.rmtree(partial)

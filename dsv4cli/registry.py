@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ from dsv4cli.home import dsv4_home, models_dir
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 
-ENTRY_KEYS = {"description", "builtin", "repo", "revision", "download_bytes", "expert_dtype", "arch", "config"}
 EXPERT_DTYPES = ("fp4", "fp8")
 ARCHES = ("deepseek4", "deepseek41")
 
@@ -164,9 +163,17 @@ class ModelSpec:
         return config
 
     @property
+    def slug(self) -> str:
+        """The name as one path component: an ad-hoc Hub id `org/name` becomes `org--name`."""
+        return self.name.replace("/", "--")
+
+    @property
     def local_dir(self) -> Path:
         """Default download folder under `$DSV4_HOME/models/`."""
-        return models_dir() / self.name.replace("/", "--")
+        return models_dir() / self.slug
+
+
+ENTRY_KEYS = {f.name for f in fields(ModelSpec)} - {"name"}  # the name is the TOML table's key
 
 
 def _read_entries(path: Path) -> dict[str, ModelSpec]:

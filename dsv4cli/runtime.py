@@ -105,8 +105,8 @@ class TurnStats:
 class _LogSink:
     """Receives llama.cpp's log: echoes it to stderr when verbose, keeps the tail for error messages."""
 
-    def __init__(self, llama_cpp: Any) -> None:
-        self.verbose = False
+    def __init__(self, llama_cpp: Any, *, verbose: bool) -> None:
+        self.verbose = verbose
         self.tail: deque[str] = deque(maxlen=50)
 
         def callback(level: int, text: bytes, user_data: Any) -> None:
@@ -174,8 +174,7 @@ class LlamaRuntime:
         import llama_cpp
 
         self._lib = llama_cpp
-        self._log = _LogSink(llama_cpp)
-        self._log.verbose = settings.verbose
+        self._log = _LogSink(llama_cpp, verbose=settings.verbose)
         llama_cpp.llama_backend_init()
         self.settings = settings
         self._model = self._load_model(path, settings)
@@ -303,12 +302,14 @@ class LlamaRuntime:
         Extending by text keeps the cache valid even where tokenizing the whole history would split the
         model's own output differently.
         """
-        extends_cache = bool(self._cached_text) and prompt.startswith(self._cached_text)
-        if not extends_cache and self._fork and prompt.startswith(self._fork.text):
+        if not self._extends_cache(prompt) and self._fork and prompt.startswith(self._fork.text):
             self._restore(self._fork)
-        if self._cached_text and prompt.startswith(self._cached_text):
+        if self._extends_cache(prompt):  # asked again: a restore replaces the cache
             return self._cached + self.tokenize(prompt[len(self._cached_text) :])
         return self.tokenize(prompt)
+
+    def _extends_cache(self, prompt: str) -> bool:
+        return bool(self._cached_text) and prompt.startswith(self._cached_text)
 
     def _save_fork(self, text: str) -> None:
         lib = self._lib
@@ -337,10 +338,11 @@ class LlamaRuntime:
         keep = min(keep, limit)
         # The deepseek4 cache can only roll back inside the last decode call, with snapshots (§8.3).
         rollback = len(self._cached) - keep
-        if rollback and (rollback > min(self._last_decode, self.settings.n_rs_seq) or keep == 0):
-            self.reset()
-            return 0
-        if rollback and not self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1):
+        if rollback and (
+            rollback > min(self._last_decode, self.settings.n_rs_seq)
+            or keep == 0
+            or not self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        ):
             self.reset()
             return 0
         del self._cached[keep:]
@@ -397,6 +399,7 @@ class LlamaRuntime:
         self._cached_text = prompt
         sampler = self._sampler(options)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        generated: list[str] = []  # joined onto the cached text once, at the end: `+=` per token copies it all
         first = 0.0
         try:
             while stats.generated_tokens < options.max_tokens:
@@ -413,14 +416,15 @@ class LlamaRuntime:
                 self._decode([token])
                 stats.generated_tokens += 1
                 text = decoder.decode(self._piece(token))
-                self._cached_text += text
                 if text:
+                    generated.append(text)
                     yield text
             else:
                 stats.stopped = "length"
         finally:
             tail = decoder.decode(b"", final=True)
-            self._cached_text += tail
+            if self._cached_text:  # else a failed decode has reset the cache
+                self._cached_text += "".join(generated) + tail
             lib.llama_sampler_free(sampler)
             if self.settings.verbose:
                 lib.llama_synchronize(self._ctx)

@@ -281,5 +281,5 @@ def _write_files(spec: ModelSpec, staging: Path) -> None:
     _write_json(staging / "config.json", spec.hf_config())
     _write_json(staging / "generation_config.json", GENERATION_CONFIG)
     facts = spec.facts
-    for name, text in tokenizer_files(facts["vocab_size"], model_max_length=facts["max_position_embeddings"]).items():
-        (staging / name).write_text(text, encoding="utf-8")
+    for name, data in tokenizer_files(facts["vocab_size"], model_max_length=facts["max_position_embeddings"]).items():
+        _write_json(staging / name, data)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import re
 from collections import Counter
 from typing import Any
@@ -183,9 +182,6 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     }
 
 
-def tokenizer_files(vocab_size: int, *, model_max_length: int) -> dict[str, str]:
-    """File name -> text for the tokenizer files of a tiny checkpoint."""
-    return {
-        "tokenizer.json": json.dumps(tokenizer_json(vocab_size), ensure_ascii=False, indent=2) + "\n",
-        "tokenizer_config.json": json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2) + "\n",
-    }
+def tokenizer_files(vocab_size: int, *, model_max_length: int) -> dict[str, dict[str, Any]]:
+    """File name -> JSON document for the tokenizer files of a tiny checkpoint."""
+    return {"tokenizer.json": tokenizer_json(vocab_size), "tokenizer_config.json": tokenizer_config(model_max_length)}

@@ -6,6 +6,7 @@ Results go to stdout; progress, notes and errors go to stderr so `--json` output
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -33,14 +34,8 @@ def byte_progress(*, transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=transient,
-        disable=not err.is_terminal and not _force_progress(),
+        disable=not err.is_terminal and os.environ.get("DSV4_PROGRESS") != "1",  # =1: in a pipe too
     )
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("DSV4_PROGRESS") == "1"
 
 
 def print_json(data: Any) -> None:
@@ -48,8 +43,10 @@ def print_json(data: Any) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if abs(n) < 1024:
+            return f"{n:.2f} {unit}"
+    return f"{n / 1024:.2f} TiB"

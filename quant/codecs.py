@@ -50,8 +50,10 @@ def _block_shape(block: Block) -> tuple[int, int]:
     return rows, cols
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+def scale_grid(shape: tuple[int, ...], block: Block) -> tuple[int, int]:
+    """Shape of the block-scale tensor of an [out, in] weight: ceil(out/rb) x ceil(in/cb) (partial blocks count)."""
+    rows, cols = _block_shape(block)
+    return -(-shape[0] // rows), -(-shape[1] // cols)
 
 
 def e8m0_to_f32(scale_u8: np.ndarray) -> np.ndarray:
@@ -79,7 +81,7 @@ def dequant_fp8_block(weight_u8: np.ndarray, scale_u8: np.ndarray, block: Block,
     if weight.ndim != 2:
         raise CheckpointError(f"tensor '{name}': FP8 block weights must be 2-D, got shape {weight.shape}")
     out_dim, in_dim = weight.shape
-    grid = (_ceil_div(out_dim, rows), _ceil_div(in_dim, cols))
+    grid = scale_grid(weight.shape, block)
     if np.shape(scale_u8) != grid:
         raise CheckpointError(
             f"tensor '{name}': scale shape {np.shape(scale_u8)} does not match {grid} for weight "
@@ -154,7 +156,7 @@ def quantize_fp8_block(x: np.ndarray, block: Block) -> tuple[np.ndarray, np.ndar
     rows, cols = _block_shape(block)
     x = np.asarray(x, dtype=np.float64)
     out_dim, in_dim = x.shape
-    grid = (_ceil_div(out_dim, rows), _ceil_div(in_dim, cols))
+    grid = scale_grid(x.shape, block)
     padded = np.zeros((grid[0] * rows, grid[1] * cols))
     padded[:out_dim, :in_dim] = np.abs(x)
     scale = _power_of_two_scales(padded.reshape(grid[0], rows, grid[1], cols).max(axis=(1, 3)), FP8_MAX)

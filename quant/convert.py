@@ -1,10 +1,10 @@
 """Official safetensors checkpoint -> deepseek4 GGUF, in one streaming pass.
 
 Memory stays bounded by a few tensors whatever the model size: non-expert tensors are converted in row chunks,
-and each stacked expert tensor is produced one expert at a time (a few in flight on a pool of one thread per core;
-numpy and ggml release the GIL) and appended to the output, in order, as soon as it is ready. The whole
-checkpoint is checked (every tensor mapped, every expected tensor present with the right dtype and shape)
-before the output is created.
+and each stacked expert tensor is produced one expert at a time (a few in flight on a small thread pool,
+`QuantOptions.workers`; numpy and ggml release the GIL) and appended to the output, in order, as soon as it is
+ready. The whole checkpoint is checked (every tensor mapped, every expected tensor present with the right dtype
+and shape) before the output is created.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from quant.codecs import bf16_to_f32, dequant_fp8_block, fp4_e2m1_to_f32
+from quant.codecs import bf16_to_f32, dequant_fp8_block, fp4_e2m1_to_f32, scale_grid
 from quant.errors import CheckpointError, QuantError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.gguf_out import StreamingGGUF
@@ -132,8 +132,7 @@ class _Source:
         return self.ckpt.info(name).nbytes + (self.ckpt.info(scale).nbytes if scale in self.ckpt else 0)
 
     def rows(self, name: str) -> int:
-        shape = self.ckpt.info(name).shape
-        return shape[0] if len(shape) > 1 else 1
+        return _as_rows(self.ckpt.info(name).shape)[0]
 
     def row_step(self, width: int) -> int:
         """Rows per chunk: ~CHUNK_BYTES of float32, a multiple of the FP8 block height."""
@@ -163,7 +162,7 @@ class _Source:
         """Rows [start, stop) of a tensor as stored (1-D tensors as one row)."""
         info = self.ckpt.info(name)
         path = self.ckpt.shard_of(name).path
-        shape = info.shape if len(info.shape) > 1 else (1, *info.shape)
+        shape = _as_rows(info.shape)
         stop = shape[0] if stop is None else min(stop, shape[0])
         row_bytes = info.nbytes // max(shape[0], 1)
         want = (stop - start) * row_bytes
@@ -195,7 +194,7 @@ class _Source:
             raise CheckpointError(f"{self.ckpt.shard_of(name).path}: FP8 tensor '{name}' has no '{scale_name}'")
         scale_shape = self.ckpt.info(scale_name).shape
         rows, cols = shape
-        if scale_shape == (math.ceil(rows / self.block), math.ceil(cols / self.block)):
+        if scale_shape == scale_grid(shape, self.block):
             block: tuple[int, int] = (self.block, self.block)
         elif scale_shape[0] == rows and cols % scale_shape[1] == 0:  # per-row scales (Engram tables)
             block = (1, cols // scale_shape[1])
@@ -206,6 +205,11 @@ class _Source:
             )
         scale = self.read(scale_name, start // block[0], math.ceil(stop / block[0]))
         return dequant_fp8_block(part, scale, block, name=name)
+
+
+def _as_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape read row by row: 1-D (and scalar) tensors are one row."""
+    return shape if len(shape) > 1 else (1, *shape)
 
 
 def _scale_name(name: str) -> str:
@@ -325,14 +329,13 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
 
 
 # A job returns (output bytes, source bytes it consumed, expert errors); jobs run on the pool, results stay in order.
-Job = Callable[[], tuple[np.ndarray, int, list[ExpertError]]]
+Piece = tuple[np.ndarray, int, list[ExpertError]]
+Job = Callable[[], Piece]
 
 
-def _in_order(
-    pool: ThreadPoolExecutor, jobs: Iterator[Job], *, window: int
-) -> Iterator[tuple[np.ndarray, int, list[ExpertError]]]:
+def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[Job], *, window: int) -> Iterator[Piece]:
     """Run jobs on the pool with at most `window` in flight (bounded memory), yielding results in job order."""
-    pending: deque[Future[tuple[np.ndarray, int, list[ExpertError]]]] = deque()
+    pending: deque[Future[Piece]] = deque()
     for job in jobs:
         pending.append(pool.submit(job))
         if len(pending) >= window:
@@ -349,7 +352,7 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
     rows = source.rows(name)
     if plan.kind == "i32":
 
-        def ids() -> tuple[np.ndarray, int, list[ExpertError]]:
+        def ids() -> Piece:
             table = source.read(name)
             if table.size and (table.min() < 0 or table.max() >= source.n_experts):
                 path = source.ckpt.shard_of(name).path
@@ -361,7 +364,7 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
     if (target, info.dtype) in ((T.BF16, "BF16"), (T.F32, "F32")):
         step = max(1, CHUNK_BYTES // max(info.nbytes // max(rows, 1), 1))
 
-        def copy(start: int) -> tuple[np.ndarray, int, list[ExpertError]]:
+        def copy(start: int) -> Piece:
             data = source.read(name, start, start + step)
             return data, data.nbytes, []
 
@@ -372,7 +375,7 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
     step = source.row_step(width)
     per_row = sum(source.nbytes(s) for s in plan.sources) / max(rows, 1)
 
-    def chunk(start: int) -> tuple[np.ndarray, int, list[ExpertError]]:
+    def chunk(start: int) -> Piece:
         stop = min(rows, start + step)
         x = np.concatenate([source.floats(s, start, stop) for s in plan.sources], axis=1)
         return quantize(x, target), round(per_row * (stop - start)), []
@@ -387,7 +390,7 @@ def _expert_jobs(source: _Source, plan: TensorPlan, fp4_repack: bool) -> Iterato
     proj = plan.spec.name.split(".")[2]
     target = plan.spec.ggml_type
 
-    def one(index: int) -> tuple[np.ndarray, int, list[ExpertError]]:
+    def one(index: int) -> Piece:
         name = plan.sources[index]
         read = source.nbytes(name)
         if fp4_repack and source.ckpt.info(name).dtype == "I8":

@@ -121,8 +121,7 @@ def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
         return _search_q4_k(x)
     blocks = x.reshape(-1, 32)
     candidates = _candidates(blocks, ggml_type)
-    best, recon = next(candidates)
-    best, recon = best.copy(), recon.copy()
+    best, recon = next(candidates)  # every candidate is a fresh array, so updating these in place is safe
     best_err = ((recon - blocks) ** 2).sum(axis=1)
     plain_sse = float(best_err.sum(dtype=np.float64))
     for data, candidate in candidates:
@@ -141,15 +140,17 @@ def _search_q4_k(x: np.ndarray) -> ExpertResult:
     """Q4_K: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
     plain = ggml_quantize(x, T.Q4_K)
     weighted = ggml_quantize(x, T.Q4_K, imatrix=np.mean(x * x, axis=0) + 1e-12)
-    plain_err = (dequantize(plain, T.Q4_K).reshape(x.shape) - x) ** 2
+    plain_diff = dequantize(plain, T.Q4_K).reshape(x.shape) - x
     weighted_diff = dequantize(weighted, T.Q4_K).reshape(x.shape) - x
-    better = (weighted_diff**2).sum(axis=1) < plain_err.sum(axis=1)
+    plain_sq = plain_diff**2
+    plain_sse, weighted_sse = plain_sq.sum(axis=1), (weighted_diff**2).sum(axis=1)
+    better = weighted_sse < plain_sse
     best = np.where(better[:, None], weighted, plain)
-    diff = np.where(better[:, None], weighted_diff, np.sqrt(plain_err))
-    sse = np.where(better, (weighted_diff**2).sum(axis=1), plain_err.sum(axis=1)).sum(dtype=np.float64)
+    diff = np.where(better[:, None], weighted_diff, plain_diff)
+    sse = np.where(better, weighted_sse, plain_sse).sum(dtype=np.float64)
     return ExpertResult(
         data=best,
         rms=float(np.sqrt(sse / x.size)),
         max_abs=float(np.abs(diff).max()),
-        plain_rms=float(np.sqrt(plain_err.sum(dtype=np.float64) / x.size)),
+        plain_rms=float(np.sqrt(plain_sq.sum(dtype=np.float64) / x.size)),
     )

@@ -14,12 +14,12 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
-from quant.mapping import TensorSpec
+from quant.mapping import KeyValue, TensorSpec
 
 ALIGNMENT = 32  # GGUF default data alignment
 
@@ -36,13 +36,14 @@ def output_paths(out: Path, n_shards: int) -> list[Path]:
 
 
 class StreamingGGUF:
-    """`with StreamingGGUF(out, arch, kv, specs) as w: w.write(name, bytes)...` in spec order."""
+    """`with StreamingGGUF(out, arch, kv, specs) as w:` then, in spec order, `w.begin(name)` and `w.append(bytes)`
+    per piece, then `w.commit()` to move the files under their final names; an error in the block removes them."""
 
     def __init__(
         self,
         out: Path,
         arch: str,
-        kv: Iterable[tuple[str, Any, GGUFValueType, GGUFValueType | None]],
+        kv: Iterable[KeyValue],
         specs: list[TensorSpec],
         *,
         split_max_size: int = 0,
@@ -58,13 +59,7 @@ class StreamingGGUF:
             raise
         self._current: tuple[str, BinaryIO, int] | None = None
 
-    def _start(
-        self,
-        arch: str,
-        kv: Iterable[tuple[str, Any, GGUFValueType, GGUFValueType | None]],
-        specs: list[TensorSpec],
-        split_max_size: int,
-    ) -> None:
+    def _start(self, arch: str, kv: Iterable[KeyValue], specs: list[TensorSpec], split_max_size: int) -> None:
         self._writer = GGUFWriter(self.tmp / self.out.name, arch, split_max_size=split_max_size)
         for key, value, vtype, sub_type in kv:
             if key != "general.architecture":
@@ -75,8 +70,7 @@ class StreamingGGUF:
             )
         self._shard_of = {name: i for i, shard in enumerate(self._writer.tensors) for name in shard}
         self._nbytes = {s.name: s.nbytes for s in specs}
-        self.n_shards = len(self._writer.tensors)
-        self.paths = output_paths(self.out, self.n_shards)
+        self.paths = output_paths(self.out, len(self._writer.tensors))
         self._writer.write_header_to_file()
         self._writer.write_kv_data_to_file()
         self._writer.write_ti_data_to_file()
@@ -94,10 +88,6 @@ class StreamingGGUF:
         data = np.ascontiguousarray(data)
         fout.write(memoryview(data).cast("B"))
         self._current = (name, fout, done + data.nbytes)
-
-    def write(self, name: str, data: np.ndarray) -> None:
-        self.begin(name)
-        self.append(data)
 
     def patch(self, marker: bytes, replacement: bytes) -> None:
         """Overwrite a same-length placeholder in the first shard's header (for values known only at the end)."""

@@ -367,12 +367,12 @@ def gguf_tensor_specs(
 
 # ---- metadata -----------------------------------------------------------------------------------------------
 
-V = GGUFValueType
-KeyValue = tuple[str, Any, GGUFValueType, GGUFValueType | None]
+KeyValue = tuple[str, Any, GGUFValueType, GGUFValueType | None]  # (key, value, type, array element type)
 
 
 def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool = False) -> list[KeyValue]:
     """`general.*` and architecture keys with their exact GGUF types (deepseek4-gguf.md §1.1–1.2)."""
+    V = GGUFValueType  # local: V is the vocab size in the tensor-list code above
     f = facts_of(config)
     arch = f["arch"]
     n_layers = f["num_hidden_layers"] + (_mtp_layers(f) if mtp else 0)

@@ -14,17 +14,14 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
+
+from quant.mapping import nbytes_of
 
 T = GGMLQuantizationType
 NUMPY_TYPES = (T.BF16,)
 GGML_TYPES = (T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_K)
-
-
-def row_bytes(ggml_type: int, n: int) -> int:
-    block, size = GGML_QUANT_SIZES[T(ggml_type)]
-    return n // block * size
 
 
 @functools.cache
@@ -49,7 +46,7 @@ def ggml_quantize(x: np.ndarray, ggml_type: int, *, imatrix: np.ndarray | None =
     """ggml_quantize_chunk over float32 rows [n, k] -> uint8 [n, row_bytes]; `imatrix` = per-column importance."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
-    out = np.empty((rows, row_bytes(ggml_type, cols)), dtype=np.uint8)
+    out = np.empty((rows, nbytes_of((cols,), ggml_type)), dtype=np.uint8)
     weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     written = _libggml_base().ggml_quantize_chunk(
         int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if weights is None else weights.ctypes.data
@@ -74,7 +71,4 @@ def quantize(x: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def dequantize(data: np.ndarray, ggml_type: int) -> np.ndarray:
     """uint8 block bytes -> float32 (for error measurement)."""
-    t = T(ggml_type)
-    if t == T.F32:
-        return data.view(np.float32)
-    return gguf_quants.dequantize(data, t)
+    return gguf_quants.dequantize(data, T(ggml_type))

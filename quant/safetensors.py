@@ -11,7 +11,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,8 @@ class SafetensorsFile:
         self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
 
-def _load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, what: str) -> Any:
+    """A JSON file of a checkpoint folder; a missing or unreadable one is a damaged download (pull hint)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -170,7 +171,7 @@ def _read_weight_map(folder: Path) -> dict[str, str]:
     index_path = folder / INDEX_NAME
     if not index_path.exists() and (folder / SINGLE_NAME).exists():
         return {name: SINGLE_NAME for name in read_header(folder / SINGLE_NAME)}
-    index = _load_json(index_path, "the safetensors index")
+    index = load_json(index_path, "the safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(shard, str) and "/" not in shard and "\\" not in shard for shard in weight_map.values()
@@ -190,7 +191,7 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a checkpoint folder", hint=PULL_HINT)
-        self.config: dict[str, Any] = _load_json(self.folder / "config.json", "config.json")
+        self.config: dict[str, Any] = load_json(self.folder / "config.json", "config.json")
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{self.folder / 'config.json'}: not a JSON object", hint=PULL_HINT)
         self._weight_map = _read_weight_map(self.folder)
@@ -215,9 +216,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weight_map)
-
     def shard_of(self, name: str) -> SafetensorsFile:
         shard = self._weight_map.get(name)
         if shard is None:
@@ -229,10 +227,6 @@ class Checkpoint:
 
     def raw(self, name: str) -> np.ndarray:
         return self.shard_of(name).raw(name)
-
-    def release(self, name: str) -> None:
-        """Call when done with a tensor to keep resident memory bounded (see SafetensorsFile.release)."""
-        self.shard_of(name).release(name)
 
 
 def _header_bytes(tensors: Mapping[str, tuple[str, np.ndarray]], metadata: Mapping[str, str]) -> bytes:

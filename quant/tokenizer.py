@@ -6,7 +6,6 @@ llama.cpp asserts on duplicate token strings, so ids the tokenizer does not defi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 from gguf import GGUFValueType
 
 from quant.errors import CheckpointError
+from quant.mapping import KeyValue
+from quant.safetensors import load_json
 
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
 # llama.cpp's name for the V4 pre-tokenizer regexes (src/llama-vocab.cpp has it; deepseek-v3 selects the same).
@@ -31,7 +32,7 @@ class Vocab:
     pad_id: int
     chat_template: str
 
-    def metadata(self) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
+    def metadata(self) -> list[KeyValue]:
         """Tokenizer keys with their exact GGUF types (token_type must be i32, ids u32)."""
         V = GGUFValueType
         return [
@@ -49,15 +50,6 @@ class Vocab:
         ]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: missing", hint="the checkpoint needs its tokenizer files") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
-
-
 def _token_id(value: Any, ids: dict[str, int], default: int) -> int:
     if isinstance(value, dict):
         value = value.get("content")
@@ -67,7 +59,7 @@ def _token_id(value: Any, ids: dict[str, int], default: int) -> int:
 def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
     """Read tokenizer.json (+ tokenizer_config.json when present) of a checkpoint folder."""
     path = folder / "tokenizer.json"
-    data = _read_json(path)
+    data = load_json(path, "tokenizer.json")
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise CheckpointError(
@@ -96,7 +88,8 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
         else:
             types.append(CONTROL if i in special else NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tok_config_path = folder / "tokenizer_config.json"
+    tok_config = load_json(tok_config_path, "tokenizer_config.json") if tok_config_path.is_file() else {}
     bos = int(config.get("bos_token_id", _token_id(tok_config.get("bos_token"), ids, 0)))
     eos = int(config.get("eos_token_id", _token_id(tok_config.get("eos_token"), ids, 1)))
     template = tok_config.get("chat_template")

@@ -63,11 +63,8 @@ def _describe(root: Path, file: Path, lfs_patterns: tuple[str, ...]) -> _Entry:
     rel = file.relative_to(root).as_posix()
     if not any(fnmatch(rel, pattern) for pattern in lfs_patterns):
         return _Entry(rel, file, size, git_blob_sha1(file.read_bytes()), None)
-    digest = hashlib.sha256()
     with open(file, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    sha256 = digest.hexdigest()
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
     return _Entry(rel, file, size, git_blob_sha1(pointer), sha256)
 

@@ -106,14 +106,11 @@ def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path
 TURNS = """
 import json, sys
 from pathlib import Path
-from dsv4cli.chat import ChatSession
-from dsv4cli.gguf_check import check_gguf
-from dsv4cli.prompt import PromptRenderer
+from dsv4cli.chat import ChatSession, prompt_renderer
 from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions
 
 gguf, thinking = Path(sys.argv[1]), sys.argv[2] == "think"
-info = check_gguf(gguf)
-renderer = PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+renderer = prompt_renderer(gguf)
 options = SampleOptions(max_tokens=40, temp=0)
 runtime = LlamaRuntime(gguf, LoadSettings(n_ctx=4096, n_threads=2, verbose=True))
 live = ChatSession(runtime, renderer, thinking=thinking, options=options)
@@ -159,15 +156,20 @@ def test_second_turn_prefills_only_the_new_tokens(tiny_gguf: Path, mode: str) ->
     assert second["output"] == (ref.stdout if mode == "plain" else ref.stdout.replace("</think>", "", 1))
 
 
-def test_repl_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
-    child = pexpect.spawn(
+def spawn_repl(gguf: Path, *args: str) -> pexpect.spawn:
+    """`dsv4 chat GGUF --temp 0 ARGS` in a pseudo-terminal, so readline, Ctrl-C and Ctrl-D behave as for a person."""
+    return pexpect.spawn(
         sys.executable,
-        ["-m", "dsv4cli", "chat", str(tiny_gguf), "--temp", "0", "--max-tokens", "12", "--ctx", "4096"],
+        ["-m", "dsv4cli", "chat", str(gguf), "--temp", "0", *args],
         env=dict(os.environ),
         encoding="utf-8",
         timeout=90,
         dimensions=(50, 200),
     )
+
+
+def test_repl_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
+    child = spawn_repl(tiny_gguf, "--max-tokens", "12", "--ctx", "4096")
     child.expect("/help for commands")
     child.expect("> ")
     child.sendline("Hello")
@@ -200,14 +202,7 @@ def test_repl_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
 
 
 def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None:
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "dsv4cli", "chat", str(tiny_gguf), "--temp", "0", "--max-tokens", "100000"],
-        env=dict(os.environ),
-        encoding="utf-8",
-        timeout=90,
-        dimensions=(50, 200),
-    )
+    child = spawn_repl(tiny_gguf, "--max-tokens", "100000")
     child.expect("> ")
     child.sendline("Write forever")
     child.expect(r"\S{20}", timeout=30)  # streaming has started

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.chat import ChatSession, TurnResult, run_repl
+from dsv4cli.chat import ChatSession, TurnResult, prompt_renderer, run_repl
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.gguf_check import check_gguf
 from dsv4cli.prompt import PromptRenderer, ReasoningSplitter
@@ -23,8 +23,7 @@ USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 
 @pytest.fixture(scope="module")
 def renderer(tiny_gguf: Path) -> PromptRenderer:
-    info = check_gguf(tiny_gguf)
-    return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    return prompt_renderer(tiny_gguf)
 
 
 # -- prompt -------------------------------------------------------------------------------------------

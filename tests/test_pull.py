@@ -8,6 +8,7 @@ the repo folder, and reads the server's request log to see how the bytes were as
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -63,12 +64,15 @@ def pulled_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def file_requests(hub: HubServer) -> int:
+    """Requests for file bytes (HEAD or GET on /resolve/) the server has seen so far."""
+    return sum("/resolve/" in r.path for r in hub.log)
+
+
 def assert_complete(folder: Path, repo_dir: Path, hub: HubServer) -> None:
     assert pulled_files(folder) == served_files(repo_dir)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert manifest["repo"] == REPO and manifest["revision"] == hub.commit
-    import hashlib
-
     expected = {p: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for p, b in served_files(repo_dir).items()}
     assert manifest["files"] == expected
     assert not (folder / PARTIAL_DIR).exists()
@@ -89,11 +93,11 @@ def test_complete_download_is_verified(dsv4, hub, repo_dir, target):
 
 def test_second_pull_downloads_nothing(dsv4, hub, repo_dir, target):
     assert dsv4("pull", REPO, "--dir", str(target)).code == 0
-    gets = len([r for r in hub.log if "/resolve/" in r.path])
+    gets = file_requests(hub)
     result = dsv4("pull", REPO, "--dir", str(target), "--json")
     assert result.code == 0
     assert json.loads(result.stdout)["downloaded_bytes"] == 0
-    assert len([r for r in hub.log if "/resolve/" in r.path]) == gets
+    assert file_requests(hub) == gets
 
 
 def test_dropped_connection_resumes_with_range(dsv4, hub, repo_dir, target, cut):
@@ -167,7 +171,7 @@ def test_dry_run_sizes_are_exact(dsv4, hub, repo_dir, target, cut):
     assert plan["remaining_bytes"] == sum(sizes.values()) - cut
     assert plan["free_bytes"] > 0
     assert sorted(p.name for p in target.iterdir()) == [PARTIAL_DIR]
-    assert not [r for r in hub.log if "/resolve/" in r.path]
+    assert file_requests(hub) == 0
 
 
 def test_include_and_exclude_select_files(dsv4, hub, repo_dir, target):
@@ -186,11 +190,11 @@ def test_verify_finds_a_file_corrupted_on_disk(dsv4, hub, repo_dir, target):
     data = bytearray(shard.read_bytes())
     data[123] ^= 1
     shard.write_bytes(bytes(data))
-    gets = len([r for r in hub.log if "/resolve/" in r.path])
+    gets = file_requests(hub)
     result = dsv4("pull", REPO, "--dir", str(target), "--verify")
     assert result.code == 1
     assert OTHER_SHARD in result.stderr.splitlines()[-1]
-    assert len([r for r in hub.log if "/resolve/" in r.path]) == gets  # --verify downloads nothing
+    assert file_requests(hub) == gets  # --verify downloads nothing
     assert dsv4("pull", REPO, "--dir", str(target)).code == 0  # a plain pull repairs it
     assert_complete(target, repo_dir, hub)
 
@@ -233,7 +237,7 @@ def test_refuses_to_start_without_disk_space(dsv4, hub, repo_dir, target):
     assert result.code == 1
     remaining = sum(len(b) for b in served_files(repo_dir).values()) - (repo_dir / SHARD).stat().st_size + (1 << 60)
     assert "not enough free disk" in result.stderr and f"({remaining} bytes) left to download" in result.stderr
-    assert not [r for r in hub.log if "/resolve/" in r.path]
+    assert file_requests(hub) == 0
 
 
 def test_ctrl_c_keeps_partial_files_and_a_rerun_resumes(dsv4, hub, repo_dir, target, python):

@@ -39,9 +39,7 @@ class TerminalUI:
         return input("> ")
 
     def piece(self, kind: str, text: str) -> None:
-        out.print(
-            text, style="dim" if kind == "reasoning" else None, end="", markup=False, highlight=False, soft_wrap=True
-        )
+        out.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False)
         out.file.flush()
 
     def end_answer(self, turn: TurnResult) -> None:
@@ -49,17 +47,22 @@ class TerminalUI:
 
         out.print()
         if turn.interrupted:
-            err.print("[interrupted]", style="yellow", markup=False, soft_wrap=True)
-        err.print(format_stats(turn.stats), style="dim", markup=False, soft_wrap=True)
+            err.print("[interrupted]", style="yellow", markup=False)
+        err.print(format_stats(turn.stats), style="dim", markup=False)
 
     def note(self, message: str) -> None:
-        err.print(message, markup=False, highlight=False, soft_wrap=True)
+        _note(message)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._history.parent.mkdir(parents=True, exist_ok=True)
             self._readline.set_history_length(1000)
             self._readline.write_history_file(self._history)
+
+
+def _note(message: str) -> None:
+    """A line on stderr, printed literally: model output and paths may contain rich markup like `[b]`."""
+    err.print(message, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -97,7 +100,7 @@ def register(app: typer.Typer) -> None:
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
         placement = Placement(plan_file=plan, vram_gib=vram, ram_gib=ram, ctx=ctx)
-        loaded = open_chat(model, placement, verbose=verbose, note=lambda m: err.print(m, markup=False, soft_wrap=True))
+        loaded = open_chat(model, placement, verbose=verbose, note=_note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
         session = ChatSession(loaded.runtime, loaded.renderer, system=system, thinking=think, options=options)
         try:
@@ -114,7 +117,7 @@ def _interactive(session: ChatSession, gguf: Path) -> None:
     from dsv4cli.home import dsv4_home
 
     ui = TerminalUI(dsv4_home() / "chat_history")
-    err.print(f"{gguf.name} loaded; /help for commands, Ctrl-D to leave", markup=False, soft_wrap=True)
+    _note(f"{gguf.name} loaded; /help for commands, Ctrl-D to leave")
     try:
         run_repl(session, ui)
     finally:
@@ -135,4 +138,4 @@ def _one_shot(session: ChatSession, prompt: str, *, gguf: Path, as_json: bool) -
         print_json({"model": str(gguf), **turn.to_dict()})
     else:
         sys.stdout.write("\n")
-        err.print(format_stats(turn.stats), markup=False, soft_wrap=True)
+        _note(format_stats(turn.stats))

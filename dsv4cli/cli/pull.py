@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
 from dsv4cli.ui import byte_progress, err, human_bytes, out, print_json
+
+if TYPE_CHECKING:
+    from dsv4cli.pull import PullResult
 
 PULL_EXAMPLES = """\b
 Examples:
@@ -98,7 +101,7 @@ def pull(
         )
 
 
-def _print_result(result) -> None:  # dsv4cli.pull.PullResult
+def _print_result(result: PullResult) -> None:
     where = f"{result.repo or result.model}@{result.revision[:12]} -> {result.folder}"
     if result.mode == "dry-run":
         for f in result.files:
