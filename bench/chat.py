@@ -69,14 +69,15 @@ def decode_speed(gguf: Path, *, tokens: int, repeats: int, n_ctx: int, threads: 
 def second_turn_latency(gguf: Path, *, n_ctx: int, first_tokens: int = 1500) -> dict:
     """TTFT of turn 1 (~1,500 prompt tokens), of a short turn 2 on the same session, and of turn 2 from scratch."""
     from dsv4cli.chat import ChatSession, prompt_renderer
-    from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions
+    from dsv4cli.engine import LoadParams, SampleOptions
+    from dsv4cli.engine.inprocess import LlamaEngine
 
     renderer = prompt_renderer(gguf)
-    settings = LoadSettings(n_ctx=n_ctx, use_mmap=False)
+    params = LoadParams(n_ctx=n_ctx, use_mmap=False)
     options = SampleOptions(max_tokens=16, temp=0)
 
-    def warmed_runtime() -> LlamaRuntime:
-        runtime = LlamaRuntime(gguf, settings)
+    def warmed_runtime() -> LlamaEngine:
+        runtime = LlamaEngine(gguf, params)
         list(ChatSession(runtime, renderer, options=options).send("warm up"))  # first-call allocations
         runtime.reset()
         return runtime

@@ -1,6 +1,6 @@
 """`dsv4 chat`: resolve the model, load it with its placement, and run the conversation.
 
-The REPL talks to a small `Runtime` protocol (implemented by `dsv4cli.runtime.LlamaRuntime`) and to a `ChatUI`
+The REPL talks to an `Engine` (`dsv4cli.engine`; the in-process llama.cpp one by default) and to a `ChatUI`
 given by the caller, so the loop is the same for the terminal and for tests; it never imports llama_cpp.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dsv4cli.engine import Engine, LoadParams, SampleOptions, TurnStats, stop
 from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
 from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
-from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions, TurnStats
 
 if TYPE_CHECKING:
-    from dsv4cli.registry import ModelSpec
+    from dsv4cli.model_ref import ModelRef
 
 DEFAULT_MODEL = "tiny"
 TINY_NOTE = (
@@ -34,14 +34,6 @@ HELP = """\
 /load FILE        load a conversation saved with /save
 /stats            statistics of the last turn
 /exit             leave (or Ctrl-D); Ctrl-C stops the current answer"""
-
-
-class Runtime(Protocol):
-    stats: TurnStats
-
-    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> Iterator[str]: ...
-
-    def reset(self) -> None: ...
 
 
 class ChatUI(Protocol):
@@ -69,9 +61,9 @@ class TurnResult:
 
 @dataclass
 class ChatSession:
-    """The conversation: history, system prompt, mode and sampling options, bound to a runtime."""
+    """The conversation: history, system prompt, mode and sampling options, bound to an engine."""
 
-    runtime: Runtime
+    engine: Engine
     renderer: PromptRenderer
     system: str | None = None
     thinking: bool = False
@@ -84,36 +76,52 @@ class ChatSession:
         return self.renderer.render([*system, *self.history, {"role": "user", "content": text}], thinking=self.thinking)
 
     def send(self, text: str) -> Iterator[tuple[str, str]]:
-        """Stream ("reasoning" | "answer", text) pieces; the turn enters history even when cut short."""
+        """Stream ("reasoning" | "answer", text) pieces; the turn enters history even when cut short.
+
+        An interrupt inside the engine ends the turn there and is raised again (KeyboardInterrupt) once the turn
+        is recorded, as is one the caller delivers by closing this iterator.
+        """
         prompt = self.prompt_for(text)
         splitter = ReasoningSplitter(thinking=self.thinking)
         parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
-        stream = self.runtime.stream(prompt.text, self.options, fork_at=prompt.fork_at)
+        stream = self.engine.stream(prompt.text, self.options, fork_at=prompt.fork_at)
+        stats: TurnStats | None = None
         outcome = "interrupted"
         try:
-            for kind, piece in splitter.split(stream):
+            for event in stream:
+                if isinstance(event, TurnStats):
+                    stats = event
+                    break
+                for kind, piece in splitter.feed(event):
+                    parts[kind].append(piece)
+                    yield kind, piece
+            for kind, piece in splitter.flush():
                 parts[kind].append(piece)
                 yield kind, piece
-            outcome = "finished"
+            outcome = "finished" if stats and stats.stopped != "interrupted" else "interrupted"
         except Dsv4Error:
             outcome = "failed"  # e.g. the context is full: the turn does not enter the conversation
             raise
         finally:
+            if stats is None and outcome != "failed":
+                stats = stop(stream)
             stream.close()
             if outcome != "failed":
                 answer, reasoning = "".join(parts["answer"]), "".join(parts["reasoning"])
-                self._record(text, answer=answer, reasoning=reasoning, interrupted=outcome == "interrupted")
+                self._record(text, answer, reasoning, stats or TurnStats(stopped="interrupted"))
+        if outcome == "interrupted":
+            raise KeyboardInterrupt
 
-    def _record(self, text: str, *, answer: str, reasoning: str, interrupted: bool) -> None:
+    def _record(self, text: str, answer: str, reasoning: str, stats: TurnStats) -> None:
         message: Message = {"role": "assistant", "content": answer}
         if reasoning:
             message["reasoning_content"] = reasoning
         self.history += [{"role": "user", "content": text}, message]
-        self.last = TurnResult(answer, reasoning, self.runtime.stats, interrupted=interrupted)
+        self.last = TurnResult(answer, reasoning, stats, interrupted=stats.stopped == "interrupted")
 
     def reset(self) -> None:
         self.history.clear()
-        self.runtime.reset()
+        self.engine.reset()
 
     def save(self, path: Path) -> None:
         data = {"system": self.system, "thinking": self.thinking, "messages": self.history}
@@ -226,79 +234,80 @@ class Placement:
     """Where `--plan` or `--vram/--ram/--ctx` put the model; all None means plan for this machine."""
 
     plan_file: Path | None = None
-    vram_gib: float | None = None
+    vram_gib: tuple[float, ...] | None = None
     ram_gib: float | None = None
     ctx: int | None = None
 
 
 @dataclass
 class LoadedChat:
-    runtime: LlamaRuntime
+    engine: Engine
     renderer: PromptRenderer
     gguf: Path
 
 
-def resolve_gguf(model: str | None, *, note: Callable[[str], None]) -> Path:
-    """A GGUF path for MODEL: a file path, or a registry name's quantized file; the tiny model when none."""
-    from dsv4cli.gguf_check import ARCH, V41_HINT, V41_UNSUPPORTED
-    from dsv4cli.local import default_gguf_path, local_ggufs
-    from dsv4cli.registry import get_model
-    from quant.convert import QuantOptions
+def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
+    """The GGUF to chat with: the file given, or the local quantized file of a registry model (the default
+    recipe when there are several, told apart by their headers); the built-in tiny model when MODEL is None.
+    """
+    from dsv4cli.engine.preflight import require_runnable
+    from dsv4cli.local import find_gguf, local_ggufs
+    from dsv4cli.model_ref import resolve_model
+    from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
-    if model and (model.endswith(".gguf") or Path(model).expanduser().exists()):
-        return Path(model).expanduser()
-    if model is None:
+    if ref is None:
         note(TINY_NOTE)
-    spec = get_model(model or DEFAULT_MODEL)
-    if spec.arch != ARCH:
-        raise RuntimeLoadError(f"{spec.name} is a DeepSeek V4.1 model: {V41_UNSUPPORTED}", hint=V41_HINT)
-    found = local_ggufs(spec)
-    if found:  # the default recipe when there are several
-        default = default_gguf_path(spec, QuantOptions.experts, QuantOptions.dense)
-        return default if default in found else found[0]
+        ref = resolve_model(DEFAULT_MODEL)
+    if ref.kind in ("gguf", "checkpoint"):
+        return ref.path  # a folder fails the header check with its name
+    spec = ref.spec
+    require_runnable(spec.arch, spec.name)
+    found = find_gguf(spec, experts=DEFAULT_EXPERTS, dense=DEFAULT_DENSE) or next(iter(local_ggufs(spec)), None)
+    if found:
+        return found
     if not spec.builtin:
         raise RuntimeLoadError(
             f"no quantized GGUF of {spec.name} in the dsv4 home",
             hint=f"run `dsv4 pull {spec.name} && dsv4 quantize {spec.name}`",
         )
-    return _prepare_builtin(spec, note=note)
+    return _prepare_builtin(ref, note=note)
 
 
-def _prepare_builtin(spec: ModelSpec, *, note: Callable[[str], None]) -> Path:
+def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
     """Pull (write) and quantize a built-in test model on first use: it takes seconds and needs no network."""
     from dsv4cli.pull import PullOptions, pull
     from dsv4cli.quantize import quantize
     from quant.convert import QuantOptions
 
-    pull(spec.name, PullOptions())
-    note(f"quantizing {spec.name} (first use)")
-    return Path(quantize(spec.name, output=None, options=QuantOptions()).outputs[0])
+    pull(ref.spec.name, PullOptions())
+    note(f"quantizing {ref.spec.name} (first use)")
+    return Path(quantize(ref, output=None, options=QuantOptions()).outputs[0])
 
 
-def load_settings(gguf: Path, placement: Placement, *, verbose: bool) -> LoadSettings:
-    """The llama.cpp settings from a plan file, or from a plan made now for the given budgets."""
+def load_params(gguf: Path, placement: Placement) -> LoadParams:
+    """The load parameters from a plan file, or from a plan made now for the given budgets."""
+    from dsv4cli.model_ref import ModelRef
     from dsv4cli.plan import PlanInputs, load_plan, make_plan
 
     if placement.plan_file:
-        llama = load_plan(placement.plan_file)["llama"]
-    else:
-        vram = None if placement.vram_gib is None else (placement.vram_gib,)
-        inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
-        llama = make_plan(str(gguf), inputs).llama()
-    return LoadSettings.from_plan(llama, verbose=verbose)
+        return LoadParams.from_dict(load_plan(placement.plan_file)["llama"])
+    inputs = PlanInputs(vram_gib=placement.vram_gib, ram_gib=placement.ram_gib, ctx=placement.ctx)
+    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
 
 
 def prompt_renderer(gguf: Path) -> PromptRenderer:
     """Check the header (llama.cpp aborts on some bad values) and build the renderer from its chat template."""
-    from dsv4cli.gguf_check import check_gguf
+    from dsv4cli.engine.preflight import check_model_file
 
-    info = check_gguf(gguf)
+    info = check_model_file(gguf)
     return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
 
 
-def open_chat(model: str | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
+def open_chat(ref: ModelRef | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
     """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
-    gguf = resolve_gguf(model, note=note)
+    from dsv4cli.engine.inprocess import LlamaEngine
+
+    gguf = resolve_gguf(ref, note=note)
     renderer = prompt_renderer(gguf)
-    settings = load_settings(gguf, placement, verbose=verbose)
-    return LoadedChat(runtime=LlamaRuntime(gguf, settings), renderer=renderer, gguf=gguf)
+    engine = LlamaEngine(gguf, load_params(gguf, placement), verbose=verbose)
+    return LoadedChat(engine=engine, renderer=renderer, gguf=gguf)

@@ -1,7 +1,7 @@
 """Check a GGUF's header against what the bundled llama.cpp's deepseek4 loader needs, before it sees the file.
 
 llama.cpp aborts the whole process (GGML_ASSERT, SIGFPE) on several bad values instead of returning an error
-(deepseek4-gguf.md §3, §8.4), so `dsv4 chat` reads the header with gguf-py first and turns every known hazard
+(docs/formats.md §Hard constraints), so `dsv4 chat` reads the header with gguf-py first and turns every known hazard
 into a one-line RuntimeLoadError naming the key or tensor.
 """
 
@@ -23,7 +23,7 @@ V41_UNSUPPORTED = (
     "V4.1 GGUFs can be quantized and planned but not run"
 )
 V41_HINT = "chat with a V4 model such as deepseek-v4-flash"
-# Generic per-expert/per-tensor scales that the loader tolerates (deepseek4-gguf.md §2, §8.2).
+# Generic per-expert/per-tensor scales that the loader tolerates (docs/formats.md §Tensor names).
 _TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -53,7 +53,7 @@ def check_gguf(path: Path) -> GgufInfo:
         )
     import gguf
 
-    from dsv4cli.plan import split_shards
+    from dsv4cli.gguf_read import split_shards
 
     readers = []
     for shard in split_shards(path):  # metadata is in the first shard, tensors are spread over all of them
@@ -154,7 +154,7 @@ class _Header:
         ratios = ratios[:n_layer]
         if bad := sorted({r for r in ratios if r not in ALLOWED_RATIOS}):
             raise self.fail(f"{ARCH}.attention.compress_ratios contains {bad}; only 0, 4 and 128 are supported")
-        # A cache with zero layers crashes llama.cpp with SIGFPE at context creation (deepseek4-gguf.md §3.4).
+        # A cache with zero layers crashes llama.cpp with SIGFPE at context creation (docs/formats.md).
         if 4 not in ratios:
             raise self.fail(f"{ARCH}.attention.compress_ratios has no ratio-4 layer")
         same_dim = self.need_int("attention.key_length") == self.need_int("attention.indexer.key_length")
@@ -244,5 +244,5 @@ def _tolerated_extra(name: str, n_layer: int) -> bool:
 
 
 def _layer_tensors(ratio: int) -> list[str]:
-    """Names (without `blk.N.` and `.weight`) the loader creates for a layer with this compress ratio (§2.1)."""
+    """Names (without `blk.N.` and `.weight`) the loader creates for a layer with this compress ratio."""
     return _EVERY_LAYER + (_COMPRESSED if ratio else []) + (_INDEXED if ratio == 4 else [])

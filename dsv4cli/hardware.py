@@ -16,7 +16,7 @@ from pathlib import Path
 
 GB = 1e9
 
-# Effective decode-time bandwidths (GB/s): roughly 80 % of the spec sheet for GPUs (landscape.md §4).
+# Effective decode-time bandwidths (GB/s): roughly 80 % of the spec sheet for GPUs (docs/formats.md §Hardware figures).
 GPU_BANDWIDTH = {
     "5090": 1500.0,
     "4090": 850.0,

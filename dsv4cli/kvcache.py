@@ -1,6 +1,6 @@
 """Context memory of a deepseek4 model in llama.cpp: the KV cache per layer and the compute buffer.
 
-The KV layout follows `llama_kv_cache_dsv4` in the bundled llama.cpp (deepseek4-gguf.md §4.1), with
+The KV layout follows `llama_kv_cache_dsv4` in the bundled llama.cpp (docs/formats.md §KV cache), with
 `swa_full` off as `dsv4 chat` runs it:
 
 * n_ctx is first padded to a multiple of 256 (llama_context);
@@ -12,7 +12,7 @@ The KV layout follows `llama_kv_cache_dsv4` in the bundled llama.cpp (deepseek4-
   indexer 8 × 2·index_head_dim.
 
 K only (MLA style, no V tensor); a cell costs one row of `kv_type`. V4.1 (`deepseek41`) has no llama.cpp support in
-our runtime; its cache is our best guess from the checkpoint layout (checkpoints.md §8.1): the raw window on every
+our runtime; its cache is our best guess from the checkpoint layout (docs/formats.md §Engram): the raw window on every
 layer, a compressed cache on each KV-source layer and an indexer cache on each index-source layer, at that layer's
 ratio.
 
@@ -46,7 +46,19 @@ CSA_RATIO = 4
 HCA_RATIO = 128
 CELL_PAD = 256
 STATE_ROWS = {CSA_RATIO: 2 * CSA_RATIO, HCA_RATIO: HCA_RATIO}
-KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34)}  # values per block, bytes per block
+
+
+@dataclass(frozen=True)
+class KvType:
+    """A KV cache element type: its ggml_type id (llama.cpp's `type_k`/`type_v`) and its block layout."""
+
+    ggml_type: int
+    block: int  # values per block
+    block_bytes: int
+
+
+# The cache types dsv4 offers (`--kv-type`, a plan's type_k/type_v), with ggml.h's type ids.
+KV_TYPES = {"f16": KvType(1, 1, 2), "q8_0": KvType(8, 32, 34)}
 
 # Weights of (scores, mask, logits, stream); see the module docstring.
 COMPUTE_WEIGHTS = (1.1186, 2.1068, 0.0, 2.7769)
@@ -124,8 +136,8 @@ class KvCache:
 
 
 def _row_bytes(width: int, kv_type: str) -> int:
-    block, size = KV_TYPES[kv_type]
-    return width // block * size
+    t = KV_TYPES[kv_type]
+    return width // t.block * t.block_bytes
 
 
 def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = "f16") -> KvCache:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsv4cli.gguf_read import read_recipe
 from dsv4cli.home import gguf_dir
 from dsv4cli.registry import ModelSpec
 
@@ -32,3 +33,9 @@ def local_ggufs(spec: ModelSpec) -> list[Path]:
     """Quantized files of this model under `$DSV4_HOME/gguf` (first shard only for split files)."""
     found = sorted(gguf_dir().glob(f"{spec.slug}-*.gguf"))
     return [p for p in found if "-of-" not in p.name or "-00001-of-" in p.name]
+
+
+def find_gguf(spec: ModelSpec, *, experts: str, dense: str) -> Path | None:
+    """The local GGUF of this model whose header records this recipe (the file name is not trusted)."""
+    wanted = {"experts": experts, "dense": dense}
+    return next((p for p in local_ggufs(spec) if read_recipe(p) == wanted), None)

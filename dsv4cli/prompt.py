@@ -1,7 +1,7 @@
 """The DeepSeek V4 prompt: render the GGUF's own chat template, and split the model's output into reasoning and answer.
 
 llama-cpp-python's chat handler cannot pass a thinking flag and lacks the template's `from_json` filter
-(deepseek4-gguf.md §8.5), so dsv4 renders `tokenizer.chat_template` itself with jinja2 and hands the text to
+(docs/formats.md §Chat format), so dsv4 renders `tokenizer.chat_template` itself with jinja2 and hands the text to
 the runtime. Thinking prompts end in `<｜Assistant｜><think>`; the template drops past reasoning from history.
 """
 

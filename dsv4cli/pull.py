@@ -30,7 +30,7 @@ from dsv4cli import hub
 from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UsageError
 from dsv4cli.local import MANIFEST_NAME, checkpoint_state
 from dsv4cli.registry import ModelSpec, get_model
-from dsv4cli.ui import human_bytes
+from dsv4cli.units import human_bytes
 
 PARTIAL_DIR = ".dsv4-partial"
 JOURNAL_NAME = "verified.jsonl"

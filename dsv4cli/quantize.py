@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dsv4cli.errors import DiskSpaceError, UsageError
 from dsv4cli.local import checkpoint_state, default_gguf_path
-from dsv4cli.registry import get_model
-from dsv4cli.ui import human_bytes
+from dsv4cli.model_ref import ModelRef, resolve_model
+from dsv4cli.units import human_bytes
 from quant.convert import Progress, QuantOptions, QuantReport, quantize_checkpoint
 from quant.errors import QuantError
 from quant.mapping import gguf_tensor_specs
@@ -31,13 +31,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
 
 
-def resolve_source(model: str, *, experts: str, dense: str) -> tuple[Path, Path]:
-    """(checkpoint folder, default output) for a registry name or a checkpoint folder path."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        folder = path.resolve()
-        return folder, folder.parent / f"{folder.name}-{experts}-{dense}.gguf"
-    spec = get_model(model)
+def resolve_source(ref: ModelRef, *, experts: str, dense: str) -> tuple[Path, Path]:
+    """(checkpoint folder, default output) for a checkpoint folder or a pulled registry / Hub model."""
+    if ref.kind == "checkpoint":
+        return ref.path, ref.path.parent / f"{ref.path.name}-{experts}-{dense}.gguf"
+    if ref.kind == "gguf":
+        what = "a GGUF file (already quantized)" if ref.path.is_file() else "not found"
+        raise UsageError(f"{ref.text} is {what}", hint="quantize takes a checkpoint folder or a model name")
+    spec = ref.spec
     folder = spec.local_dir
     state = checkpoint_state(folder)
     if state != "complete":
@@ -57,10 +58,16 @@ def estimated_bytes(folder: Path, options: QuantOptions) -> int:
 
 
 def quantize(
-    model: str, *, output: Path | None, options: QuantOptions, force: bool = False, progress: Progress | None = None
+    model: ModelRef | str,
+    *,
+    output: Path | None,
+    options: QuantOptions,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> QuantReport:
     """Convert MODEL into a GGUF; raises before writing anything when the output exists or the disk is too small."""
-    folder, default_out = resolve_source(model, experts=options.experts, dense=options.dense)
+    ref = resolve_model(model) if isinstance(model, str) else model
+    folder, default_out = resolve_source(ref, experts=options.experts, dense=options.dense)
     out = (output or default_out).expanduser().resolve()
     if out.suffix != ".gguf":
         raise UsageError(f"-o {out}: the output name must end in .gguf")

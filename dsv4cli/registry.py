@@ -21,7 +21,7 @@ BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 EXPERT_DTYPES = ("fp4", "fp8")
 ARCHES = ("deepseek4", "deepseek41")
 
-# config.json of DeepSeek-V4-Flash (checkpoints.md §3.1); registry entries override what differs.
+# config.json of DeepSeek-V4-Flash (docs/formats.md §Checkpoint layout); registry entries override what differs.
 V4_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096,
     "num_hidden_layers": 43,
@@ -71,7 +71,7 @@ V4_DEFAULTS: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
-# V4.1 keys that have no V4 default (checkpoints.md §3.6); rows of the Engram tables come per model.
+# V4.1 keys that have no V4 default (docs/formats.md §Engram); rows of the Engram tables come per model.
 V41_DEFAULTS: dict[str, Any] = {
     "kv_source_layer_ids": [],
     "index_source_layer_ids": [],
@@ -141,7 +141,7 @@ class ModelSpec:
         }
         if self.arch == "deepseek41":
             quant["expert_dtype"] = self.expert_dtype
-            facts.pop("num_hash_layers")  # V4.1 has no hash-routed layers and no such key (checkpoints.md §3.6)
+            facts.pop("num_hash_layers")  # V4.1 has no hash-routed layers and no such key (docs/formats.md §Engram)
             text = {"model_type": "deepseek_v41_text", **facts}
             root_ids = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "torch_dtype")}
             return {

@@ -1,7 +1,7 @@
 """Write the built-in tiny checkpoints offline, in exactly the official Hugging Face layout.
 
 The tiny models let the whole pipeline (pull -> quantize -> run) work without network: same file set, shard
-scheme, tensor names, dtypes and packing as the releases (checkpoints.md §2, §4-§8), with random weights small
+scheme, tensor names, dtypes and packing as the releases (docs/formats.md §Checkpoints), with random weights small
 enough for llama.cpp to run without NaN. Every tensor's values come from an RNG seeded by its name, so two runs
 write byte-identical files.
 """
@@ -47,7 +47,7 @@ def _normal(name: str, shape: tuple[int, ...], *, std: float, mean: float = 0.0)
 
 @dataclass(frozen=True)
 class _Shapes:
-    """The dimensions the tensor inventory is written in (checkpoints.md §6)."""
+    """The dimensions the tensor inventory is written in (docs/formats.md §Checkpoint layout)."""
 
     hidden: int
     vocab: int
@@ -123,7 +123,7 @@ class _Builder:
 
 
 def _block(b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int, ratio: int, v41: bool) -> None:
-    """One transformer block (main layer or MTP stage) with prefix `p` (checkpoints.md §6.2-6.3, §8.2)."""
+    """One transformer block (main layer or MTP stage) with prefix `p` (docs/formats.md §Checkpoint layout)."""
     b.norm(f"{p}attn_norm.weight", s.hidden)
     b.norm(f"{p}ffn_norm.weight", s.hidden)
     b.f32(f"{p}attn.attn_sink", (s.heads,))
@@ -171,7 +171,7 @@ def _v4_compressor(b: _Builder, p: str, s: _Shapes, *, ratio: int, width: int, n
 
 
 def _v41_attention_extras(b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int, ratio: int) -> None:
-    """V4.1: compressor on KV-source layers, indexer on index-source layers, Engram projections (§8.2-8.3)."""
+    """V4.1: compressor on KV-source layers, indexer on index-source layers, Engram (docs/formats.md §Engram)."""
     if layer in facts["kv_source_layer_ids"]:
         b.bf16(f"{p}attn.compressor.wkv.weight", (s.head_dim, s.hidden))
         b.norm(f"{p}attn.compressor.norm.weight", s.head_dim)

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-# Chat, thinking, FIM and tool markers (checkpoints.md §9.2); `<|EOT|>` really uses ASCII bars.
+# Chat, thinking, FIM and tool markers (docs/formats.md §Chat format); `<|EOT|>` really uses ASCII bars.
 TAIL_SPECIALS = (
     "<｜User｜>",
     "<｜Assistant｜>",
@@ -36,7 +36,7 @@ TAIL_SPECIALS = (
     "<｜tool▁sep｜>",
     "｜DSML｜",
 )
-# The DeepSeek V3/V4/V4.1 pre-tokenizer (checkpoints.md §9.1), in the order the official file applies them.
+# The DeepSeek V3/V4/V4.1 pre-tokenizer (docs/formats.md §Chat format), in the order the official file applies them.
 SPLIT_PATTERNS = (
     r"\p{N}{1,3}",
     r"[一-龥぀-ゟ゠-ヿ]+",

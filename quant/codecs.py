@@ -1,7 +1,7 @@
 """Vectorised numpy codecs for the dtypes DeepSeek V4 ships: FP8 e4m3, E8M0 scales, packed FP4 e2m1, BF16.
 
 Decoders are table lookups (one fancy index per tensor) so a multi-GB shard streams at memory speed without
-torch. The encoders exist to write test checkpoints in the released formats (checkpoints.md §7).
+torch. The encoders exist to write test checkpoints in the released formats (docs/formats.md §Encodings).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.gguf_out import StreamingGGUF
 from quant.mapping import TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
 from quant.quantizers import quantize
+from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 from quant.safetensors import DTYPES, Checkpoint
 from quant.tokenizer import load_vocab
 
@@ -44,8 +45,8 @@ Progress = Callable[[int, int], None]  # (source bytes done, source bytes total)
 class QuantOptions:
     """Recipe (`experts`, `dense`), MTP block, shard size in bytes (0 = one file), worker threads."""
 
-    experts: str = "mxfp4"
-    dense: str = "q8_0"
+    experts: str = DEFAULT_EXPERTS
+    dense: str = DEFAULT_DENSE
     mtp: bool = False
     split_max_size: int = 0
     workers: int = WORKERS

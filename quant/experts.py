@@ -1,6 +1,6 @@
 """Routed experts -> 4-bit ggml blocks, one expert at a time, never sharing a scale between experts.
 
-FP4 checkpoints repack to MXFP4 as a pure nibble permutation (deepseek4-gguf.md §5.1), so the result is
+FP4 checkpoints repack to MXFP4 as a pure nibble permutation (docs/formats.md §Quantization types), so the result is
 byte-for-byte the released weights. Everything else (FP8 experts of the -Base releases, BF16 fine-tunes, or a
 non-MXFP4 target) is quantized by a search per expert: besides the plain quantizer's output, each block tries
 other scales (a smaller one that clips the block's largest values, a larger one that does not clip), and the

@@ -2,8 +2,9 @@
 
 Everything here is computed from the config alone, so `dsv4 plan` can size a model before it is downloaded and
 `quant.convert` can check a checkpoint against the same list. Key names and types follow
-deepseek4-gguf.md §1 (written as literals: the `gguf` package has no DEEPSEEK4 constants); tensor names and
-shapes follow §2.1, type rules §5. V4.1 (`deepseek41`) has no stable GGUF spec; its layout is our best guess (§10).
+docs/formats.md §GGUF metadata (written as literals: the `gguf` package has no DEEPSEEK4 constants); tensor names and
+shapes follow §Tensor names, type rules §Quantization types. V4.1 (`deepseek41`) has no stable GGUF spec;
+its layout is our best guess.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quant.errors import CheckpointError, UnsupportedError
+from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 T = GGMLQuantizationType
-EXPERT_RECIPES = {"mxfp4": T.MXFP4, "q4_0": T.Q4_0, "q4_k": T.Q4_K}
-DENSE_RECIPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "bf16": T.BF16}
 # When a row is not a multiple of a type's block, the next type in the chain is used (only tiny models hit this).
 FALLBACK = {T.Q4_K: T.Q8_0, T.Q8_0: T.BF16, T.Q4_0: T.Q8_0, T.MXFP4: T.Q8_0}
 FTYPE = {T.MXFP4: 38, T.Q4_0: 2, T.Q4_K: 15}  # llama_ftype of the expert recipe (MXFP4_MOE, Q4_0, Q4_K_M)
@@ -194,7 +194,8 @@ def gguf_name(name: str, facts: dict[str, Any], *, mtp: bool = False) -> str | N
     """The GGUF tensor a checkpoint tensor goes into, or None when it is dropped on purpose.
 
     `.scale` companions map with their weight. MTP/DSpark (`mtp.N.*`) become layer `num_hidden_layers + N` only
-    with `mtp` (and only a single MTP block, not DSpark); hash layers' `gate.bias` is dropped (§5.4).
+    with `mtp` (and only a single MTP block, not DSpark); hash layers' `gate.bias` is dropped
+    (docs/formats.md §Tensor names).
     Raises CheckpointError for a name nobody expects.
     """
     if name.startswith(DROPPED_PREFIXES):
@@ -371,7 +372,7 @@ KeyValue = tuple[str, Any, GGUFValueType, GGUFValueType | None]  # (key, value, 
 
 
 def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool = False) -> list[KeyValue]:
-    """`general.*` and architecture keys with their exact GGUF types (deepseek4-gguf.md §1.1–1.2)."""
+    """`general.*` and architecture keys with their exact GGUF types (docs/formats.md §GGUF metadata)."""
     V = GGUFValueType  # local: V is the vocab size in the tensor-list code above
     f = facts_of(config)
     arch = f["arch"]

@@ -1,4 +1,4 @@
-"""tokenizer.json -> the gpt2 (byte-level BPE) vocabulary keys of a deepseek4 GGUF (deepseek4-gguf.md §1.3).
+"""tokenizer.json -> the gpt2 (byte-level BPE) vocabulary keys of a deepseek4 GGUF (docs/formats.md §Chat format).
 
 llama.cpp asserts on duplicate token strings, so ids the tokenizer does not define are padded with unique
 `[PAD{i}]` strings of type UNUSED up to the config's vocab_size.

@@ -107,20 +107,21 @@ TURNS = """
 import json, sys
 from pathlib import Path
 from dsv4cli.chat import ChatSession, prompt_renderer
-from dsv4cli.runtime import LlamaRuntime, LoadSettings, SampleOptions
+from dsv4cli.engine import LoadParams, SampleOptions
+from dsv4cli.engine.inprocess import LlamaEngine
 
 gguf, thinking = Path(sys.argv[1]), sys.argv[2] == "think"
 renderer = prompt_renderer(gguf)
 options = SampleOptions(max_tokens=40, temp=0)
-runtime = LlamaRuntime(gguf, LoadSettings(n_ctx=4096, n_threads=2, verbose=True))
-live = ChatSession(runtime, renderer, thinking=thinking, options=options)
+engine = LlamaEngine(gguf, LoadParams(n_ctx=4096, n_threads=2), verbose=True)
+live = ChatSession(engine, renderer, thinking=thinking, options=options)
 turns = []
 for text in ["Hello there", "And then?"]:
     list(live.send(text))
     print("@@ turn done", file=sys.stderr, flush=True)
     turns.append({"stats": live.last.stats.to_dict(), "output": live.last.reasoning + live.last.answer})
 # How the cache for turn 2 was built, one list per llama_decode call (turn-1 answer tokens one at a time).
-tokens = live.runtime.cached_tokens
+tokens = live.engine.cached_tokens
 p1, g1 = turns[0]["stats"]["prompt_tokens"], turns[0]["stats"]["generated_tokens"]
 reused, p2 = turns[1]["stats"]["reused_tokens"], turns[1]["stats"]["prompt_tokens"]
 head = [tokens[:p1]] + [[t] for t in tokens[p1:reused]] if reused > p1 else [tokens[:reused]]

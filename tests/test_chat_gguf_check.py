@@ -84,7 +84,7 @@ ARR = gguf.GGUFValueType.ARRAY
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        # Each of these aborts llama.cpp (GGML_ASSERT / SIGFPE) or fails its load (deepseek4-gguf.md §3).
+        # Each of these aborts llama.cpp (GGML_ASSERT / SIGFPE) or fails its load (docs/formats.md §Hard constraints).
         ({A + "hyper_connection.count": 3}, "hyper_connection.count must be 4"),
         ({A + "expert_gating_func": 2}, "expert_gating_func must be 4"),
         ({A + "attention.head_count_kv": 4}, "head_count_kv must be present and 1"),

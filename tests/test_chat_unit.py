@@ -1,21 +1,20 @@
-"""Chat logic without llama.cpp: prompt rendering, reasoning split, the REPL against a scripted runtime, header checks.
+"""Chat logic without llama.cpp: prompt rendering, reasoning split, the REPL against a scripted engine, header checks.
 
-The scripted runtime stands in for llama.cpp only here (REPL logic); test_chat.py drives the real one.
+The scripted engine stands in for llama.cpp only here (REPL logic); test_chat.py drives the real one.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dsv4cli.chat import ChatSession, TurnResult, prompt_renderer, run_repl
+from dsv4cli.engine import SampleOptions, TurnStats, TurnStream
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.gguf_check import check_gguf
 from dsv4cli.prompt import PromptRenderer, ReasoningSplitter
-from dsv4cli.runtime import SampleOptions, TurnStats
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -30,7 +29,7 @@ def renderer(tiny_gguf: Path) -> PromptRenderer:
 
 
 def test_non_thinking_prompt_matches_the_v4_format(renderer: PromptRenderer) -> None:
-    """checkpoints.md §9.3: system right after BOS, `</think>` opens every non-thinking answer."""
+    """docs/formats.md §Chat format: system right after BOS, `</think>` opens every non-thinking answer."""
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -75,28 +74,30 @@ def test_reasoning_splitter_passes_answers_through_without_thinking() -> None:
     assert list(splitter.feed("a</think>b")) == [("answer", "a</think>b")]
 
 
-# -- REPL against a scripted runtime ------------------------------------------------------------------
+# -- REPL against a scripted engine ------------------------------------------------------------------
 
 
-class ScriptedRuntime:
-    """Yields queued replies chunk by chunk and records the prompts it was given."""
+class ScriptedEngine:
+    """Yields queued replies chunk by chunk, then the turn's stats, and records the prompts it was given."""
 
     def __init__(self, *replies: list[str] | Exception) -> None:
         self.replies = list(replies)
         self.prompts: list[tuple[str, int | None]] = []
         self.resets = 0
-        self.stats = TurnStats()
 
-    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> Iterator[str]:
+    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> TurnStream:
         self.prompts.append((prompt, fork_at))
-        self.stats = TurnStats(prompt_tokens=len(prompt))
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
         yield from reply
+        yield TurnStats(prompt_tokens=len(prompt))
 
     def reset(self) -> None:
         self.resets += 1
+
+    def close(self) -> None:
+        pass
 
 
 class ScriptedUI:
@@ -128,17 +129,15 @@ class ScriptedUI:
 
 
 def test_two_turns_then_reset_and_thinking(renderer: PromptRenderer, tmp_path: Path) -> None:
-    runtime = ScriptedRuntime(["Hel", "lo"], ["Fine"], ["hmm</th", "ink>Yes"])
-    session = ChatSession(runtime, renderer, system="Sys")
+    engine = ScriptedEngine(["Hel", "lo"], ["Fine"], ["hmm</th", "ink>Yes"])
+    session = ChatSession(engine, renderer, system="Sys")
     ui = ScriptedUI(["Hi", "How are you?", "/reset", "/think on", "Sure?", f"/save {tmp_path / 'c.json'}"])
     run_repl(session, ui)
 
-    assert runtime.prompts[0] == (f"{BOS}Sys{USER}Hi{ASSISTANT}</think>", None)
-    assert (
-        runtime.prompts[1][0] == f"{BOS}Sys{USER}Hi{ASSISTANT}</think>Hello{EOS}{USER}How are you?{ASSISTANT}</think>"
-    )
-    assert runtime.resets == 1
-    third, fork = runtime.prompts[2]
+    assert engine.prompts[0] == (f"{BOS}Sys{USER}Hi{ASSISTANT}</think>", None)
+    assert engine.prompts[1][0] == f"{BOS}Sys{USER}Hi{ASSISTANT}</think>Hello{EOS}{USER}How are you?{ASSISTANT}</think>"
+    assert engine.resets == 1
+    third, fork = engine.prompts[2]
     assert third == f"{BOS}Sys{USER}Sure?{ASSISTANT}<think>" and fork == len(third) - len("<think>")
     assert ui.shown[-2:] == [("reasoning", "hmm"), ("answer", "Yes")]
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -150,19 +149,19 @@ def test_two_turns_then_reset_and_thinking(renderer: PromptRenderer, tmp_path: P
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(renderer: PromptRenderer) -> None:
-    runtime = ScriptedRuntime(["a", "b", "c", "d"], ["next"])
-    session = ChatSession(runtime, renderer)
+    engine = ScriptedEngine(["a", "b", "c", "d"], ["next"])
+    session = ChatSession(engine, renderer)
     ui = ScriptedUI(["Go", "More"], interrupt_after=2)
     run_repl(session, ui)
     assert ui.turns[0].interrupted and ui.turns[0].answer == "ab"
     assert not ui.turns[1].interrupted
     # The partial answer stays in history, exactly as the user saw it.
-    assert runtime.prompts[1][0].endswith(f"{USER}Go{ASSISTANT}</think>ab{EOS}{USER}More{ASSISTANT}</think>")
+    assert engine.prompts[1][0].endswith(f"{USER}Go{ASSISTANT}</think>ab{EOS}{USER}More{ASSISTANT}</think>")
 
 
 def test_a_full_context_is_reported_and_the_session_goes_on(renderer: PromptRenderer) -> None:
-    runtime = ScriptedRuntime(["ok"], UsageError("the conversation has 9 tokens, the context holds 8", hint="/reset"))
-    session = ChatSession(runtime, renderer)
+    engine = ScriptedEngine(["ok"], UsageError("the conversation has 9 tokens, the context holds 8", hint="/reset"))
+    session = ChatSession(engine, renderer)
     ui = ScriptedUI(["One", "Two", "/help"])
     run_repl(session, ui)
     assert ui.notes[0] == "error: the conversation has 9 tokens, the context holds 8 (/reset)"
@@ -173,7 +172,7 @@ def test_a_full_context_is_reported_and_the_session_goes_on(renderer: PromptRend
 def test_commands_exit_load_and_errors(renderer: PromptRenderer, tmp_path: Path) -> None:
     saved = tmp_path / "conv.json"
     saved.write_text(json.dumps({"system": None, "messages": [{"role": "user", "content": "x"}]}))
-    session = ChatSession(ScriptedRuntime(), renderer)
+    session = ChatSession(ScriptedEngine(), renderer)
     ui = ScriptedUI(["/help", "/bogus", f"/load {saved}", "/load /nonexistent.json", "/think maybe", "/exit", "Hi"])
     run_repl(session, ui)
     assert ui.lines == ["Hi"]  # /exit left before reading on

@@ -1,4 +1,4 @@
-"""Codecs against slow scalar references written from the bit layouts in checkpoints.md §7."""
+"""Codecs against slow scalar references written from the bit layouts in docs/formats.md §Encodings."""
 
 from __future__ import annotations
 

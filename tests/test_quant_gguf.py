@@ -16,7 +16,7 @@ from quant.codecs import dequant_fp8_block
 from quant.convert import QuantOptions, quantize_checkpoint
 from quant.safetensors import Checkpoint
 
-# GGUF tensor suffix -> checkpoint suffix for the FP8 projections that become Q8_0 (deepseek4-gguf.md §2.1, §5.2)
+# GGUF tensor suffix -> checkpoint suffix for the FP8 projections that become Q8_0 (docs/formats.md)
 FP8_SOURCES = {
     "attn_q_a.weight": "attn.wq_a",
     "attn_q_b.weight": "attn.wq_b",
@@ -54,7 +54,7 @@ def tensors(path: Path) -> dict:
 
 
 def reference_repack(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """§5.1 spelled out: byte 0 = scale byte, byte 1 + j = code[32g + j] | code[32g + j + 16] << 4."""
+    """The MXFP4 repack (docs/formats.md): byte 0 = scale byte, byte 1 + j = code[32g + j] | code[32g + j + 16] << 4."""
     packed = packed.view(np.uint8)
     rows, half = packed.shape
     code = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(rows, half * 2)

@@ -1,4 +1,4 @@
-"""quant.mapping against expectations written here from deepseek4-gguf.md (§1 key types, §2.1 shapes, §2.2 sizes)."""
+"""quant.mapping against expectations written here from docs/formats.md (§GGUF metadata, §Tensor names)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ F32, BF16, Q8_0, MXFP4, I32 = 0, 30, 8, 39, 26
 
 
 def expected_v4_table(c: dict) -> list[tuple[str, tuple[int, ...], int]]:
-    """deepseek4-gguf.md §2.1, row by row, with the reference converter's types."""
+    """docs/formats.md §Tensor names, row by row, with the reference converter's types."""
     H, V, nh, hd, q = c["hidden_size"], c["vocab_size"], c["num_attention_heads"], c["head_dim"], c["q_lora_rank"]
     og, ol, E, k, inter = (
         c["o_groups"],
@@ -99,7 +99,7 @@ def test_tiny_specs_match_reference_table() -> None:
 
 
 def test_flash_and_pro_byte_totals_match_reference() -> None:
-    """deepseek4-gguf.md §2.2: file tensor bytes with the reference type map, no MTP."""
+    """docs/formats.md §Quantization types: file tensor bytes with the reference type map, no MTP."""
     flash = gguf_tensor_specs(flash_config())
     assert sum(s.nbytes for s in flash) == 156_373_008_732
     assert {s.name: (s.ne, s.ggml_type) for s in flash} == {
@@ -179,7 +179,7 @@ def test_bad_configs() -> None:
 
 
 def test_written_gguf_matches_reference_table(tiny_gguf: Path) -> None:
-    """The file itself (not just the plan): names, ggml ne and types as in §2.1, nothing extra."""
+    """The file itself (not just the plan): names, ggml ne and types as docs/formats.md lists them, nothing extra."""
     got = {t.name: (tuple(int(n) for n in t.shape), int(t.tensor_type)) for t in GGUFReader(tiny_gguf).tensors}
     want = {name: (ne, t) for name, ne, t in expected_v4_table(get_model("tiny").hf_config())}
     assert got == want

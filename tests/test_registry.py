@@ -31,7 +31,7 @@ def test_registry_has_every_release_and_the_tiny_models() -> None:
 @pytest.mark.parametrize(
     ("name", "facts"),
     [
-        # checkpoints.md §3.4, V4-Flash column; 43 layers + 1 MTP entry in compress_ratios
+        # the V4-Flash model card's config.json; 43 layers + 1 MTP entry in compress_ratios
         (
             "deepseek-v4-flash",
             {"hidden_size": 4096, "num_hidden_layers": 43, "n_routed_experts": 256, "q_lora_rank": 1024},
@@ -52,7 +52,7 @@ def test_facts_match_published_configs(name: str, facts: dict) -> None:
 
 
 def test_layer_schedules_match_the_published_counts() -> None:
-    # checkpoints.md §3.5: Flash 2 x ratio 0, 21 x ratio 4, 20 x ratio 128 over 43 layers; Pro 30 x 4 and 31 x 128.
+    # Model cards: Flash 2 x ratio 0, 21 x ratio 4, 20 x ratio 128 over 43 layers; Pro 30 x 4 and 31 x 128.
     flash = get_model("deepseek-v4-flash").facts["compress_ratios"][:43]
     assert (flash.count(0), flash.count(4), flash.count(128)) == (2, 21, 20)
     pro = get_model("deepseek-v4-pro").facts["compress_ratios"][:61]
@@ -66,7 +66,7 @@ def test_v41_config_is_nested_like_the_release() -> None:
     assert config["quantization_config"]["expert_dtype"] == "fp4"
     text = config["text_config"]
     assert text["engram_layer_ids"] == [1, 14]
-    assert sum(text["engram_num_embeddings"]) * 264 == 202_758_032_400  # checkpoints.md §8.3 table bytes
+    assert sum(text["engram_num_embeddings"]) * 264 == 202_758_032_400  # Engram table bytes (docs/formats.md §Engram)
     assert text["rope_scaling"]["rope_type"] == "yarn"
 
 

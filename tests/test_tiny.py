@@ -1,4 +1,4 @@
-"""The built-in tiny checkpoints follow the official layout (checkpoints.md §2, §4-§9) and are reproducible."""
+"""The built-in tiny checkpoints follow the official layout (docs/formats.md §Checkpoints) and are reproducible."""
 
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def test_failed_write_leaves_nothing_under_the_final_name(tmp_path):
 
 
 def test_dtype_census_of_a_ratio4_layer_matches_the_release(tiny_checkpoint):
-    """A ratio-4 non-hash layer: 12 BF16 + 10 F32 + 9 FP8 + (9 + 3E) E8M0 + 3E I8 (checkpoints.md §6.4)."""
+    """A ratio-4 non-hash layer: 12 BF16 + 10 F32 + 9 FP8 + (9 + 3E) E8M0 + 3E I8 (docs/formats.md)."""
     header = read_header(tiny_checkpoint / "model-00004-of-00007.safetensors")
     census = Counter(info.dtype for info in header.values())
     experts = json.loads((tiny_checkpoint / "config.json").read_text())["n_routed_experts"]

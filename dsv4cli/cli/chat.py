@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt
+from dsv4cli.cli.options import JsonOpt, RamOpt, VramOpt, gib_list
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, out, print_json
 
@@ -75,10 +75,8 @@ def register(app: typer.Typer) -> None:
         system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
         think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (reasoning first).")] = False,
         plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")] = None,
-        vram: Annotated[
-            float | None, typer.Option("--vram", help="GPU memory budget in GiB (default: detected).")
-        ] = None,
-        ram: Annotated[float | None, typer.Option("--ram", help="Host RAM budget in GiB (default: available).")] = None,
+        vram: VramOpt = None,
+        ram: RamOpt = None,
         ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")] = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
         temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
@@ -89,7 +87,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
         from dsv4cli.chat import ChatSession, Placement, open_chat
-        from dsv4cli.runtime import SampleOptions
+        from dsv4cli.engine import SampleOptions
+        from dsv4cli.model_ref import resolve_model
 
         if plan and (vram is not None or ram is not None or ctx is not None):
             raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
@@ -99,17 +98,17 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
-        placement = Placement(plan_file=plan, vram_gib=vram, ram_gib=ram, ctx=ctx)
-        loaded = open_chat(model, placement, verbose=verbose, note=_note)
+        placement = Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx)
+        loaded = open_chat(model and resolve_model(model), placement, verbose=verbose, note=_note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
-        session = ChatSession(loaded.runtime, loaded.renderer, system=system, thinking=think, options=options)
+        session = ChatSession(loaded.engine, loaded.renderer, system=system, thinking=think, options=options)
         try:
             if prompt is None:
                 _interactive(session, loaded.gguf)
             else:
                 _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
         finally:
-            loaded.runtime.close()
+            loaded.engine.close()
 
 
 def _interactive(session: ChatSession, gguf: Path) -> None:

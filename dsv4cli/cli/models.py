@@ -9,7 +9,8 @@ from rich.table import Table
 from dsv4cli.cli.options import JsonOpt
 from dsv4cli.local import checkpoint_state, local_ggufs
 from dsv4cli.registry import load_registry
-from dsv4cli.ui import human_bytes, out, print_json
+from dsv4cli.ui import out, print_json
+from dsv4cli.units import human_bytes
 
 
 def models(json_output: JsonOpt = False) -> None:

@@ -9,34 +9,26 @@ import typer
 from rich import box
 from rich.table import Table
 
-from dsv4cli.cli.options import JsonOpt, ModelArg
-from dsv4cli.errors import UsageError
-from dsv4cli.ui import err, human_bytes, out, print_json
+from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, KvTypeOpt, ModelArg, RamOpt, VramOpt, gib_list
+from dsv4cli.ui import err, out, print_json
+from dsv4cli.units import human_bytes
+from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 if TYPE_CHECKING:
     from dsv4cli.plan import Plan
 
 
-def _gib_list(value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError as e:
-        raise UsageError(f"--vram {value!r}: expected GiB per GPU, e.g. 24 or 24,24") from e
-
-
 def plan(
     model: ModelArg,
-    vram: Annotated[str | None, typer.Option(help="GiB per GPU, comma-separated (default: detected).")] = None,
-    ram: Annotated[float | None, typer.Option(help="Host RAM budget in GiB (default: available now).")] = None,
+    vram: VramOpt = None,
+    ram: RamOpt = None,
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Forbid weights memory-mapped from disk.")] = False,
     ctx: Annotated[int | None, typer.Option(help="Context length (default: 32768 or the model's limit).")] = None,
     ubatch: Annotated[int, typer.Option(help="Micro-batch size (sets the compute buffer).")] = 512,
-    kv_type: Annotated[str, typer.Option(help="KV cache type: f16 or q8_0.")] = "f16",
+    kv_type: KvTypeOpt = "f16",
     margin: Annotated[float, typer.Option(help="GiB kept free on each GPU.")] = 1.0,
-    experts: Annotated[str, typer.Option(help="Expert recipe when estimating from a model name or folder.")] = "mxfp4",
-    dense: Annotated[str, typer.Option(help="Dense recipe when estimating from a model name or folder.")] = "q8_0",
+    experts: ExpertsOpt = DEFAULT_EXPERTS,
+    dense: DenseOpt = DEFAULT_DENSE,
     ram_bw: Annotated[float | None, typer.Option(help="Host RAM read GB/s.")] = None,
     vram_bw: Annotated[float | None, typer.Option(help="GPU memory GB/s.")] = None,
     disk_bw: Annotated[float | None, typer.Option(help="Disk read GB/s.")] = None,
@@ -50,10 +42,11 @@ def plan(
     json_output: JsonOpt = False,
 ) -> None:
     """Plan GPU / RAM / disk placement for a GGUF, a checkpoint folder or a registry name, with predicted speed."""
+    from dsv4cli.model_ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
 
     inputs = PlanInputs(
-        vram_gib=_gib_list(vram),
+        vram_gib=gib_list(vram),
         ram_gib=ram,
         no_disk=no_disk,
         ctx=ctx,
@@ -69,7 +62,7 @@ def plan(
         measure=measure,
         threads=threads,
     )
-    result = make_plan(model, inputs)
+    result = make_plan(resolve_model(model), inputs)
     if output is not None:
         save_plan(result, output)
     if json_output:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
-from dsv4cli.ui import byte_progress, err, human_bytes, out, print_json
+from dsv4cli.ui import byte_progress, err, out, print_json
+from dsv4cli.units import human_bytes
 
 if TYPE_CHECKING:
     from dsv4cli.pull import PullResult

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, ModelArg
-from dsv4cli.ui import byte_progress, err, human_bytes, out, print_json
+from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, ModelArg
+from dsv4cli.ui import byte_progress, err, out, print_json
+from dsv4cli.units import human_bytes
+from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 EXAMPLES = """\b
 Examples:
@@ -28,10 +30,8 @@ def quantize(
             help="Output .gguf (default: $DSV4_HOME/gguf/NAME-EXPERTS-DENSE.gguf; next to a folder given as MODEL).",
         ),
     ] = None,
-    experts: Annotated[
-        str, typer.Option(help="Routed experts: mxfp4 (lossless for FP4 releases), q4_0, q4_k.")
-    ] = "mxfp4",
-    dense: Annotated[str, typer.Option(help="FP8 dense projections: q8_0, q4_k, bf16.")] = "q8_0",
+    experts: ExpertsOpt = DEFAULT_EXPERTS,
+    dense: DenseOpt = DEFAULT_DENSE,
     split_max_size: Annotated[
         str | None, typer.Option("--split-max-size", help="Write shards of at most this size, e.g. 50G.")
     ] = None,
@@ -40,6 +40,7 @@ def quantize(
     json_output: JsonOpt = False,
 ) -> None:
     """Convert an official DeepSeek V4 checkpoint into a deepseek4 GGUF in one streaming pass."""
+    from dsv4cli.model_ref import resolve_model
     from dsv4cli.quantize import parse_size
     from dsv4cli.quantize import quantize as run_quantize
     from quant.convert import QuantOptions
@@ -51,7 +52,7 @@ def quantize(
     task = display.add_task("quantize", total=None)
     with display:
         report = run_quantize(
-            model,
+            resolve_model(model),
             output=output,
             options=options,
             force=force,

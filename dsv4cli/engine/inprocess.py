@@ -1,12 +1,12 @@
-"""The llama.cpp runtime behind `dsv4 chat`: load a deepseek4 GGUF with the plan applied and stream tokens.
+"""The in-process engine: llama.cpp through llama-cpp-python, loading a deepseek4 GGUF with `LoadParams`.
 
 This is the only module that imports `llama_cpp`, and it uses the low-level C API of llama-cpp-python
 rather than its `Llama` class, because that class cannot pass what a DeepSeek V4 chat needs
-(deepseek4-gguf.md §8): tensor buffer overrides that keep experts in host RAM (`tensor_buft_overrides`,
-declared `void *` in the bindings, filled here through ctypes) and context fields such as `n_rs_seq`.
-Prefix reuse works by extending the KV cache: when the new prompt starts with the text already in the
-cache, only the new suffix is tokenized and prefilled, so turn N costs its own tokens, not the history.
-Extending needs no partial removal, which the deepseek4 cache cannot do (deepseek4-gguf.md §8.3).
+(docs/formats.md §Running in llama.cpp): tensor buffer overrides that keep experts in host RAM
+(`tensor_buft_overrides`, declared `void *` in the bindings, filled here through ctypes) and context fields
+such as `n_rs_seq`. Prefix reuse works by extending the KV cache: when the new prompt starts with the text
+already in the cache, only the new suffix is tokenized and prefilled, so turn N costs its own tokens, not the
+history. Extending needs no partial removal, which the deepseek4 cache cannot do (docs/formats.md §KV cache).
 """
 
 from __future__ import annotations
@@ -18,88 +18,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv4cli.engine.base import SampleOptions, TurnStats, TurnStream
+from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
-from dsv4cli.hardware import cpu_threads
+from dsv4cli.kvcache import KV_TYPES
 
 _CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
-_KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8}  # ggml_type ids accepted for type_k/type_v
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How to place and run the model: the "llama" section of a plan (see `dsv4cli.plan`)."""
-
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_gpu_layers: int = 0
-    host_tensors: tuple[str, ...] = ()  # regexes of tensors kept in host RAM (CPU buffer type)
-    tensor_split: tuple[float, ...] = ()  # share of the GPU layers per GPU (several GPUs only)
-    use_mmap: bool = True
-    use_mlock: bool = False
-    flash_attn: bool = False
-    type_kv: str = "f16"
-    # Recurrent-state snapshots for rollback (deepseek4-gguf.md §8.3). They reach back only inside the last
-    # llama_decode call (one token after generation) and are copied on every decode: 1 snapshot measured 9%
-    # slower decode on the tiny model. Turns extend the cache by text and thinking turns resume from a saved
-    # state (`_Fork`), neither of which needs rollback, so the default is none.
-    n_rs_seq: int = 0
-    n_threads: int = field(default_factory=cpu_threads)
-    verbose: bool = False
-
-    @classmethod
-    def from_plan(cls, llama: dict[str, Any], *, verbose: bool = False) -> LoadSettings:
-        """Settings from a plan's "llama" dict; deepseek4 needs equal K and V cache types (§3.11)."""
-        if llama.get("type_k", "f16") != llama.get("type_v", "f16"):
-            raise UsageError("plan: type_k and type_v must be equal for deepseek4", hint="re-run `dsv4 plan`")
-        host = []
-        for entry in llama.get("override_tensor", []):
-            if entry.get("buffer", "CPU") != "CPU":
-                raise UsageError(f"plan: buffer {entry.get('buffer')!r} is not supported; only CPU overrides are")
-            host.append(entry["pattern"])
-        return cls(
-            n_ctx=int(llama.get("n_ctx", cls.n_ctx)),
-            n_batch=int(llama.get("n_batch", cls.n_batch)),
-            n_ubatch=int(llama.get("n_ubatch", cls.n_ubatch)),
-            n_gpu_layers=int(llama.get("n_gpu_layers", 0)),
-            host_tensors=tuple(host),
-            tensor_split=tuple(llama.get("tensor_split") or ()),
-            use_mmap=bool(llama.get("use_mmap", True)),
-            use_mlock=bool(llama.get("use_mlock", False)),
-            flash_attn=bool(llama.get("flash_attn", False)),
-            type_kv=str(llama.get("type_k", "f16")),
-            n_threads=int(llama.get("n_threads") or cpu_threads()),
-            verbose=verbose,
-        )
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    max_tokens: int = 2048
-    temp: float = 0.7
-    top_p: float = 0.95
-    seed: int | None = None
-
-
-@dataclass
-class TurnStats:
-    """Per-turn counters: prompt = prefill (decoded this turn) + reused (already in the cache)."""
-
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0
-    reused_tokens: int = 0
-    generated_tokens: int = 0
-    ttft_s: float = 0.0
-    prefill_tps: float = 0.0
-    decode_tps: float = 0.0
-    stopped: str = "eos"  # eos | length | interrupted
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _LogSink:
@@ -167,28 +95,28 @@ class _Fork:
     state: ctypes.Array[ctypes.c_uint8]
 
 
-class LlamaRuntime:
+class LlamaEngine:
     """One loaded model and context; `stream()` generates from a rendered prompt, reusing the cached prefix."""
 
-    def __init__(self, path: Path, settings: LoadSettings) -> None:
+    def __init__(self, path: Path, params: LoadParams, *, verbose: bool = False) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
-        self._log = _LogSink(llama_cpp, verbose=settings.verbose)
+        self._log = _LogSink(llama_cpp, verbose=verbose)
         llama_cpp.llama_backend_init()
-        self.settings = settings
-        self._model = self._load_model(path, settings)
+        self.params = params
+        self.verbose = verbose
+        self._model = self._load_model(path, params)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._ctx = self._new_context(path, settings)
+        self._ctx = self._new_context(path, params)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._cached_text = ""  # their text (special tokens rendered), to extend the cache by text
         self._last_decode = 0  # size of the last llama_decode call: how far llama.cpp can roll back
         self._fork: _Fork | None = None
         self._pieces: dict[int, bytes] = {}
-        self.stats = TurnStats()
 
-    def _load_model(self, path: Path, s: LoadSettings) -> Any:
+    def _load_model(self, path: Path, s: LoadParams) -> Any:
         lib = self._lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = s.n_gpu_layers
@@ -211,10 +139,8 @@ class LlamaRuntime:
             raise RuntimeLoadError(f"llama.cpp could not load {path}: {self._log.last_error() or 'unknown error'}")
         return model
 
-    def _new_context(self, path: Path, s: LoadSettings) -> Any:
+    def _new_context(self, path: Path, s: LoadParams) -> Any:
         lib = self._lib
-        if s.type_kv not in _KV_TYPES:
-            raise UsageError(f"KV cache type {s.type_kv!r} is not one of {', '.join(_KV_TYPES)}")
         params = lib.llama_context_default_params()
         params.n_ctx = s.n_ctx
         params.n_batch = s.n_batch
@@ -223,7 +149,7 @@ class LlamaRuntime:
         params.flash_attn_type = (
             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        params.type_k = params.type_v = _KV_TYPES[s.type_kv]
+        params.type_k = params.type_v = KV_TYPES[s.kv_type].ggml_type
         params.swa_full = False
         params.n_rs_seq = s.n_rs_seq
         ctx = lib.llama_init_from_model(self._model, params)
@@ -283,8 +209,8 @@ class LlamaRuntime:
 
     def _decode(self, tokens: list[int]) -> None:
         lib = self._lib
-        for start in range(0, len(tokens), self.settings.n_batch):
-            chunk = tokens[start : start + self.settings.n_batch]
+        for start in range(0, len(tokens), self.params.n_batch):
+            chunk = tokens[start : start + self.params.n_batch]
             array = (lib.llama_token * len(chunk))(*chunk)
             rc = lib.llama_decode(self._ctx, lib.llama_batch_get_one(array, len(chunk)))
             if rc != 0:
@@ -336,10 +262,10 @@ class LlamaRuntime:
                 break
             keep += 1
         keep = min(keep, limit)
-        # The deepseek4 cache can only roll back inside the last decode call, with snapshots (§8.3).
+        # The deepseek4 cache can only roll back inside the last decode call, with snapshots (docs/formats.md).
         rollback = len(self._cached) - keep
         if rollback and (
-            rollback > min(self._last_decode, self.settings.n_rs_seq)
+            rollback > min(self._last_decode, self.params.n_rs_seq)
             or keep == 0
             or not self._lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
         ):
@@ -361,8 +287,17 @@ class LlamaRuntime:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
-    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> Iterator[str]:
-        """Yield the answer's text as it is generated; `self.stats` describes the turn when the iterator ends.
+    def stream(self, prompt: str, options: SampleOptions, *, fork_at: int | None = None) -> TurnStream:
+        """Yield the answer's text as it is generated, then the turn's TurnStats (see `dsv4cli.engine.base`)."""
+        stats = TurnStats(stopped="interrupted")
+        try:
+            yield from self._generate(prompt, options, fork_at, stats)
+        except KeyboardInterrupt:
+            stats.stopped = "interrupted"  # every decoded token stays in the cache
+        yield stats
+
+    def _generate(self, prompt: str, options: SampleOptions, fork_at: int | None, stats: TurnStats) -> Iterator[str]:
+        """The answer's text pieces; fills `stats` as it goes.
 
         `fork_at` is a character offset in `prompt` where the next turn's prompt will differ (the thinking
         opener, whose reasoning the template drops from history): the cache state there is saved so the next
@@ -373,15 +308,15 @@ class LlamaRuntime:
         start = time.perf_counter()
         head = self._prompt_tokens(prompt[:fork_at] if fork_at else prompt)
         tokens = head + (self.tokenize(prompt[fork_at:]) if fork_at else [])
-        if len(tokens) >= self.settings.n_ctx:
+        if len(tokens) >= self.params.n_ctx:
             raise UsageError(
-                f"the conversation has {len(tokens)} tokens, the context holds {self.settings.n_ctx}",
+                f"the conversation has {len(tokens)} tokens, the context holds {self.params.n_ctx}",
                 hint="/reset, or raise --ctx",
             )
-        self.stats = stats = TurnStats(prompt_tokens=len(tokens), stopped="interrupted")
+        stats.prompt_tokens = len(tokens)
         # At least one token must be decoded to get logits; a fork must be taken before its tail is decoded.
         stats.reused_tokens = self._reuse(tokens, limit=len(head) if fork_at else len(tokens) - 1)
-        if self.settings.verbose:
+        if self.verbose:
             new = len(tokens) - stats.reused_tokens
             sys.stderr.write(f"dsv4 chat: prefix-match hit, {stats.reused_tokens} tokens reused, {new} to prefill\n")
         lib.llama_synchronize(self._ctx)
@@ -403,7 +338,7 @@ class LlamaRuntime:
         first = 0.0
         try:
             while stats.generated_tokens < options.max_tokens:
-                if len(self._cached) >= self.settings.n_ctx:
+                if len(self._cached) >= self.params.n_ctx:
                     stats.stopped = "length"
                     break
                 token = lib.llama_sampler_sample(sampler, self._ctx, -1)
@@ -426,7 +361,7 @@ class LlamaRuntime:
             if self._cached_text:  # else a failed decode has reset the cache
                 self._cached_text += "".join(generated) + tail
             lib.llama_sampler_free(sampler)
-            if self.settings.verbose:
+            if self.verbose:
                 lib.llama_synchronize(self._ctx)
                 lib.llama_perf_context_print(self._ctx)  # llama.cpp's own prompt-eval / eval counters
             if first:

@@ -1,0 +1,51 @@
+"""`dsv4 plan`: place every GGUF tensor on a GPU, in host RAM or memory-mapped from disk, and predict speed.
+
+Modules, by job: `source` (the tensor list: a GGUF's header or an estimate), `groups` (tensor classes, per-layer
+sums), `placement` (the tier steps), `speed` (the speed model), `make` (`make_plan`, the steps in order),
+`model` (the types; `Plan.load_params()` is what an engine loads with) and `schema` (the JSON form).
+
+Inputs are exact (a GGUF's tensor headers; all shards of a split file) or estimated (a registry name or checkpoint
+folder run through `quant.mapping.gguf_tensor_specs` for the chosen recipe, so nothing needs downloading).
+
+Placement (issue 4):
+1. The GPUs take what every token reads: each layer's attention, norms, router, shared expert and hyper-connection
+   weights plus its KV cache, the output head, and one compute buffer per GPU. Layers are offloaded from the top
+   down as llama.cpp's `-ngl` does; when VRAM cannot hold them all, the lowest layers stay on the host whole.
+2. Routed experts go to host RAM; VRAM left over takes whole expert layers, **highest layer first**, so the
+   experts left on the host are layers 0..N-1 — exactly llama.cpp's `--n-cpu-moe N`.
+3. `token_embd` stays on the host (llama.cpp reads only the looked-up rows); Engram tables never go to a GPU.
+4. Host RAM holds, in order: what must be resident (embedding, host layers, their KV, the host compute buffer),
+   routed experts, then Engram tables (their lookups are sparse, so they are the best thing to leave on disk).
+   What RAM cannot hold is memory-mapped from disk, with a warning and its cost in the speed estimate; with
+   `no_disk` that is an error saying by how much RAM is short.
+
+Speed: decode tok/s = 1 / (Σ_tier(bytes read per token from the tier / its bandwidth) + graph overhead), where the
+host side is a roofline: max(RAM + disk time, CPU compute time (2·host_active_params + attention FLOPs at a full
+cache, kvcache.attention_flops) / (GFLOPS·threads)); GPU attention FLOPs add a gpu_compute term. Per token:
+every GPU-resident dense byte, k/E of each tier's expert bytes, the KV read, host dense layers, Engram rows (a 4 KiB
+page each from disk); the overhead is a fixed cost per graph node (see NODES_PER_LAYER). Prefill per n_ubatch
+chunk: dense bytes once, the fraction of experts a chunk touches (1 − (1 − k/E)^ub) once — over PCIe when a GPU
+computes the chunk — plus a compute term 2·active_params·ub / FLOPS.
+
+`schema.SCHEMA` documents `Plan.to_dict()` (what `--json` prints and `-o` writes).
+"""
+
+from dsv4cli.plan.make import make_plan
+from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier
+from dsv4cli.plan.schema import SCHEMA, load_plan, save_plan
+from dsv4cli.plan.source import ModelSource, load_source
+from dsv4cli.units import GIB
+
+__all__ = [
+    "DEFAULT_CTX",
+    "GIB",
+    "SCHEMA",
+    "ModelSource",
+    "Plan",
+    "PlanInputs",
+    "Tier",
+    "load_plan",
+    "load_source",
+    "make_plan",
+    "save_plan",
+]

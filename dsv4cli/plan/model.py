@@ -1,0 +1,143 @@
+"""The plan's types: its inputs, the memory tiers and the finished `Plan` with its load parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dsv4cli.engine.params import LoadParams
+from dsv4cli.kvcache import KvCache
+from dsv4cli.plan.groups import tensor_class
+from dsv4cli.plan.source import ModelSource
+from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+DEFAULT_CTX = 32768
+DEFAULT_UBATCH = 512
+DEFAULT_MARGIN_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Budgets and options; None means detect (VRAM) or use what is available (RAM) or the default bandwidth."""
+
+    vram_gib: tuple[float, ...] | None = None
+    ram_gib: float | None = None
+    no_disk: bool = False
+    ctx: int | None = None  # None: DEFAULT_CTX capped at the model's context length
+    ubatch: int = DEFAULT_UBATCH
+    kv_type: str = "f16"
+    margin_gib: float = DEFAULT_MARGIN_GIB
+    experts: str = DEFAULT_EXPERTS
+    dense: str = DEFAULT_DENSE
+    ram_bw: float | None = None
+    vram_bw: float | None = None
+    disk_bw: float | None = None
+    pcie_bw: float | None = None
+    measure: bool = False
+    threads: int | None = None  # None: physical cores
+
+
+@dataclass
+class Tier:
+    name: str
+    kind: str
+    device: str
+    budget: int | None
+    bandwidth_gbs: float
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    margin: int = 0
+
+    @property
+    def used(self) -> int:
+        return self.weights + self.kv + self.compute + self.margin
+
+    @property
+    def free(self) -> int:
+        return (self.budget or 0) - self.used
+
+
+@dataclass
+class Plan:
+    source: ModelSource
+    inputs: PlanInputs
+    tiers: list[Tier]
+    placement: dict[str, str]
+    kv: KvCache
+    compute_gpu: int
+    compute_host: int
+    n_gpu_layers: int
+    gpu_layer_counts: list[int]
+    cpu_expert_layers: list[int]
+    estimates: dict[str, Any]
+    warnings: list[str]
+    verdict: str
+    vram_source: str
+    ram_source: str
+
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def class_rows(self) -> list[dict[str, Any]]:
+        """(tier, class) -> count, bytes, in tier order."""
+        rows: dict[tuple[str, str], list[int]] = {}
+        for spec in self.source.tensors:
+            key = (self.placement[spec.name], tensor_class(spec.name))
+            acc = rows.setdefault(key, [0, 0])
+            acc[0] += 1
+            acc[1] += spec.nbytes
+        order = {t.name: i for i, t in enumerate(self.tiers)} | {"skipped": len(self.tiers)}
+        return [
+            {"tier": tier, "class": cls, "count": n, "bytes": b}
+            for (tier, cls), (n, b) in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+        ]
+
+    def load_params(self) -> LoadParams:
+        """How llama.cpp should load the model to get this placement."""
+        gpu = self.n_gpu_layers > 0
+        patterns = []
+        if gpu and self.cpu_expert_layers:
+            layers = "|".join(str(i) for i in self.cpu_expert_layers)
+            patterns.append(rf"^blk\.({layers})\.ffn_(gate|up|down)_exps\.")
+        engram = any(tensor_class(s.name) == "engram" for s in self.source.tensors)
+        if gpu and engram:
+            patterns.append(r"\.engram_embd\.")
+        total = sum(self.gpu_layer_counts)
+        split = tuple(round(n / total, 4) for n in self.gpu_layer_counts) if len(self.gpu_layer_counts) > 1 else ()
+        return LoadParams(
+            n_ctx=self.kv.n_ctx,
+            n_batch=self.inputs.ubatch,
+            n_ubatch=self.inputs.ubatch,
+            n_gpu_layers=self.n_gpu_layers,
+            host_tensors=tuple(patterns),
+            tensor_split=split,
+            # mmap when anything is read from disk, and always for Engram tables (sparse lookups); else load it all
+            use_mmap=any(t.kind == "disk" and t.weights for t in self.tiers) or engram,
+            flash_attn=flash_attn(self.inputs, gpu=gpu),
+            kv_type=self.inputs.kv_type,
+            n_threads=self.inputs.threads,
+        )
+
+    def model_path(self) -> Path | None:
+        """The GGUF this plan is for: the file planned, or where `dsv4 quantize` would write the estimated one."""
+        return self.source.files[0] if self.source.files else self.source.target
+
+    def llama_args(self) -> list[str]:
+        """The equivalent llama-server command line (without the binary)."""
+        model = self.model_path()
+        return self.load_params().cli_args(str(model) if model else f"<{self.source.name}.gguf>")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`dsv4cli.plan.schema.SCHEMA`)."""
+        from dsv4cli.plan.schema import plan_to_dict
+
+        return plan_to_dict(self)
+
+
+def flash_attn(inputs: PlanInputs, *, gpu: bool) -> bool:
+    """On for GPUs (smaller compute buffer) and for a quantized cache; llama-cpp-python's CPU default otherwise."""
+    return gpu or inputs.kv_type != "f16"

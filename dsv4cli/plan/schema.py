@@ -1,0 +1,124 @@
+"""The plan's JSON form: what `dsv4 plan --json` prints, `-o` writes and `dsv4 chat --plan` reads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsv4cli.errors import PlanError
+from dsv4cli.units import GIB
+
+if TYPE_CHECKING:
+    from dsv4cli.plan.model import Plan
+
+SCHEMA = """\
+{
+  "schema": "dsv4.plan/1",
+  "source": {"kind": "gguf" | "estimate", "name": str, "arch": "deepseek4" | "deepseek41",
+             "files": [path, ...] (gguf only), "recipe": {"experts": str, "dense": str} | null (a GGUF: as its
+             header records it), "checkpoint": str | null (a GGUF: the folder it was converted from),
+             "file_bytes": int (sum of tensor bytes)},
+  "inputs": {"ctx": int (requested), "n_ctx": int (padded to 256 as llama.cpp does), "n_ubatch": int,
+             "kv_type": "f16" | "q8_0", "margin_bytes": int (per GPU), "no_disk": bool,
+             "vram_source": "flag" | "nvml" | "nvidia-smi" | "none", "ram_source": "flag" | "available"},
+  "tiers": [{"name": "gpu0".. | "ram" | "disk", "kind": "gpu" | "ram" | "disk", "device": str,
+             "budget_bytes": int | null (disk: no budget), "used_bytes": int,
+             "weights_bytes": int, "kv_bytes": int, "compute_bytes": int, "margin_bytes": int,
+             "bandwidth_gbs": float}],
+  "classes": [{"tier": str, "class": str, "count": int, "bytes": int}],
+      classes: token_embd, output_head, attention, norm, router, shared_expert, hyper_connection,
+               routed_experts, engram, mtp (skipped: llama.cpp does not load it)
+  "tensors": {tensor name: tier name | "skipped"},
+  "kv": {"n_ctx", "raw_cells", "csa_cells", "hca_cells", "raw_bytes", "csa_bytes", "hca_bytes",
+         "indexer_bytes", "state_bytes", "total_bytes"},
+  "compute_bytes": {"gpu": int (each GPU), "host": int},
+  "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier: int},
+                "decode_seconds_per_token": {tier: float}, "prefill_tok_s": float, "prefill_bottleneck": str,
+                "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead": float}},
+  "warnings": [str], "verdict": str,
+  "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
+            "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
+            "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int, "tensor_split": [float] | null},
+  "llama_args": [str] (llama-server flags)
+}"""
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON data (SCHEMA)."""
+    src = plan.source
+    return {
+        "schema": "dsv4.plan/1",
+        "source": {
+            "kind": src.kind,
+            "name": src.name,
+            "arch": src.dims.arch,
+            "files": [str(f) for f in src.files],
+            "recipe": src.recipe,
+            "checkpoint": src.checkpoint,
+            "file_bytes": sum(s.nbytes for s in src.tensors),
+        },
+        "inputs": {
+            "ctx": plan.inputs.ctx,
+            "n_ctx": plan.kv.n_ctx,
+            "n_ubatch": plan.inputs.ubatch,
+            "kv_type": plan.inputs.kv_type,
+            "margin_bytes": int(plan.inputs.margin_gib * GIB),
+            "no_disk": plan.inputs.no_disk,
+            "vram_source": plan.vram_source,
+            "ram_source": plan.ram_source,
+        },
+        "tiers": [
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "device": t.device,
+                "budget_bytes": t.budget,
+                "used_bytes": t.used,
+                "weights_bytes": t.weights,
+                "kv_bytes": t.kv,
+                "compute_bytes": t.compute,
+                "margin_bytes": t.margin,
+                "bandwidth_gbs": t.bandwidth_gbs,
+            }
+            for t in plan.tiers
+        ],
+        "classes": plan.class_rows(),
+        "tensors": dict(plan.placement),
+        "kv": {
+            "n_ctx": plan.kv.n_ctx,
+            "raw_cells": plan.kv.raw_cells,
+            "csa_cells": plan.kv.csa_cells,
+            "hca_cells": plan.kv.hca_cells,
+            "raw_bytes": plan.kv.raw_bytes,
+            "csa_bytes": plan.kv.csa_bytes,
+            "hca_bytes": plan.kv.hca_bytes,
+            "indexer_bytes": plan.kv.indexer_bytes,
+            "state_bytes": plan.kv.state_bytes,
+            "total_bytes": plan.kv.total,
+        },
+        "compute_bytes": {"gpu": plan.compute_gpu, "host": plan.compute_host},
+        "estimates": plan.estimates,
+        "warnings": plan.warnings,
+        "verdict": plan.verdict,
+        "llama": plan.load_params().to_dict(),
+        "llama_args": plan.llama_args(),
+    }
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    """Write the JSON plan atomically (temp name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    """A plan written by `dsv4 plan -o`, for `dsv4 chat --plan`; checks the schema and the llama section."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{path}: cannot read plan ({e})", hint="write one with `dsv4 plan MODEL -o plan.json`") from e
+    if not isinstance(data, dict) or data.get("schema") != "dsv4.plan/1" or not isinstance(data.get("llama"), dict):
+        raise PlanError(f"{path}: not a dsv4 plan", hint="write one with `dsv4 plan MODEL -o plan.json`")
+    return data
