@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import RuntimeLoadError
+from quant.arch import V4, V41
 
-ARCH = "deepseek4"
-V41_ARCH = "deepseek41"
+ARCH = V4
+V41_ARCH = V41
 ALLOWED_RATIOS = (0, 4, 128)
 HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
 V41_UNSUPPORTED = (

@@ -15,11 +15,11 @@ from typing import Any
 
 from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
+from quant.arch import ARCHES, HF_CLASS, V4, V41
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 
 EXPERT_DTYPES = ("fp4", "fp8")
-ARCHES = ("deepseek4", "deepseek41")
 
 # config.json of DeepSeek-V4-Flash (docs/formats.md §Checkpoint layout); registry entries override what differs.
 V4_DEFAULTS: dict[str, Any] = {
@@ -101,7 +101,7 @@ class ModelSpec:
     builtin: bool = False
     download_bytes: int | None = None
     expert_dtype: str = "fp4"
-    arch: str = "deepseek4"
+    arch: str = V4
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class ModelSpec:
     def facts(self) -> dict[str, Any]:
         """Flat architecture facts: defaults overlaid with this entry's config."""
         merged = copy.deepcopy(V4_DEFAULTS)
-        if self.arch == "deepseek41":
+        if self.arch == V41:
             merged.update(copy.deepcopy(V41_DEFAULTS))
             merged["rope_scaling"]["rope_type"] = merged["rope_scaling"].pop("type")
         merged.update(copy.deepcopy(self.config))
@@ -139,13 +139,13 @@ class ModelSpec:
             "scale_fmt": "ue8m0",
             "weight_block_size": [block, block],
         }
-        if self.arch == "deepseek41":
+        if self.arch == V41:
             quant["expert_dtype"] = self.expert_dtype
             facts.pop("num_hash_layers")  # V4.1 has no hash-routed layers and no such key (docs/formats.md §Engram)
             text = {"model_type": "deepseek_v41_text", **facts}
             root_ids = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "torch_dtype")}
             return {
-                "architectures": ["DeepseekV41ForCausalLM"],
+                "architectures": [HF_CLASS[V41]],
                 "model_type": "deepseek_v41",
                 "dtype": root_ids.pop("torch_dtype"),
                 **root_ids,
@@ -155,7 +155,7 @@ class ModelSpec:
             }
         for key in V41_DEFAULTS:
             facts.pop(key, None)
-        config: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
+        config: dict[str, Any] = {"architectures": [HF_CLASS[V4]], "model_type": "deepseek_v4"}
         if self.expert_dtype == "fp4":
             config["expert_dtype"] = "fp4"
         config.update(facts)
