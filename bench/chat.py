@@ -76,21 +76,21 @@ def second_turn_latency(gguf: Path, *, n_ctx: int, first_tokens: int = 1500) -> 
     params = LoadParams(n_ctx=n_ctx, use_mmap=False)
     options = SampleOptions(max_tokens=16, temp=0)
 
-    def warmed_runtime() -> LlamaEngine:
-        runtime = LlamaEngine(gguf, params)
-        list(ChatSession(runtime, renderer, options=options).send("warm up"))  # first-call allocations
-        runtime.reset()
-        return runtime
+    def warmed_engine() -> LlamaEngine:
+        engine = LlamaEngine(gguf, params)
+        list(ChatSession(engine, renderer, options=options).send("warm up"))  # first-call allocations
+        engine.reset()
+        return engine
 
-    runtime = warmed_runtime()
+    engine = warmed_engine()
     words = "the sea was calm and the ships sailed home "
-    long_text = words * (first_tokens // max(1, len(runtime.tokenize(words))) + 1)
-    session = ChatSession(runtime, renderer, options=options)
+    long_text = words * (first_tokens // max(1, len(engine.tokenize(words))) + 1)
+    session = ChatSession(engine, renderer, options=options)
     list(session.send(long_text))
     first = session.last.stats
     list(session.send("Thanks, and then?"))
     second = session.last.stats
-    scratch = ChatSession(warmed_runtime(), renderer, options=options, history=list(session.history[:2]))
+    scratch = ChatSession(warmed_engine(), renderer, options=options, history=list(session.history[:2]))
     list(scratch.send("Thanks, and then?"))
     return {
         "turn1_prompt_tokens": first.prompt_tokens,

@@ -12,7 +12,7 @@ The KV layout follows `llama_kv_cache_dsv4` in the bundled llama.cpp (docs/forma
   indexer 8 × 2·index_head_dim.
 
 K only (MLA style, no V tensor); a cell costs one row of `kv_type`. V4.1 (`deepseek41`) has no llama.cpp support in
-our runtime; its cache is our best guess from the checkpoint layout (docs/formats.md §Engram): the raw window on every
+our engine; its cache is our best guess from the checkpoint layout (docs/formats.md §Engram): the raw window on every
 layer, a compressed cache on each KV-source layer and an indexer cache on each index-source layer, at that layer's
 ratio.
 

@@ -37,10 +37,18 @@ def gib_list(value: str | None) -> tuple[float, ...] | None:
         raise UsageError(f"--vram {value!r}: expected GiB per GPU, e.g. 24 or 24,24") from e
 
 
+def _check_gib_list(value: str | None) -> str | None:
+    gib_list(value)
+    return value
+
+
 ModelArg = Annotated[str, typer.Argument(help="Registry name (see `dsv4 models`), Hub repo id `org/name`, or a path.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 VramOpt = Annotated[
-    str | None, typer.Option("--vram", help="GiB per GPU, comma-separated, e.g. 24 or 24,24 (default: detected).")
+    str | None,
+    typer.Option(
+        "--vram", callback=_check_gib_list, help="GiB per GPU, comma-separated, e.g. 24 or 24,24 (default: detected)."
+    ),
 ]
 RamOpt = Annotated[float | None, typer.Option("--ram", help="Host RAM budget in GiB (default: available now).")]
 ExpertsOpt = Annotated[
