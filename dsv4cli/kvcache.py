@@ -61,6 +61,7 @@ class KvType:
 
 # The cache types dsv4 offers (`--kv-type`, a plan's type_k/type_v), with ggml.h's type ids.
 KV_TYPES = {"f16": KvType(1, 1, 2), "q8_0": KvType(8, 32, 34)}
+DEFAULT_KV_TYPE = "f16"  # llama.cpp's default cache type
 
 # Weights of (scores, mask, logits, stream); see the module docstring.
 COMPUTE_WEIGHTS = (1.1186, 2.1068, 0.0, 2.7769)
@@ -142,7 +143,7 @@ def _row_bytes(width: int, kv_type: str) -> int:
     return width // t.block * t.block_bytes
 
 
-def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = "f16") -> KvCache:
+def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = DEFAULT_KV_TYPE) -> KvCache:
     """The cache llama.cpp allocates for one sequence with swa_full off."""
     n_ctx = pad(n_ctx)
     raw_cells = min(n_ctx, pad(dims.sliding_window + n_ubatch))

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, KvTypeOpt, ModelArg, RamOpt, VramOpt, gib_list
+from dsv4cli.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -25,7 +26,7 @@ def plan(
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Forbid weights memory-mapped from disk.")] = False,
     ctx: Annotated[int | None, typer.Option(help="Context length (default: 32768 or the model's limit).")] = None,
     ubatch: Annotated[int, typer.Option(help="Micro-batch size (sets the compute buffer).")] = 512,
-    kv_type: KvTypeOpt = "f16",
+    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
     margin: Annotated[float, typer.Option(help="GiB kept free on each GPU.")] = 1.0,
     experts: ExpertsOpt = DEFAULT_EXPERTS,
     dense: DenseOpt = DEFAULT_DENSE,

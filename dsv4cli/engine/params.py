@@ -12,7 +12,7 @@ from typing import Any
 
 from dsv4cli.errors import UsageError
 from dsv4cli.hardware import cpu_threads
-from dsv4cli.kvcache import KV_TYPES
+from dsv4cli.kvcache import DEFAULT_KV_TYPE, KV_TYPES
 
 HOST_BUFFER = "CPU"  # the only buffer type a tensor override may name: keep the tensor in host RAM
 
@@ -28,7 +28,7 @@ class LoadParams:
     use_mmap: bool = True
     use_mlock: bool = False
     flash_attn: bool = False
-    kv_type: str = "f16"  # K and V alike: deepseek4 keeps one K-only cache (docs/formats.md §KV cache)
+    kv_type: str = DEFAULT_KV_TYPE  # K and V alike: deepseek4 keeps one K-only cache (docs/formats.md §KV cache)
     n_threads: int = field(default_factory=cpu_threads)
     # Recurrent-state snapshots for rollback (docs/formats.md §KV cache). They reach back only inside the last
     # llama_decode call (one token after generation) and are copied on every decode: 1 snapshot measured 9%
@@ -61,7 +61,7 @@ class LoadParams:
     @classmethod
     def from_dict(cls, llama: dict[str, Any]) -> LoadParams:
         """Parameters from a plan file's "llama" section; missing keys take the defaults."""
-        if llama.get("type_k", "f16") != llama.get("type_v", "f16"):
+        if llama.get("type_k", DEFAULT_KV_TYPE) != llama.get("type_v", DEFAULT_KV_TYPE):
             raise UsageError("plan: type_k and type_v must be equal for deepseek4", hint="re-run `dsv4 plan`")
         host = []
         for entry in llama.get("override_tensor", []):
@@ -78,7 +78,7 @@ class LoadParams:
             use_mmap=bool(llama.get("use_mmap", True)),
             use_mlock=bool(llama.get("use_mlock", False)),
             flash_attn=bool(llama.get("flash_attn", False)),
-            kv_type=str(llama.get("type_k", "f16")),
+            kv_type=str(llama.get("type_k", DEFAULT_KV_TYPE)),
             n_threads=int(llama.get("n_threads") or cpu_threads()),
         )
 

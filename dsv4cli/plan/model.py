@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli.engine.params import LoadParams
-from dsv4cli.kvcache import KvCache
+from dsv4cli.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.source import ModelSource
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -28,7 +28,7 @@ class PlanInputs:
     no_disk: bool = False
     ctx: int | None = None  # None: DEFAULT_CTX capped at the model's context length
     ubatch: int = DEFAULT_UBATCH
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_TYPE
     margin_gib: float = DEFAULT_MARGIN_GIB
     experts: str = DEFAULT_EXPERTS
     dense: str = DEFAULT_DENSE
@@ -140,4 +140,4 @@ class Plan:
 
 def flash_attn(inputs: PlanInputs, *, gpu: bool) -> bool:
     """On for GPUs (smaller compute buffer) and for a quantized cache; llama-cpp-python's CPU default otherwise."""
-    return gpu or inputs.kv_type != "f16"
+    return gpu or inputs.kv_type != DEFAULT_KV_TYPE
