@@ -1,6 +1,6 @@
 """The `dsv4` command line: the typer app, command registration and the one error path.
 
-Each command lives in its own module here and only parses and prints; the work is in `dsv4cli/*.py`
+Each command lives in its own module here and only parses and prints; the work is in the rest of `dsv4cli`
 and `quant/`. Errors are raised as typed exceptions and turned into one line by `main()`.
 """
 
