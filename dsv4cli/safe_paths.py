@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import stat
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 from dsv4cli.errors import UnsafePathError
 
@@ -118,13 +118,33 @@ def _refuse_or_name(e: OSError, path: Path) -> None:
     raise e
 
 
+class SafeFile(io.FileIO):
+    """An unbuffered file whose read/write errors name its path (the OS leaves ENOSPC unnamed)."""
+
+    path = ""
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        try:
+            return super().write(data)  # type: ignore[arg-type]
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        try:
+            return super().read(size) or b""
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+
+
 def _split(rel: str) -> tuple[list[str], str]:
     parts = rel.split("/")
     return parts[:-1], parts[-1]
 
 
-def open_file(root: Path, rel: str, mode: str) -> BinaryIO:
-    """Open root/rel ('rb', 'wb', 'ab' or 'r+b') without following a symlink anywhere below root.
+def open_file(root: Path, rel: str, mode: str) -> SafeFile:
+    """Open root/rel ('rb', 'wb' or 'ab') without following a symlink anywhere below root.
 
     Only a regular file is ever opened (a FIFO or device planted there is refused), and writing modes create
     the parent folders the same careful way.
@@ -143,7 +163,9 @@ def open_file(root: Path, rel: str, mode: str) -> BinaryIO:
         _refuse_or_name(OSError(errno.ENXIO, "not a regular file"), path)
     if mode == "ab":
         os.lseek(fd, 0, os.SEEK_END)
-    return os.fdopen(fd, mode)
+    f = SafeFile(fd, mode)
+    f.path = str(path)
+    return f
 
 
 def read_small_file(path: Path, limit: int) -> bytes:

@@ -9,6 +9,7 @@ name carried it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -239,20 +240,26 @@ def test_dry_run_of_an_existing_pull_changes_nothing(dsv4, hub, tmp_path, target
     assert snapshot(tmp_path) == before
 
 
-@pytest.fixture
-def readonly_dir(tmp_path: Path):
-    """A tmpfs mounted read-only (root ignores permission bits, so chmod cannot make a folder read-only)."""
-    mount = tmp_path / "ro"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: int):
+    """A tmpfs of `size` bytes at `mount`, or a skip where this machine cannot mount one (not root, no caps)."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'mount failed'})")
     try:
-        (mount / "existing").mkdir()
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path):
+    """A tmpfs remounted read-only (root ignores permission bits, so chmod cannot make a folder read-only)."""
+    with tmpfs(tmp_path / "ro", 4 << 20) as mount:
+        (mount / "existing").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        yield mount
 
 
 @pytest.mark.parametrize("where", ["existing", "new/deeper"])
@@ -272,47 +279,31 @@ def test_permission_denied_is_one_line(dsv4, hub, tmp_path):
     assert "permission denied" in line and str(locked) in line
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 2 MiB tmpfs: smaller than the served repo."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'mount failed'})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
-
-
-def test_disk_filling_up_midway_is_one_true_line(hub, small_disk, python, tiny_checkpoint):
+def test_disk_filling_up_midway_is_one_true_line(hub, tmp_path, python, tiny_checkpoint):
     """The free-space check passes, then something else fills the disk while the download runs."""
-    hub.faults.bytes_per_second = 1 << 20
-    folder = small_disk / "out"
-    command = [python, "-m", "dsv4cli", "pull", REPO, "--dir", str(folder), "--include", SHARD]
-    if (tiny_checkpoint / SHARD).stat().st_size >= 2 << 20:
-        pytest.skip("the shard does not fit the small disk")
-    child = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
-    part = folder / PARTIAL_DIR / f"{SHARD}.part"
-    deadline = time.monotonic() + 30
-    while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with open(small_disk / "filler", "wb") as f:
-        try:
+    shard = (tiny_checkpoint / SHARD).read_bytes()
+    with tmpfs(tmp_path / "small", len(shard) + (512 << 10)) as disk:
+        hub.faults.bytes_per_second = 1 << 20
+        folder = disk / "out"
+        command = [python, "-m", "dsv4cli", "pull", REPO, "--dir", str(folder), "--include", SHARD]
+        child = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
+        part = folder / PARTIAL_DIR / f"{SHARD}.part"
+        deadline = time.monotonic() + 30
+        while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 65536)
-        except OSError:
-            pass
-    _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 1 and "Traceback" not in stderr, stderr
-    line = stderr.strip().splitlines()[-1]
-    assert line.startswith("error: disk full writing") and SHARD in line and "partial downloads are kept" in line
-    (small_disk / "filler").unlink()
-    done = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True, timeout=60)
-    hub.faults.bytes_per_second = None
-    assert done.returncode == 0, done.stderr
-    assert (folder / SHARD).read_bytes() == (tiny_checkpoint / SHARD).read_bytes()
+                f.flush()
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 1 and "Traceback" not in stderr, stderr
+        line = stderr.strip().splitlines()[-1]
+        assert line.startswith("error: disk full writing") and SHARD in line and "partial downloads are kept" in line
+        (disk / "filler").unlink()
+        hub.faults.bytes_per_second = None
+        done = subprocess.run(command, env=os.environ, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (folder / SHARD).read_bytes() == shard
 
 
 def test_os_write_errors_are_one_line_naming_the_file():
