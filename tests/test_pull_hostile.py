@@ -21,23 +21,15 @@ import pytest
 
 from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
 from dsv4cli.pull import PARTIAL_DIR
+from tests import test_pull
 from tests.hub_server import HubServer
 from tests.test_pull import REPO, SHARD, assert_complete, file_requests, served_files
 
 EVIL = b'{"evil": true}\n'
 
 
-@pytest.fixture
-def hub(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
-    with HubServer(tiny_checkpoint, REPO) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Path:
-    return tmp_path / "out"
+# The served repo and the target folder are those of the well-behaved pull tests.
+hub, repo_dir, target = test_pull.hub, test_pull.repo_dir, test_pull.target
 
 
 def snapshot(root: Path, *, skip: Path | None = None) -> dict[str, tuple[str, int, str]]:
