@@ -37,6 +37,8 @@ MAX_FILES = 100_000  # far above any real checkpoint; bounds the work a hostile 
 MAX_FILE_BYTES = 1 << 50
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+# A redirect loop, or one to a scheme or URL httpx cannot follow: the same answer on every retry.
+_BROKEN_REDIRECT = (httpx2.TooManyRedirects, httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.DecodingError)
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,15 @@ def list_repo(repo: str, revision: str) -> RepoListing:
             if status in _TRANSIENT_STATUS:
                 raise TransientError(f"HTTP {status} from {endpoint()}") from e
             raise _hub_error(e, repo=repo, revision=revision) from e
+        except _BROKEN_REDIRECT as e:
+            raise DownloadError(f"{repo}: {type(e).__name__} from {endpoint()}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"cannot reach {endpoint()} ({type(e).__name__}: {e})") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # huggingface_hub parsing a bad answer
+            raise IntegrityError(
+                f"{repo}: the Hub answered with a malformed listing ({type(e).__name__}: {e})",
+                hint="nothing was written; the repo is malformed or hostile",
+            ) from e
 
     info = with_retries(call, what=f"{repo} metadata")
     files = tuple(
@@ -293,6 +302,8 @@ class Transfer:
                         f.write(chunk)
                         self._hasher.update(chunk)
                         self.on_bytes(len(chunk))
+        except _BROKEN_REDIRECT as e:  # retrying cannot help
+            raise DownloadError(f"{self.listing.repo}/{self.remote.path}: {type(e).__name__}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"{type(e).__name__}: {e or 'connection lost'}") from e
         if self._hasher.size < self.remote.size:

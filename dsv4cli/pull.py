@@ -18,6 +18,7 @@ through dsv4cli.safe_paths (no symlink is followed below the folder), and a dry 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
@@ -142,7 +143,14 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
         return _survey(spec, options, folder, listing, mode="dry-run")[0]
     if spec.builtin and not options.verify:
         _check_builtin_target(folder)
-    with safe_paths.folder_lock(folder, LOCK_NAME, what="`dsv4 pull`", on_wait=progress.note):
+    # A verify of a folder that is not there has nothing to protect, and must not create it.
+    nothing_there = options.verify and not folder.is_dir()
+    lock = (
+        contextlib.nullcontext()
+        if nothing_there
+        else safe_paths.folder_lock(folder, LOCK_NAME, what="`dsv4 pull`", on_wait=progress.note)
+    )
+    with lock:
         if spec.builtin and not options.verify:
             _write_builtin(spec, folder)
         listing = listing or _listing(spec, options, folder)  # the manifest, read once the folder is ours
@@ -246,6 +254,15 @@ def _listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hub.RepoLis
         assert spec.repo is not None
         listing = hub.list_repo(spec.repo, options.revision or spec.revision)
     hub.check_listing(listing, reserved_prefix=STATE_PREFIX)
+    # Partial files live side by side under PARTIAL_DIR: `d` and `d.part/x` would need `d.part` as both.
+    clash = safe_paths.listing_problem(_part(f.path) for f in listing.files)
+    if clash:
+        name = clash[0].removeprefix(f"{PARTIAL_DIR}/").removesuffix(".part")
+        raise UnsafePathError(
+            f"{listing.repo}: refusing file name {safe_paths.readable_name(name)} from the listing: its partial "
+            "file would clash with another listed file",
+            hint="nothing was written; the repo is malformed or hostile",
+        )
     return listing
 
 

@@ -54,27 +54,27 @@ def name_problem(name: object) -> str | None:
 def listing_problem(names: Iterable[str], *, reserved_prefix: str = "") -> tuple[str, str] | None:
     """The first (name, why) that makes a set of file names unsafe to create together, or None.
 
-    Beyond each name on its own: no duplicates (case-insensitively, as macOS and Windows compare), no name that
-    is also another's folder, and no top-level name starting with `reserved_prefix` (where dsv4 keeps state).
+    Beyond each name on its own: no duplicates (ignoring case and Unicode normalisation, as macOS and Windows
+    compare names), no name that is also another's folder, and no top-level name starting with
+    `reserved_prefix` (where dsv4 keeps its state).
     """
     reserved_prefix = reserved_prefix.casefold()
-    seen: set[str] = set()
+    keys: dict[str, str] = {}
     folders: set[str] = set()
-    names = list(names)
     for name in names:
         why = name_problem(name)
         if why:
             return name, why
-        key = name.casefold()
+        key = unicodedata.normalize("NFC", name).casefold()
         if reserved_prefix and key.startswith(reserved_prefix):
             return name, "uses a name dsv4 keeps for its own state"
-        if key in seen:
+        if key in keys:
             return name, "is listed twice"
-        seen.add(key)
+        keys[key] = name
         parts = key.split("/")
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    clash = next((n for n in names if n.casefold() in folders), None)
-    return (clash, "is both a file and a folder in the listing") if clash is not None else None
+    clash = next((key for key in keys if key in folders), None)
+    return (keys[clash], "is both a file and a folder in the listing") if clash is not None else None
 
 
 def readable_name(name: object) -> str:

@@ -45,6 +45,8 @@ class Faults:
     oversize: dict[str, int] = field(default_factory=dict)  # path -> extra bytes sent after the listed body
     chunked: bool = False  # bodies with Transfer-Encoding: chunked and no Content-Length
     change_after_listing: dict[str, bytes] = field(default_factory=dict)  # path -> bytes served after 1st listing
+    listing_body: bytes | None = None  # served as the listing (model_info/tree) instead of the honest one
+    redirect_to: str | None = None  # answer file requests with a 302 to this Location
 
 
 @dataclass(frozen=True)
@@ -199,11 +201,13 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 if not self._known(m["repo"], m["rev"] or "main", path):
                     return None
                 payload = hub.tree() if m["kind"] == "tree" else hub.model_info()
-                self._send_json(200, payload, path=path)
+                self._send_json(200, payload, path=path, raw=hub.faults.listing_body)
                 return self._after_listing()
             if m := resolve.match(path):
                 if not self._known(m["repo"], m["rev"], path):
                     return None
+                if hub.faults.redirect_to is not None:
+                    return self._redirect(hub.faults.redirect_to, path=path)
                 entry = hub.entries.get(m["path"])
                 if entry is None:
                     return self._send_json(404, {"error": "Entry not found"}, path=path, code="EntryNotFound")
@@ -231,9 +235,18 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             with hub.lock:
                 hub.log.append(LoggedRequest(self.command, path, self.headers.get("Range"), status))
 
-        def _send_json(self, status: int, payload: Any, *, path: str = "", code: str | None = None) -> None:
+        def _redirect(self, location: str, *, path: str) -> None:
+            self._record(path, 302)
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _send_json(
+            self, status: int, payload: Any, *, path: str = "", code: str | None = None, raw: bytes | None = None
+        ) -> None:
             self._record(path, status)
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload).encode() if raw is None else raw
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -89,15 +89,18 @@ def hostile_names(tmp_path: Path) -> list[str]:
         ".DSV4-PULL.JSON",
         "config.json/inner.json",  # a listed file used as a folder
         "CONFIG.JSON",  # the same file on a case-insensitive disk
+        "config.json.part/x.json",  # where config.json's partial file goes
+        "caf\u00e9.json",  # listed twice: composed here, decomposed below
     ]
 
 
 def test_hostile_names_are_refused_before_anything_is_written(dsv4, hub, tmp_path, target):
     before = snapshot(tmp_path)
+    hub.add_file("cafe\u0301.json", EVIL)
     for name in hostile_names(tmp_path):
         hub.add_file(name, EVIL)
         line = one_line_error(dsv4("pull", REPO, "--dir", str(target)))
-        assert REPO in line and "refusing file name" in line, line
+        assert REPO in line and "refusing file name" in line and "nothing was written" in line, line
         assert snapshot(tmp_path) == before, name
         del hub.entries[name]
     assert file_requests(hub) == 0
@@ -338,3 +341,32 @@ def test_garbage_manifest_offline_is_one_line(dsv4, target, monkeypatch):
     (target / MANIFEST_NAME).write_text(json.dumps({"repo": REPO, "revision": "x", "files": {"../../x": {"size": 1}}}))
     line = one_line_error(dsv4("pull", REPO, "--dir", str(target)))
     assert MANIFEST_NAME in line or "../../x" in line
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'"a string"',
+        b"[]",
+        b'{"id": "x", "sha": "abc", "siblings": 5}',
+        b'{"id": "x", "sha": "abc", "siblings": [{"size": 1}]}',
+        b'{"id": "x", "sha": "abc", "siblings": [{"rfilename": "../x", "size": 1, "blobId": null}]}',
+        b'{"id": "x", "sha": 12, "siblings": [{"rfilename": "a", "size": 1, "blobId": "' + b"0" * 40 + b'"}]}',
+        b'{"id": "x", "sha": "a\\nb", "siblings": []}',
+    ],
+)
+def test_malformed_listing_json_is_one_line(dsv4, hub, tmp_path, target, body):
+    hub.faults.listing_body = body
+    before = snapshot(tmp_path)
+    one_line_error(dsv4("pull", REPO, "--dir", str(target)))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("location", ["self", "file:///etc/passwd", "ftp://127.0.0.1/x", "http://[::1"])
+def test_hostile_redirects_are_one_line(dsv4, hub, tmp_path, target, location):
+    hub.faults.redirect_to = f"{hub.url}/{REPO}/resolve/main/config.json" if location == "self" else location
+    outside = snapshot(tmp_path, skip=target)
+    line = one_line_error(dsv4("pull", REPO, "--dir", str(target), "--include", "config.json"))
+    assert "config.json" in line
+    assert snapshot(tmp_path, skip=target) == outside and not (target / "config.json").exists()
