@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from dsv4cli.errors import UnsafePathError
 
@@ -107,11 +108,11 @@ def _opened_dir(root: Path, parts: list[str], *, create: bool) -> Iterator[int]:
         os.close(fd)
 
 
-def _refuse_or_name(e: OSError, path: Path) -> None:
+def _refuse_or_name(e: OSError, path: Path) -> NoReturn:
     """Turn 'a symlink, FIFO or socket is there' into UnsafePathError; give other OS errors the full path."""
     if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
         raise UnsafePathError(
-            f"{path} is a symlink or not a regular file or folder; refusing to use it",
+            f"{path} is a symlink, a hard link or not a regular file or folder; refusing to use it",
             hint="remove it (dsv4 never creates symlinks) and run the command again",
         ) from e
     e.filename = str(path)
@@ -124,11 +125,16 @@ class SafeFile(io.FileIO):
     path = ""
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
+        """Write all of `data` (a raw write may stop short, e.g. just before the disk is full)."""
+        view = memoryview(data)
+        done = 0
         try:
-            return super().write(data)  # type: ignore[arg-type]
+            while done < len(view):
+                done += super().write(view[done:]) or 0
         except OSError as e:
             e.filename = e.filename or self.path
             raise
+        return done
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
         try:
@@ -146,10 +152,11 @@ def _split(rel: str) -> tuple[list[str], str]:
 def open_file(root: Path, rel: str, mode: str) -> SafeFile:
     """Open root/rel ('rb', 'wb' or 'ab') without following a symlink anywhere below root.
 
-    Only a regular file is ever opened (a FIFO or device planted there is refused), and writing modes create
-    the parent folders the same careful way.
+    Only a regular file is ever opened (a FIFO or device planted there is refused), a file is written only if
+    it has no other hard link (one planted to a file elsewhere would carry the writes there), and writing modes
+    create the parent folders the same careful way.
     """
-    flags = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ab": os.O_WRONLY | os.O_CREAT}[mode]
+    flags = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT, "ab": os.O_WRONLY | os.O_CREAT}[mode]
     parents, name = _split(rel)
     path = root / rel
     with _opened_dir(root, parents, create=mode != "rb") as dir_fd:
@@ -158,10 +165,13 @@ def open_file(root: Path, rel: str, mode: str) -> SafeFile:
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666, dir_fd=dir_fd)
         except OSError as e:
             _refuse_or_name(e, path)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (mode != "rb" and st.st_nlink > 1):
         os.close(fd)
         _refuse_or_name(OSError(errno.ENXIO, "not a regular file"), path)
-    if mode == "ab":
+    if mode == "wb":
+        os.ftruncate(fd, 0)
+    elif mode == "ab":
         os.lseek(fd, 0, os.SEEK_END)
     f = SafeFile(fd, mode)
     f.path = str(path)

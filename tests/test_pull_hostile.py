@@ -159,14 +159,16 @@ def test_repo_changing_between_listing_and_download_never_verifies(dsv4, hub, ta
     assert not (target / PARTIAL_DIR / f"{SHARD}.part").exists() or change == "same-size"
 
 
-def test_symlinked_part_file_is_not_followed(dsv4, hub, tmp_path, target):
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_linked_part_file_is_not_written_through(dsv4, hub, tmp_path, target, link):
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")
     (target / PARTIAL_DIR).mkdir(parents=True)
-    (target / PARTIAL_DIR / f"{SHARD}.part").symlink_to(victim)
+    part = target / PARTIAL_DIR / f"{SHARD}.part"
+    part.symlink_to(victim) if link == "symlink" else part.hardlink_to(victim)
     outside = snapshot(tmp_path, skip=target)
     line = one_line_error(dsv4("pull", REPO, "--dir", str(target)))
-    assert f"{SHARD}.part" in line and "symlink" in line
+    assert f"{SHARD}.part" in line and link[:4] in line
     assert victim.read_bytes() == b"precious" and snapshot(tmp_path, skip=target) == outside
 
 
