@@ -120,6 +120,8 @@ class ModelSpec:
             )
         if self.repo is not None and not _is_repo_id(self.repo):
             raise RegistryError(f"{where}: repo must be a Hub repo id like 'org/name', got {self.repo!r}")
+        if not self.description.isprintable():
+            raise RegistryError(f"{where}: description must be one line of printable text")
         if name_problem(self.revision):
             raise RegistryError(f"{where}: revision must be a branch, tag or commit, got {self.revision!r}")
         if self.expert_dtype not in EXPERT_DTYPES:

@@ -267,6 +267,14 @@ def test_read_only_folder_is_one_true_line(dsv4, hub, readonly_dir, where):
     assert "not enough free disk" not in line
 
 
+@pytest.mark.parametrize("where", ["file", "long"])
+def test_unusable_dir_is_one_line(dsv4, hub, tmp_path, where):
+    (tmp_path / "a-file").write_text("x")
+    folder = tmp_path / "a-file" / "out" if where == "file" else tmp_path / ("x" * 300)
+    line = one_line_error(dsv4("pull", REPO, "--dir", str(folder)))
+    assert str(tmp_path) in line
+
+
 def test_permission_denied_is_one_line(dsv4, hub, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("running as root: permission bits do not stop root (the read-only mount test covers writes)")
@@ -372,3 +380,21 @@ def test_hostile_redirects_are_one_line(dsv4, hub, tmp_path, target, location):
     line = one_line_error(dsv4("pull", REPO, "--dir", str(target), "--include", "config.json"))
     assert "config.json" in line
     assert snapshot(tmp_path, skip=target) == outside and not (target / "config.json").exists()
+
+
+def test_ordinary_repo_names_are_accepted():
+    from dsv4cli.safe_paths import listing_problem
+
+    names = [
+        ".gitattributes",
+        "README.md",
+        "LICENSE",
+        "config.json",
+        "inference/model.py",
+        "inference/kernel/fp8 gemm.py",
+        "figures/résumé-日本語.png",
+        "model-00001-of-00046.safetensors",
+        "a.b/c-d_e+f@g~h,i=j.txt",
+        "/".join(["d"] * 31) + "/f",
+    ]
+    assert listing_problem(names, reserved_prefix=".dsv4-") is None

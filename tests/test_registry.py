@@ -173,6 +173,7 @@ def test_path_like_names_are_rejected(isolated_env: Path, name: str) -> None:
         '[models.x]\nbuiltin = "yes"\n',
         '[models.x]\nrepo = "a/b"\ndownload_bytes = true\n',
         '[models.x]\nrepo = "a/b"\nconfig = 5\n',
+        '[models.x]\nrepo = "a/b"\ndescription = "\\u001b[2J wiped"\n',
         "models = 3\n",
         "[models]\nx = 3\n",
     ],

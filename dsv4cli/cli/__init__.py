@@ -54,6 +54,10 @@ _OS_ERRORS = {
     errno.EROFS: ("read-only file system", "choose a writable location (--dir, -o) or remount it read-write"),
     errno.EACCES: ("permission denied", "fix the permissions or choose another location (--dir, -o)"),
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another location (--dir, -o)"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.ENOTDIR: ("a part of the path is not a folder", "choose another location (--dir, -o)"),
+    errno.EISDIR: ("a folder is where a file should be", "choose another path or move the folder"),
+    errno.ELOOP: ("too many levels of symlinks", "fix the symlinks in the path"),
 }
 
 
