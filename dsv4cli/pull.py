@@ -40,6 +40,7 @@ from dsv4cli.ui import human_bytes
 PARTIAL_DIR = ".dsv4-partial"
 JOURNAL_NAME = "verified.jsonl"
 BUILTIN_REVISION = "builtin"
+BUILTIN_STAGING = "builtin-"  # built-in files are written under PARTIAL_DIR/builtin-XXXX, then moved into place
 MAX_STATE_BYTES = 64 << 20  # the manifest and journal are ours, but read as untrusted: bounded
 
 
@@ -220,17 +221,22 @@ def _write_builtin(spec: ModelSpec, folder: Path) -> None:
     _check_builtin_target(folder)
     from dsv4cli.tiny import write_tiny_checkpoint
 
-    staging = f"{PARTIAL_DIR}/builtin"
     folder.mkdir(parents=True, exist_ok=True)
     safe_paths.make_dirs(folder, PARTIAL_DIR)
-    write_tiny_checkpoint(spec, folder / staging)
+    for stale in (folder / PARTIAL_DIR).glob(f"{BUILTIN_STAGING}*"):  # left by an interrupted run
+        if _is_real_dir(stale):
+            shutil.rmtree(stale)
+    # A fresh, uniquely named folder: nothing can have been planted in it.
+    workdir = Path(tempfile.mkdtemp(prefix=BUILTIN_STAGING, dir=folder / PARTIAL_DIR))
+    write_tiny_checkpoint(spec, workdir / "checkpoint")
+    staging = (workdir / "checkpoint").relative_to(folder).as_posix()
     files = []
-    for path in sorted(p for p in (folder / staging).rglob("*") if p.is_file()):
-        rel = path.relative_to(folder / staging).as_posix()
+    for path in sorted(p for p in (workdir / "checkpoint").rglob("*") if p.is_file()):
+        rel = path.relative_to(workdir / "checkpoint").as_posix()
         hasher = hub.hash_file(folder, f"{staging}/{rel}", hub.RemoteFile(rel, path.stat().st_size))
         files.append(hub.RemoteFile(rel, hasher.size, sha256=hasher.sha256.hexdigest()))
         safe_paths.replace(folder, f"{staging}/{rel}", rel)
-    shutil.rmtree(folder / staging)
+    shutil.rmtree(workdir)
     listing = hub.RepoListing(repo=f"builtin:{spec.name}", revision=BUILTIN_REVISION, files=tuple(files))
     _write_manifest(folder, listing, files)
 

@@ -398,3 +398,19 @@ def test_ordinary_repo_names_are_accepted():
         "/".join(["d"] * 31) + "/f",
     ]
     assert listing_problem(names, reserved_prefix=".dsv4-") is None
+
+
+def test_builtin_pull_ignores_links_planted_in_its_staging(dsv4, tmp_path, tiny_checkpoint):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    target = tmp_path / "tiny"
+    (target / PARTIAL_DIR / "builtin-stale").mkdir(parents=True)
+    (target / PARTIAL_DIR / "builtin-stale" / "link").symlink_to(victim, target_is_directory=True)
+    (target / PARTIAL_DIR / "builtin-link").symlink_to(victim, target_is_directory=True)
+    (target / "config.json").symlink_to(victim / "keep.txt")
+    outside = snapshot(tmp_path, skip=target)
+    result = dsv4("pull", "tiny", "--dir", str(target))
+    assert result.code == 0, result.stderr
+    assert snapshot(tmp_path, skip=target) == outside
+    assert (target / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
