@@ -55,3 +55,8 @@ class PlanError(Dsv4Error, ValueError):
 
 class RuntimeLoadError(Dsv4Error, RuntimeError):
     """A GGUF that the bundled llama.cpp cannot or should not load."""
+
+
+class UnsafePathError(Dsv4Error, ValueError):
+    """A file name from untrusted input (a Hub listing, a manifest, a registry entry) that is not a safe
+    relative path, or a symlink planted where dsv4 writes."""

@@ -4,12 +4,16 @@ huggingface_hub gives us the endpoint, auth headers, file URLs, LFS sha256 value
 not (2.4.0, measured) hash-check downloads, resume a partial file in a new process, or retry a 503, so the
 transfer is done here: Range-resumed from `<file>.part`, retried with exponential backoff, hashed while
 streaming. Environment variables are read at call time (huggingface_hub's constants are fixed at import).
+
+A repo is untrusted input: `check_listing` rejects unsafe names and malformed sizes or digests before anything
+is created, and a transfer never writes past the size the listing announced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -22,12 +26,19 @@ from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import build_hf_headers
 
-from dsv4cli.errors import AuthError, DownloadError, NotFoundOnHubError
+from dsv4cli import safe_paths
+from dsv4cli.errors import AuthError, DownloadError, IntegrityError, NotFoundOnHubError, UnsafePathError
 
 CHUNK = 8 << 20
 MAX_ATTEMPTS = 6
 RESUME_HINT = "partial files are kept; run the same command again to resume"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_FILES = 100_000  # far above any real checkpoint; bounds the work a hostile listing can ask for
+MAX_FILE_BYTES = 1 << 50
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+# A redirect loop, or one to a scheme or URL httpx cannot follow: the same answer on every retry.
+_BROKEN_REDIRECT = (httpx2.TooManyRedirects, httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.DecodingError)
 
 
 @dataclass(frozen=True)
@@ -84,20 +95,70 @@ def list_repo(repo: str, revision: str) -> RepoListing:
             if status in _TRANSIENT_STATUS:
                 raise TransientError(f"HTTP {status} from {endpoint()}") from e
             raise _hub_error(e, repo=repo, revision=revision) from e
+        except _BROKEN_REDIRECT as e:
+            raise DownloadError(f"{repo}: {type(e).__name__} from {endpoint()}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"cannot reach {endpoint()} ({type(e).__name__}: {e})") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # huggingface_hub parsing a bad answer
+            raise IntegrityError(
+                f"{repo}: the Hub answered with a malformed listing ({type(e).__name__}: {e})",
+                hint="nothing was written; the repo is malformed or hostile",
+            ) from e
 
     info = with_retries(call, what=f"{repo} metadata")
     files = tuple(
         RemoteFile(
             path=s.rfilename,
-            size=s.lfs.size if s.lfs else (s.size or 0),
+            size=s.lfs.size if s.lfs else s.size,
             sha256=s.lfs.sha256 if s.lfs else None,
             blob_id=s.blob_id,
         )
         for s in info.siblings or []
     )
     return RepoListing(repo=repo, revision=info.sha or revision, files=files)
+
+
+def check_listing(listing: RepoListing, *, reserved_prefix: str) -> None:
+    """Refuse a listing that could write outside the target or that cannot be verified, before any write.
+
+    Every name must be a safe relative path (dsv4cli.safe_paths), the set must be creatable together and leave
+    names starting with `reserved_prefix` to dsv4; every size must be a plausible byte count and every file
+    must carry a digest to check the bytes against.
+    """
+    revision = listing.revision
+    if not (isinstance(revision, str) and revision.isprintable() and 0 < len(revision) <= 256):
+        raise IntegrityError(
+            f"{listing.repo}: the Hub answered with a malformed commit id {safe_paths.readable_name(revision)}"
+        )
+    where = f"{listing.repo}@{revision[:12]}"
+    if len(listing.files) > MAX_FILES:
+        raise UnsafePathError(f"{where}: the listing has {len(listing.files)} files (at most {MAX_FILES} accepted)")
+    problem = safe_paths.listing_problem((f.path for f in listing.files), reserved_prefix=reserved_prefix)
+    if problem:
+        name, why = problem
+        raise UnsafePathError(
+            f"{where}: refusing file name {safe_paths.readable_name(name)} from the Hub listing: it {why}",
+            hint="nothing was written; the repo is malformed or hostile",
+        )
+    for f in listing.files:
+        why = _entry_problem(f)
+        if why:
+            raise IntegrityError(
+                f"{where}: {safe_paths.readable_name(f.path)} in the Hub listing {why}",
+                hint="nothing was written; the repo is malformed or hostile",
+            )
+
+
+def _entry_problem(f: RemoteFile) -> str | None:
+    if type(f.size) is not int or not 0 <= f.size <= MAX_FILE_BYTES:
+        return f"has an invalid size ({f.size!r}; a byte count up to 2**50 expected)"
+    if f.sha256 is not None and not (isinstance(f.sha256, str) and _SHA256.fullmatch(f.sha256)):
+        return f"has a malformed sha256 ({f.sha256!r})"
+    if f.blob_id is not None and not (isinstance(f.blob_id, str) and _SHA1.fullmatch(f.blob_id)):
+        return f"has a malformed git blob id ({f.blob_id!r})"
+    if f.sha256 is None and f.blob_id is None:
+        return "has neither a sha256 nor a git blob id to verify it against"
+    return None
 
 
 def _hub_error(e: HfHubHTTPError, *, repo: str, revision: str) -> Exception:
@@ -159,11 +220,12 @@ class FileHasher:
         return None
 
 
-def hash_file(path: Path, remote: RemoteFile, *, on_bytes: Callable[[int], None] | None = None) -> FileHasher:
-    """Hash a file on disk in chunks (never holding it)."""
+def hash_file(root: Path, rel: str, remote: RemoteFile, *, on_bytes: Callable[[int], None] | None = None) -> FileHasher:
+    """Hash root/rel in chunks (never holding it, never following a symlink); reads at most one byte past
+    the expected size, so a file that is longer, or keeps growing, costs no more than the real one."""
     hasher = FileHasher(remote)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+    with safe_paths.open_file(root, rel, "rb") as f:
+        while hasher.size <= remote.size and (chunk := f.read(min(CHUNK, remote.size + 1 - hasher.size))):
             hasher.update(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
@@ -177,41 +239,51 @@ def open_client() -> httpx2.Client:
 
 @dataclass
 class Transfer:
-    """One file download into `part`: resumed from the bytes already there, hashed as it streams."""
+    """One file download into root/part: resumed from the bytes already there, hashed as it streams, and
+    never longer than the listing's size (a longer body is an integrity error and the part is deleted)."""
 
     client: httpx2.Client
     listing: RepoListing
     remote: RemoteFile
-    part: Path
+    root: Path
+    part: str  # relative to root; opened through dsv4cli.safe_paths only
     on_bytes: Callable[[int], None]
     stop: threading.Event
 
     def run(self) -> FileHasher:
-        """Download until `part` holds the whole file; returns its hasher (the caller checks it)."""
-        self.part.parent.mkdir(parents=True, exist_ok=True)
-        self.part.touch()
-        self._hasher = hash_file(self.part, self.remote) if self.part.stat().st_size else FileHasher(self.remote)
+        """Download until the part holds the whole file; returns its hasher (the caller checks it)."""
+        with safe_paths.open_file(self.root, self.part, "ab"):
+            pass
+        self._hasher = self._hash_part()
         self.on_bytes(self._hasher.size)
         return with_retries(self._attempt, what=self.remote.path, stop=self.stop)
 
     def restart(self) -> None:
-        """Throw away what is in `part` (a hash mismatch, or a server that ignored our Range)."""
-        self.on_bytes(-self.part.stat().st_size if self.part.exists() else 0)
-        self.part.write_bytes(b"")
+        """Throw away what is in the part (a hash mismatch, or a server that ignored our Range)."""
+        self.on_bytes(-(safe_paths.file_size(self.root, self.part) or 0))
+        with safe_paths.open_file(self.root, self.part, "wb"):
+            pass
         self._hasher = FileHasher(self.remote)
 
+    def _hash_part(self) -> FileHasher:
+        return hash_file(self.root, self.part, self.remote) if self._part_size() else FileHasher(self.remote)
+
+    def _part_size(self) -> int:
+        return safe_paths.file_size(self.root, self.part) or 0
+
     def _attempt(self) -> FileHasher:
-        offset = self.part.stat().st_size
+        offset = self._part_size()
         if offset != self._hasher.size:  # a previous attempt wrote bytes the hasher did not see
             self.on_bytes(offset - self._hasher.size)
-            self._hasher = hash_file(self.part, self.remote)
+            self._hasher = self._hash_part()
         if offset > self.remote.size:
             self.restart()
             offset = 0
         if offset == self.remote.size:
             return self._hasher
         url = hf_hub_url(self.listing.repo, self.remote.path, revision=self.listing.revision, endpoint=endpoint())
-        headers = build_hf_headers(token=_token(), library_name="dsv4")
+        # identity: the bytes on the wire are the file's bytes, so a compressed body cannot expand in memory.
+        headers = {**build_hf_headers(token=_token(), library_name="dsv4"), "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
@@ -219,18 +291,49 @@ class Transfer:
                 self._check_status(response)
                 if offset and response.status_code == 200:  # Range ignored: the body starts at byte 0
                     self.restart()
-                with open(self.part, "ab") as f:
-                    for chunk in response.iter_bytes():  # as received, so a drop loses nothing
+                    offset = 0
+                self._check_length(response, offset)
+                with safe_paths.open_file(self.root, self.part, "ab") as f:
+                    for chunk in response.iter_raw():  # as received, so a drop loses nothing
                         if self.stop.is_set():
                             raise Stopped
+                        if len(chunk) > self.remote.size - self._hasher.size:
+                            self._fail(f"sent more than the {self.remote.size} bytes the listing says")
                         f.write(chunk)
                         self._hasher.update(chunk)
                         self.on_bytes(len(chunk))
+        except _BROKEN_REDIRECT as e:  # retrying cannot help
+            raise DownloadError(f"{self.listing.repo}/{self.remote.path}: {type(e).__name__}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"{type(e).__name__}: {e or 'connection lost'}") from e
         if self._hasher.size < self.remote.size:
             raise TransientError(f"connection closed at byte {self._hasher.size} of {self.remote.size}")
         return self._hasher
+
+    def _check_length(self, response: httpx2.Response, offset: int) -> None:
+        """Before any byte is written: the body must be the rest of a file of the listed size, starting where
+        the part ends. A server announcing another size has another file (the repo changed, or it lies)."""
+        total: int | None = None
+        if response.status_code == 206:
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+            if not m or int(m[1]) != offset:
+                self.restart()
+                raise TransientError(f"asked for bytes from {offset}, got {response.headers.get('Content-Range')}")
+            total = int(m[3]) if m[3] != "*" else None
+        length = response.headers.get("Content-Length", "")
+        if total is None and length.isdigit():
+            total = offset + int(length)
+        if total is not None and total != self.remote.size:
+            self._fail(f"announces {total} bytes for it, the listing says {self.remote.size}")
+
+    def _fail(self, what: str) -> None:
+        """An integrity error for this file; its part is deleted (its bytes belong to another file)."""
+        self.on_bytes(-self._hasher.size)
+        safe_paths.unlink(self.root, self.part)
+        raise IntegrityError(
+            f"{self.listing.repo}/{self.remote.path}: the server {what}; the partial file was deleted",
+            hint="the repo changed or the server is misbehaving; run the same command again later",
+        )
 
     def _check_status(self, response: httpx2.Response) -> None:
         status = response.status_code

@@ -12,16 +12,25 @@ from dsv4cli.gguf_read import read_recipe
 from dsv4cli.home import gguf_dir
 from dsv4cli.registry import ModelSpec
 
+STATE_PREFIX = ".dsv4-"  # every name dsv4 keeps in a checkpoint folder starts with this; no Hub file may
 MANIFEST_NAME = ".dsv4-pull.json"
+LOCK_NAME = ".dsv4-pull.lock"
 
 
 def checkpoint_state(folder: Path) -> str | None:
-    """'complete', 'partial', or None when nothing was pulled there."""
+    """'complete', 'partial', or None when nothing was pulled there (a lock file alone is not a pull)."""
     if (folder / MANIFEST_NAME).is_file():
         return "complete"
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):
         return "partial"
     return None
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in `folder` that dsv4 did not put there as its own state (checkpoint files, or a user's)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(STATE_PREFIX))
 
 
 def default_gguf_path(spec: ModelSpec, experts: str, dense: str) -> Path:

@@ -5,17 +5,22 @@ in parallel (dsv4cli.hub does the bytes). A file reaches its final path only aft
 manifest (dsv4cli.local.MANIFEST_NAME) is written only after every selected file did. Built-in models are
 written offline by dsv4cli.tiny and get the same manifest.
 
-State on disk, per target folder:
+State on disk, per target folder (every name of ours starts with STATE_PREFIX, which no Hub file may use):
     <dir>/<file>                      verified files only
     <dir>/.dsv4-partial/<file>.part   bytes received so far (resumed with HTTP Range)
     <dir>/.dsv4-partial/verified.jsonl  files verified by an unfinished pull (so a rerun does not re-hash them)
     <dir>/.dsv4-pull.json             the manifest: repo, commit, {path: {size, sha256}}
+    <dir>/.dsv4-pull.lock             held (flock) by the one pull or verify writing the folder
+
+The listing is checked (dsv4cli.hub.check_listing) before anything is created, every file operation goes
+through dsv4cli.safe_paths (no symlink is followed below the folder), and a dry run writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -26,15 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsv4cli import hub
-from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UsageError
-from dsv4cli.local import MANIFEST_NAME, checkpoint_state
+from dsv4cli import hub, safe_paths
+from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UnsafePathError, UsageError
+from dsv4cli.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX, foreign_entries
 from dsv4cli.registry import ModelSpec, get_model
 from dsv4cli.units import human_bytes
 
 PARTIAL_DIR = ".dsv4-partial"
 JOURNAL_NAME = "verified.jsonl"
 BUILTIN_REVISION = "builtin"
+BUILTIN_STAGING = "builtin-"  # built-in files are written under PARTIAL_DIR/builtin-XXXX, then moved into place
+MAX_STATE_BYTES = 64 << 20  # the manifest and journal are ours, but read as untrusted: bounded
 
 
 @dataclass(frozen=True)
@@ -114,11 +121,15 @@ class _Silent:
 def pull(name: str, options: PullOptions, *, progress: PullProgress | None = None) -> PullResult:
     """Download (or write, for built-in models) `name` into its folder and verify every file.
 
+    A dry run only reads. Otherwise the folder is locked for the run; a second run into the same folder
+    waits for the first, then finds its files verified.
+
     Raises:
         UnknownModelError, NotFoundOnHubError, AuthError: bad name, repo, revision or access.
-        DiskSpaceError: free disk below what remains to download (nothing is started).
+        UnsafePathError, IntegrityError: a listing with unsafe names or sizes, a symlink planted in the folder.
+        DiskSpaceError: free disk below what remains to download (nothing is started), or the disk filled up.
         DownloadError: network failure after retries (partial files are kept for resume).
-        IntegrityError: a file still mismatches the Hub after being fetched again.
+        IntegrityError: a file still mismatches the Hub after being fetched again, or is longer than listed.
     """
     if options.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {options.workers}")
@@ -126,9 +137,62 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
     folder = (options.folder or spec.local_dir).expanduser().resolve()
     progress = progress or _Silent()
     started = time.monotonic()
-    if spec.builtin and not (options.dry_run or options.verify):
-        _write_builtin(spec, folder)
-    listing = _listing(spec, options, folder)
+    from_disk = spec.builtin or hub.offline()
+    listing = None if from_disk and not options.dry_run else _listing(spec, options, folder)
+    if options.dry_run:
+        assert listing is not None
+        return _survey(spec, options, folder, listing, mode="dry-run")[0]
+    if spec.builtin and not options.verify:
+        _check_builtin_target(folder)
+    # A verify of a folder that is not there has nothing to protect, and must not create it.
+    nothing_there = options.verify and not folder.is_dir()
+    lock = (
+        contextlib.nullcontext()
+        if nothing_there
+        else safe_paths.folder_lock(folder, LOCK_NAME, what="`dsv4 pull`", on_wait=progress.note)
+    )
+    with lock:
+        if spec.builtin and not options.verify:
+            _write_builtin(spec, folder)
+        listing = listing or _listing(spec, options, folder)  # the manifest, read once the folder is ours
+        result, selected, states = _survey(spec, options, folder, listing, mode="verify" if options.verify else "pull")
+        remotes = {f.path: f for f in selected}
+        if options.verify:
+            _verify(folder, remotes, states, result, workers=options.workers, progress=progress)
+        else:
+            if result.remaining_bytes > result.free_bytes:
+                raise DiskSpaceError(
+                    f"not enough free disk in {folder}: {human_bytes(result.remaining_bytes)} "
+                    f"({result.remaining_bytes} bytes) left to download, {human_bytes(result.free_bytes)} "
+                    f"({result.free_bytes} bytes) free",
+                    hint="free some space or pass --dir on a bigger disk",
+                )
+            todo = [remotes[p] for p, s in states.items() if s.status != "verified"]
+            if todo and hub.offline():
+                raise DownloadError(
+                    f"HF_HUB_OFFLINE is set and {len(todo)} file(s) of {spec.repo} are not on disk in {folder}",
+                    hint="unset HF_HUB_OFFLINE to download them",
+                )
+            try:
+                _download(folder, listing, todo, states, result, workers=options.workers, progress=progress)
+                _write_manifest(folder, listing, selected)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskSpaceError(
+                    f"disk full writing {e.filename or folder}",
+                    hint="verified files and partial downloads are kept; free some space and run the same "
+                    "command again to resume",
+                ) from e
+    result.seconds = time.monotonic() - started
+    result.verified = sum(s.status in ("verified", "downloaded") for s in states.values())
+    return result
+
+
+def _survey(
+    spec: ModelSpec, options: PullOptions, folder: Path, listing: hub.RepoListing, *, mode: str
+) -> tuple[PullResult, list[hub.RemoteFile], dict[str, FileState]]:
+    """What the selected files need, and the result to fill in; reads only."""
     selected = _select(listing, options)
     states = _assess(folder, listing, selected)
     result = PullResult(
@@ -136,78 +200,100 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
         repo=spec.repo,
         revision=listing.revision,
         folder=folder,
-        mode="dry-run" if options.dry_run else "verify" if options.verify else "pull",
+        mode=mode,
         builtin=spec.builtin,
         files=list(states.values()),
         total_bytes=sum(f.size for f in selected),
         remaining_bytes=sum(s.size - s.have_bytes for s in states.values() if s.status in ("partial", "missing")),
         free_bytes=shutil.disk_usage(_existing_parent(folder)).free,
     )
-    if options.dry_run:
-        return result
-    remotes = {f.path: f for f in selected}
-    if options.verify:
-        _verify(folder, remotes, states, result, workers=options.workers, progress=progress)
-    else:
-        if result.remaining_bytes > result.free_bytes:
-            raise DiskSpaceError(
-                f"not enough free disk in {folder}: {human_bytes(result.remaining_bytes)} "
-                f"({result.remaining_bytes} bytes) left to download, {human_bytes(result.free_bytes)} "
-                f"({result.free_bytes} bytes) free",
-                hint="free some space or pass --dir on a bigger disk",
-            )
-        todo = [remotes[p] for p, s in states.items() if s.status != "verified"]
-        if todo and hub.offline():
-            raise DownloadError(
-                f"HF_HUB_OFFLINE is set and {len(todo)} file(s) of {spec.repo} are not on disk in {folder}",
-                hint="unset HF_HUB_OFFLINE to download them",
-            )
-        _download(folder, listing, todo, states, result, workers=options.workers, progress=progress)
-        _write_manifest(folder, listing, selected)
-    result.seconds = time.monotonic() - started
-    result.verified = sum(s.status in ("verified", "downloaded") for s in states.values())
-    return result
+    return result, selected, states
 
 
 def _write_builtin(spec: ModelSpec, folder: Path) -> None:
-    """Write a built-in checkpoint offline and record it in a manifest, unless a complete one is there."""
+    """Write a built-in checkpoint offline and record it in a manifest, unless a complete one is there.
+
+    The files are written into the partial folder and moved into place one by one, so nothing is written
+    outside `folder` and a file under its final name is always complete.
+    """
     if read_manifest(folder).get("revision") == BUILTIN_REVISION:
         return
-    # The writer replaces the whole folder: only a folder we wrote (manifest or partial dir) may be non-empty.
-    if checkpoint_state(folder) == "partial" and not (folder / PARTIAL_DIR).is_dir():
-        raise UsageError(f"{folder} is not empty and was not written by `dsv4 pull`", hint="pass an empty --dir")
+    _check_builtin_target(folder)
     from dsv4cli.tiny import write_tiny_checkpoint
 
-    write_tiny_checkpoint(spec, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    safe_paths.make_dirs(folder, PARTIAL_DIR)
+    for stale in (folder / PARTIAL_DIR).glob(f"{BUILTIN_STAGING}*"):  # left by an interrupted run
+        if _is_real_dir(stale):
+            shutil.rmtree(stale)
+    # A fresh, uniquely named folder: nothing can have been planted in it.
+    workdir = Path(tempfile.mkdtemp(prefix=BUILTIN_STAGING, dir=folder / PARTIAL_DIR))
+    write_tiny_checkpoint(spec, workdir / "checkpoint")
+    staging = (workdir / "checkpoint").relative_to(folder).as_posix()
     files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        rel = path.relative_to(folder).as_posix()
-        hasher = hub.hash_file(path, hub.RemoteFile(rel, path.stat().st_size))
+    for path in sorted(p for p in (workdir / "checkpoint").rglob("*") if p.is_file()):
+        rel = path.relative_to(workdir / "checkpoint").as_posix()
+        hasher = hub.hash_file(folder, f"{staging}/{rel}", hub.RemoteFile(rel, path.stat().st_size))
         files.append(hub.RemoteFile(rel, hasher.size, sha256=hasher.sha256.hexdigest()))
+        safe_paths.replace(folder, f"{staging}/{rel}", rel)
+    shutil.rmtree(workdir)
     listing = hub.RepoListing(repo=f"builtin:{spec.name}", revision=BUILTIN_REVISION, files=tuple(files))
     _write_manifest(folder, listing, files)
 
 
+def _check_builtin_target(folder: Path) -> None:
+    """Only a folder we wrote (manifest or partial dir) may already hold files: a built-in model is written
+    over what is there."""
+    if foreign_entries(folder) and not read_manifest(folder) and not _is_real_dir(folder / PARTIAL_DIR):
+        raise UsageError(f"{folder} is not empty and was not written by `dsv4 pull`", hint="pass an empty --dir")
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hub.RepoListing:
-    """The Hub's file list; the manifest stands in for it for built-in models and under HF_HUB_OFFLINE."""
+    """The Hub's file list (the manifest stands in for it for built-in models and under HF_HUB_OFFLINE),
+    checked before anything is created."""
+    listing = _manifest_listing(spec, options, folder) if spec.builtin or hub.offline() else None
+    if listing is None:
+        assert spec.repo is not None
+        listing = hub.list_repo(spec.repo, options.revision or spec.revision)
+    hub.check_listing(listing, reserved_prefix=STATE_PREFIX)
+    # Partial files live side by side under PARTIAL_DIR: `d` and `d.part/x` would need `d.part` as both.
+    clash = safe_paths.listing_problem(_part(f.path) for f in listing.files)
+    if clash:
+        name = clash[0].removeprefix(f"{PARTIAL_DIR}/").removesuffix(".part")
+        raise UnsafePathError(
+            f"{listing.repo}: refusing file name {safe_paths.readable_name(name)} from the listing: its partial "
+            "file would clash with another listed file",
+            hint="nothing was written; the repo is malformed or hostile",
+        )
+    return listing
+
+
+def _manifest_listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hub.RepoListing:
     manifest = read_manifest(folder)
     if spec.builtin and not manifest and options.dry_run:  # list what would be written: write it aside
-        with tempfile.TemporaryDirectory() as tmp:
-            _write_builtin(spec, Path(tmp) / spec.name)
-            manifest = read_manifest(Path(tmp) / spec.name)
-    if spec.builtin or hub.offline():
-        if not manifest:
-            what = "was never written there" if spec.builtin else "has no complete pull there"
-            raise DownloadError(
-                f"{spec.name} {what} ({folder}) and the Hub cannot be asked",
-                hint=f"run `dsv4 pull {spec.name}`" if spec.builtin else "unset HF_HUB_OFFLINE",
-            )
+        with tempfile.TemporaryDirectory(prefix="dsv4-dry-run-") as tmp:
+            _write_builtin(spec, Path(tmp) / "checkpoint")
+            manifest = read_manifest(Path(tmp) / "checkpoint")
+    if not manifest:
+        what = "was never written there" if spec.builtin else "has no complete pull there"
+        raise DownloadError(
+            f"{spec.name} {what} ({folder}) and the Hub cannot be asked",
+            hint=f"run `dsv4 pull {spec.name}`" if spec.builtin else "unset HF_HUB_OFFLINE",
+        )
+    try:
         files = tuple(
             hub.RemoteFile(path, entry["size"], sha256=entry["sha256"]) for path, entry in manifest["files"].items()
         )
-        return hub.RepoListing(repo=manifest["repo"], revision=manifest["revision"], files=files)
-    assert spec.repo is not None
-    return hub.list_repo(spec.repo, options.revision or spec.revision)
+        return hub.RepoListing(repo=str(manifest["repo"]), revision=str(manifest["revision"]), files=files)
+    except (KeyError, TypeError) as e:
+        raise UnsafePathError(
+            f"{folder / MANIFEST_NAME} is malformed ({type(e).__name__}: {e})",
+            hint="delete it and run `dsv4 pull` again to re-check the files",
+        ) from e
 
 
 def _select(listing: hub.RepoListing, options: PullOptions) -> list[hub.RemoteFile]:
@@ -230,18 +316,21 @@ def _select(listing: hub.RepoListing, options: PullOptions) -> list[hub.RemoteFi
 
 
 def _assess(folder: Path, listing: hub.RepoListing, selected: list[hub.RemoteFile]) -> dict[str, FileState]:
-    """What each selected file needs: nothing (verified), a hash (present), the rest of it, or all of it."""
+    """What each selected file needs: nothing (verified), a hash (present), the rest of it, or all of it.
+
+    Only regular files reached without symlinks count; anything else there is replaced by the download.
+    """
     known = _known_verified(folder, listing.revision)
     states = {}
     for remote in selected:
-        final = folder / remote.path
-        part = _part_path(folder, remote.path)
-        if final.is_file() and final.stat().st_size == remote.size:
+        size = safe_paths.file_size(folder, remote.path)
+        part_size = safe_paths.file_size(folder, _part(remote.path))
+        if size == remote.size:
             record = known.get(remote.path, {})
             trusted = record.get("size") == remote.size and (not remote.sha256 or record.get("sha256") == remote.sha256)
             states[remote.path] = FileState(remote.path, remote.size, "verified" if trusted else "present", remote.size)
-        elif part.is_file():
-            states[remote.path] = FileState(remote.path, remote.size, "partial", min(part.stat().st_size, remote.size))
+        elif part_size is not None:
+            states[remote.path] = FileState(remote.path, remote.size, "partial", min(part_size, remote.size))
         else:
             states[remote.path] = FileState(remote.path, remote.size, "missing")
     return states
@@ -260,26 +349,25 @@ def _verify(
 
     def check(remote: hub.RemoteFile) -> None:
         state = states[remote.path]
-        final = folder / remote.path
-        if not final.is_file():
+        if safe_paths.file_size(folder, remote.path) is None:
             state.status = "mismatch"
             progress.note(f"{remote.path}: missing")
             return
-        why = _check_on_disk(final, remote, progress, action="hash")
+        why = _check_on_disk(folder, remote, progress, action="hash")
         state.status = "mismatch" if why else "verified"
         if why:
             progress.note(f"{remote.path}: does not match the Hub ({why})")
 
-    progress.start(sum(r.size for r in remotes.values() if (folder / r.path).is_file()))
+    progress.start(sum(r.size for r in remotes.values() if safe_paths.file_size(folder, r.path) is not None))
     _run_parallel(check, list(remotes.values()), workers=workers, stop=threading.Event())
     result.mismatched = sorted(p for p, s in states.items() if s.status == "mismatch")
-    if result.mismatched and (folder / MANIFEST_NAME).is_file():
+    if result.mismatched and read_manifest(folder):
         # No longer complete: keep what verified in the journal so the next pull fetches only the bad files.
         lock = threading.Lock()
         for path, state in states.items():
             if state.status == "verified":
-                _journal(_journal_path(folder), result.revision, remotes[path], lock)
-        (folder / MANIFEST_NAME).unlink()
+                _journal(folder, result.revision, remotes[path], lock)
+        safe_paths.unlink(folder, MANIFEST_NAME)
 
 
 def _download(
@@ -295,21 +383,20 @@ def _download(
     """Hash present files, fetch the rest; a file reaches its final path only once its hash matched."""
     stop = threading.Event()
     lock = threading.Lock()
-    journal = _journal_path(folder)
 
     def fetch(remote: hub.RemoteFile, client: Any) -> None:
         state = states[remote.path]
-        final = folder / remote.path
         if state.status == "present":
-            why = _check_on_disk(final, remote, progress, action="check")
+            why = _check_on_disk(folder, remote, progress, action="check")
             if why is None:
                 state.status = "verified"
-                _journal(journal, listing.revision, remote, lock)
+                _journal(folder, listing.revision, remote, lock)
                 return
             progress.note(f"{remote.path}: on disk but does not match the Hub ({why}); fetching it again")
         progress.file_started(remote.path, remote.size, action="get")
-        part = _part_path(folder, remote.path)
-        transfer = hub.Transfer(client, listing, remote, part, lambda n: progress.advance(remote.path, n), stop)
+        part = _part(remote.path)
+        advance = lambda n: progress.advance(remote.path, n)  # noqa: E731
+        transfer = hub.Transfer(client, listing, remote, folder, part, advance, stop)
         why = transfer.run().mismatch(remote)
         if why:
             progress.note(f"{remote.path}: download does not match the Hub ({why}); fetching it again")
@@ -323,12 +410,11 @@ def _download(
                     f"{remote.path}: fetched twice and still does not match the Hub ({why})",
                     hint="the server or a proxy is serving bad bytes; try again later",
                 )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(transfer.part, final)
+        safe_paths.replace(folder, part, remote.path)
         state.status = "downloaded"
         with lock:
             result.downloaded_bytes += remote.size - state.have_bytes
-        _journal(journal, listing.revision, remote, lock)
+        _journal(folder, listing.revision, remote, lock)
         progress.file_done(remote.path)
 
     progress.start(sum(r.size for r in todo))
@@ -336,10 +422,10 @@ def _download(
         _run_parallel(lambda remote: fetch(remote, client), todo, workers=workers, stop=stop)
 
 
-def _check_on_disk(final: Path, remote: hub.RemoteFile, progress: PullProgress, *, action: str) -> str | None:
+def _check_on_disk(folder: Path, remote: hub.RemoteFile, progress: PullProgress, *, action: str) -> str | None:
     """Hash a file already on disk, with progress; why it is not `remote`, or None when it is."""
     progress.file_started(remote.path, remote.size, action=action)
-    hasher = hub.hash_file(final, remote, on_bytes=lambda n: progress.advance(remote.path, n))
+    hasher = hub.hash_file(folder, remote.path, remote, on_bytes=lambda n: progress.advance(remote.path, n))
     progress.file_done(remote.path)
     return hasher.mismatch(remote)
 
@@ -360,12 +446,9 @@ def _run_parallel(fn: Callable[[Any], None], items: Iterable[Any], *, workers: i
             raise
 
 
-def _part_path(folder: Path, path: str) -> Path:
-    return folder / PARTIAL_DIR / f"{path}.part"
-
-
-def _journal_path(folder: Path) -> Path:
-    return folder / PARTIAL_DIR / JOURNAL_NAME
+def _part(path: str) -> str:
+    """Where a file's bytes collect until verified, relative to the target folder."""
+    return f"{PARTIAL_DIR}/{path}.part"
 
 
 def _existing_parent(folder: Path) -> Path:
@@ -374,35 +457,41 @@ def _existing_parent(folder: Path) -> Path:
     return folder
 
 
-def _journal(journal: Path, revision: str, remote: hub.RemoteFile, lock: threading.Lock) -> None:
+def _journal(folder: Path, revision: str, remote: hub.RemoteFile, lock: threading.Lock) -> None:
     line = json.dumps({"revision": revision, "path": remote.path, "size": remote.size, "sha256": remote.sha256})
-    with lock:
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        with open(journal, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    with lock, safe_paths.open_file(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}", "ab") as f:
+        f.write(line.encode() + b"\n")
+
+
+def _read_state(folder: Path, rel: str) -> str:
+    """One of our state files, or "" when it is missing, unreadable, too big or not a regular file."""
+    try:
+        with safe_paths.open_file(folder, rel, "rb") as f:
+            data = f.read(MAX_STATE_BYTES + 1)
+    except (OSError, UnsafePathError):
+        return ""
+    return data.decode("utf-8", errors="replace") if len(data) <= MAX_STATE_BYTES else ""
 
 
 def _known_verified(folder: Path, revision: str) -> dict[str, dict[str, Any]]:
     """Files verified earlier at this revision: the manifest, plus the journal of an unfinished pull."""
     manifest = read_manifest(folder)
     known = dict(manifest["files"]) if manifest.get("revision") == revision else {}
-    journal = _journal_path(folder)
-    if journal.is_file():
-        for line in journal.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if record.get("revision") == revision:
-                known[record["path"]] = record
-    return known
+    for line in _read_state(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(record, dict) and record.get("revision") == revision and isinstance(record.get("path"), str):
+            known[record["path"]] = record
+    return {path: record for path, record in known.items() if isinstance(record, dict)}
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a complete pull, or {} when there is none (or it is unreadable)."""
     try:
-        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(_read_state(folder, MANIFEST_NAME) or "{}")
+    except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
 
@@ -412,14 +501,14 @@ def _write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.R
     old = read_manifest(folder)
     files = dict(old["files"]) if old.get("revision") == listing.revision else {}
     for remote in selected:
-        sha256 = remote.sha256 or hub.hash_file(folder / remote.path, remote).sha256.hexdigest()
+        sha256 = remote.sha256 or hub.hash_file(folder, remote.path, remote).sha256.hexdigest()
         files[remote.path] = {"size": remote.size, "sha256": sha256}
     manifest = {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    tmp = f"{MANIFEST_NAME}.tmp"
+    with safe_paths.open_file(folder, tmp, "wb") as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    safe_paths.replace(folder, tmp, MANIFEST_NAME)
+    safe_paths.unlink(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}")
     partial = folder / PARTIAL_DIR
-    _journal_path(folder).unlink(missing_ok=True)
-    if partial.is_dir() and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
+    if _is_real_dir(partial) and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
         shutil.rmtree(partial)

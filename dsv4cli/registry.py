@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.errors import RegistryError, UnknownModelError
+from dsv4cli.errors import RegistryError, UnknownModelError, UnsafePathError
 from dsv4cli.home import dsv4_home, models_dir
+from dsv4cli.safe_paths import name_problem, read_small_file
 from quant.arch import ARCHES, HF_CLASS, V4, V41
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 
 EXPERT_DTYPES = ("fp4", "fp8")
+MAX_REGISTRY_BYTES = 1 << 20
+# A registry name becomes a folder name under $DSV4_HOME/models: one plain component, nothing path-like.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+# A Hub repo id `org/name`, with the Hub's own rules (no `--` or `..`).
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 # config.json of DeepSeek-V4-Flash (docs/formats.md §Checkpoint layout); registry entries override what differs.
 V4_DEFAULTS: dict[str, Any] = {
@@ -105,7 +112,18 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        where = f"models.toml entry '{self.name}'"
+        where = f"model {self.name!r}"
+        if not _is_name(self.name) and not (self.name == self.repo and _is_repo_id(self.name)):
+            raise RegistryError(
+                f"{where}: a model name must be letters, digits and . _ + - (at most 100, not a path)",
+                hint="rename the entry",
+            )
+        if self.repo is not None and not _is_repo_id(self.repo):
+            raise RegistryError(f"{where}: repo must be a Hub repo id like 'org/name', got {self.repo!r}")
+        if not self.description.isprintable():
+            raise RegistryError(f"{where}: description must be one line of printable text")
+        if name_problem(self.revision):
+            raise RegistryError(f"{where}: revision must be a branch, tag or commit, got {self.revision!r}")
         if self.expert_dtype not in EXPERT_DTYPES:
             raise RegistryError(f"{where}: expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
         if self.arch not in ARCHES:
@@ -174,25 +192,59 @@ class ModelSpec:
 
 
 ENTRY_KEYS = {f.name for f in fields(ModelSpec)} - {"name"}  # the name is the TOML table's key
+# What TOML type each key must have (a `repo = 3` must fail here, not deep inside a download).
+ENTRY_TYPES: dict[str, type] = {
+    "description": str,
+    "repo": str,
+    "revision": str,
+    "builtin": bool,
+    "download_bytes": int,
+    "expert_dtype": str,
+    "arch": str,
+    "config": dict,
+}
+
+
+def _bool_for_number(key: str, value: object) -> bool:
+    """`download_bytes = true` passes isinstance(int) (bool is an int in Python); it is still wrong."""
+    return isinstance(value, bool) and ENTRY_TYPES[key] is not bool
+
+
+def _is_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and ".." not in name
+
+
+def _is_repo_id(repo: object) -> bool:
+    return isinstance(repo, str) and bool(_REPO_ID.fullmatch(repo)) and ".." not in repo and "--" not in repo
 
 
 def _read_entries(path: Path) -> dict[str, ModelSpec]:
+    """Every entry of one registry file; anything malformed is a RegistryError naming the file (and entry)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(read_small_file(path, MAX_REGISTRY_BYTES).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
+    except (OSError, UnsafePathError) as e:
+        raise RegistryError(f"{path}: cannot be read ({e})", hint="fix the file or remove it") from e
     unknown_top = set(data) - {"models"}
-    if unknown_top:
-        raise RegistryError(f"{path}: unknown top-level tables {sorted(unknown_top)}; entries go under [models.NAME]")
+    models = data.get("models", {})
+    if unknown_top or not isinstance(models, dict):
+        raise RegistryError(f"{path}: entries go under [models.NAME], and nothing else may be at the top level")
     specs = {}
-    for name, entry in data.get("models", {}).items():
+    for name, entry in models.items():
+        where = f"{path}: model {name!r}"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{where} must be a table ([models.NAME])")
         unknown = set(entry) - ENTRY_KEYS
         if unknown:
-            raise RegistryError(f"{path}: model '{name}' has unknown keys {sorted(unknown)}")
+            raise RegistryError(f"{where} has unknown keys {sorted(unknown)}")
+        wrong = sorted(k for k, v in entry.items() if not isinstance(v, ENTRY_TYPES[k]) or _bool_for_number(k, v))
+        if wrong:
+            raise RegistryError(f"{where}: wrong type for {wrong}")
         try:
             specs[name] = ModelSpec(name=name, **entry)
-        except TypeError as e:
-            raise RegistryError(f"{path}: model '{name}': {e}") from e
+        except RegistryError as e:
+            raise RegistryError(f"{path}: {e}", hint=e.hint) from e
     return specs
 
 
@@ -200,7 +252,7 @@ def load_registry() -> dict[str, ModelSpec]:
     """Built-in entries, then the user's file (which may add or replace entries)."""
     specs = _read_entries(BUILTIN_REGISTRY)
     user_file = dsv4_home() / "models.toml"
-    if user_file.is_file():
+    if user_file.exists():
         specs.update(_read_entries(user_file))
     return specs
 

@@ -5,11 +5,18 @@ It answers what huggingface_hub 2.4.0 asks for `model_info`/`repo_info` (GET /ap
 with ETag, X-Repo-Commit, X-Linked-Size/-Etag and Range), so both `dsv4 pull` and `snapshot_download` run against
 it through HF_ENDPOINT. Files matching `lfs_patterns` are published as LFS files (with sha256), the others as
 plain git blobs (sha1 only), like a Hub repo whose .gitattributes tracks weights with LFS.
+
+Hostile mode, for the tests that treat a repo as untrusted input: `add_file` publishes any name (`../x`, an
+absolute path, control characters, a name aimed at a planted symlink) with in-memory bytes and any listed
+fields; `Faults.oversize` sends more bytes than listed, `Faults.chunked` sends bodies without Content-Length
+(so a client cannot know the length before reading), and `Faults.change_after_listing` swaps a file's bytes
+right after the first listing was served (a repo that changes between the listing and the download).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import socket
@@ -35,6 +42,11 @@ class Faults:
     token: str | None = None  # require `Authorization: Bearer <token>`
     ignore_range: bool = False  # answer 200 with the whole file even when a Range was asked
     bytes_per_second: int | None = None  # throttle file bodies (to interrupt a download midway)
+    oversize: dict[str, int] = field(default_factory=dict)  # path -> extra bytes sent after the listed body
+    chunked: bool = False  # bodies with Transfer-Encoding: chunked and no Content-Length
+    change_after_listing: dict[str, bytes] = field(default_factory=dict)  # path -> bytes served after 1st listing
+    listing_body: bytes | None = None  # served as the listing (model_info/tree) instead of the honest one
+    redirect_to: str | None = None  # answer file requests with a 302 to this Location
 
 
 @dataclass(frozen=True)
@@ -48,14 +60,30 @@ class LoggedRequest:
 @dataclass(frozen=True)
 class _Entry:
     path: str
-    file: Path
+    file: Path | None  # None: the bytes are `data`
     size: int
     blob_id: str
     sha256: str | None  # None: not an LFS file
+    data: bytes | None = None
+    listed: dict[str, Any] = field(default_factory=dict)  # fields that override the honest listing entry
+
+    def open(self) -> Any:
+        return io.BytesIO(self.data) if self.file is None else open(self.file, "rb")
 
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+
+
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def memory_entry(path: str, data: bytes, *, lfs: bool = True, listed: dict[str, Any] | None = None) -> _Entry:
+    """An entry served from memory, under any name (hostile tests publish names no folder could hold)."""
+    sha256 = hashlib.sha256(data).hexdigest() if lfs else None
+    blob_id = git_blob_sha1(_lfs_pointer(sha256, len(data)) if sha256 else data)
+    return _Entry(path, None, len(data), blob_id, sha256, data, listed or {})
 
 
 def _describe(root: Path, file: Path, lfs_patterns: tuple[str, ...]) -> _Entry:
@@ -65,8 +93,7 @@ def _describe(root: Path, file: Path, lfs_patterns: tuple[str, ...]) -> _Entry:
         return _Entry(rel, file, size, git_blob_sha1(file.read_bytes()), None)
     with open(file, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-    return _Entry(rel, file, size, git_blob_sha1(pointer), sha256)
+    return _Entry(rel, file, size, git_blob_sha1(_lfs_pointer(sha256, size)), sha256)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -89,6 +116,7 @@ class HubServer:
             json.dumps([(e.path, e.blob_id) for e in self.entries.values()]).encode()
         ).hexdigest()
         self.faults = Faults()
+        self.listings_served = 0
         self.log: list[LoggedRequest] = []
         self.lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
@@ -107,6 +135,10 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
+    def add_file(self, path: str, data: bytes, *, lfs: bool = True, listed: dict[str, Any] | None = None) -> None:
+        """Publish `data` under any name; `listed` overrides fields of its listing entry (e.g. {"size": -1})."""
+        self.entries[path] = memory_entry(path, data, lfs=lfs, listed=listed)
+
     def requests_for(self, path: str) -> list[LoggedRequest]:
         """Logged GETs of one file's bytes."""
         return [r for r in self.log if r.method == "GET" and r.path.endswith(f"/resolve/{self.commit}/{path}")]
@@ -118,7 +150,7 @@ class HubServer:
             sibling: dict[str, Any] = {"rfilename": e.path, "size": e.size, "blobId": e.blob_id}
             if e.sha256:
                 sibling["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": 134}
-            siblings.append(sibling)
+            siblings.append({**sibling, **e.listed})
         return {
             "_id": "0",
             "id": self.repo,
@@ -170,15 +202,26 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 if not self._known(m["repo"], m["rev"] or "main", path):
                     return None
                 payload = hub.tree() if m["kind"] == "tree" else hub.model_info()
-                return self._send_json(200, payload, path=path)
+                self._send_json(200, payload, path=path, raw=hub.faults.listing_body)
+                return self._after_listing()
             if m := resolve.match(path):
                 if not self._known(m["repo"], m["rev"], path):
                     return None
+                if hub.faults.redirect_to is not None:
+                    return self._redirect(hub.faults.redirect_to, path=path)
                 entry = hub.entries.get(m["path"])
                 if entry is None:
                     return self._send_json(404, {"error": "Entry not found"}, path=path, code="EntryNotFound")
                 return self._send_file(entry, body=body, path=path)
             return self._send_json(404, {"error": "Not found"}, path=path)
+
+        def _after_listing(self) -> None:
+            with hub.lock:
+                hub.listings_served += 1
+                changes, hub.faults.change_after_listing = hub.faults.change_after_listing, {}
+                for name, data in changes.items():
+                    old = hub.entries[name]
+                    hub.entries[name] = memory_entry(name, data, lfs=old.sha256 is not None)
 
         def _known(self, repo: str, rev: str, path: str) -> bool:
             if repo != hub.repo:
@@ -193,9 +236,18 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             with hub.lock:
                 hub.log.append(LoggedRequest(self.command, path, self.headers.get("Range"), status))
 
-        def _send_json(self, status: int, payload: Any, *, path: str = "", code: str | None = None) -> None:
+        def _redirect(self, location: str, *, path: str) -> None:
+            self._record(path, 302)
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _send_json(
+            self, status: int, payload: Any, *, path: str = "", code: str | None = None, raw: bytes | None = None
+        ) -> None:
             self._record(path, status)
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload).encode() if raw is None else raw
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -230,10 +282,25 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("X-Linked-Etag", f'"{entry.sha256}"')
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{entry.size - 1}/{entry.size}")
-            self.send_header("Content-Length", str(entry.size - start))
+            extra = hub.faults.oversize.get(entry.path, 0)
+            if hub.faults.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(entry.size - start + extra))
             self.end_headers()
             if body:
                 self._stream(entry, start)
+                self._write(b"\xee" * extra)
+                if hub.faults.chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+
+        def _write(self, data: bytes) -> None:
+            if not data:
+                return
+            if hub.faults.chunked:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            else:
+                self.wfile.write(data)
 
         def _stream(self, entry: _Entry, start: int) -> None:
             with hub.lock:
@@ -245,7 +312,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             sent = 0
             rate = hub.faults.bytes_per_second
             piece = min(CHUNK, rate // 20) if rate else CHUNK
-            with open(entry.file, "rb") as f:
+            with entry.open() as f:
                 f.seek(start)
                 pos = start
                 while chunk := f.read(piece):
@@ -255,12 +322,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         chunk = bytearray(chunk)
                         chunk[flip_at - pos] ^= 0xFF
                     if drop is not None and sent + len(chunk) >= drop:
-                        self.wfile.write(chunk[: drop - sent])
+                        self._write(bytes(chunk[: drop - sent]))
                         self.wfile.flush()
                         self.connection.shutdown(socket.SHUT_RDWR)
                         self.close_connection = True
                         return
-                    self.wfile.write(chunk)
+                    self._write(bytes(chunk))
                     sent += len(chunk)
                     pos += len(chunk)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.local import MANIFEST_NAME
+from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
 from dsv4cli.pull import PARTIAL_DIR
 from tests.hub_server import HubServer
 
@@ -60,7 +60,7 @@ def pulled_files(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME
+        if p.is_file() and p.name not in (MANIFEST_NAME, LOCK_NAME)
     }
 
 
@@ -232,10 +232,10 @@ def test_unreachable_network_keeps_partial_files(dsv4, monkeypatch, target):
 
 
 def test_refuses_to_start_without_disk_space(dsv4, hub, repo_dir, target):
-    hub.entries[SHARD] = dataclasses.replace(hub.entries[SHARD], size=1 << 60)  # announce an exabyte
+    hub.entries[SHARD] = dataclasses.replace(hub.entries[SHARD], size=1 << 48)  # announce 256 TiB
     result = dsv4("pull", REPO, "--dir", str(target))
     assert result.code == 1
-    remaining = sum(len(b) for b in served_files(repo_dir).values()) - (repo_dir / SHARD).stat().st_size + (1 << 60)
+    remaining = sum(len(b) for b in served_files(repo_dir).values()) - (repo_dir / SHARD).stat().st_size + (1 << 48)
     assert "not enough free disk" in result.stderr and f"({remaining} bytes) left to download" in result.stderr
     assert file_requests(hub) == 0
 

@@ -148,3 +148,84 @@ def test_registry_error_is_one_line_without_traceback(dsv4, isolated_env: Path) 
     assert "models.toml" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/tmp/victim", "../victim", "a/../b", "a\\b", "C:x", "x\u0000y", "new\nline", ".", "..", ".hidden", "x" * 101, ""],
+)
+def test_path_like_names_are_rejected(isolated_env: Path, name: str) -> None:
+    isolated_env.mkdir(parents=True, exist_ok=True)
+    key = json.dumps(name)  # a TOML basic string escapes like JSON
+    (isolated_env / "models.toml").write_text(f"[models.{key}]\nbuiltin = true\n")
+    with pytest.raises(RegistryError) as info:
+        load_registry()
+    assert str(isolated_env / "models.toml") in str(info.value) and repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        '[models.x]\nrepo = "../../etc"\n',
+        '[models.x]\nrepo = "a/b/c"\n',
+        '[models.x]\nrepo = "a/b"\nrevision = "../../x"\n',
+        "[models.x]\nrepo = 3\n",
+        '[models.x]\nbuiltin = "yes"\n',
+        '[models.x]\nrepo = "a/b"\ndownload_bytes = true\n',
+        '[models.x]\nrepo = "a/b"\nconfig = 5\n',
+        '[models.x]\nrepo = "a/b"\ndescription = "\\u001b[2J wiped"\n',
+        "models = 3\n",
+        "[models]\nx = 3\n",
+    ],
+)
+def test_malformed_entries_are_one_line_errors_naming_the_file(dsv4, isolated_env: Path, entry: str) -> None:
+    isolated_env.mkdir(parents=True, exist_ok=True)
+    (isolated_env / "models.toml").write_text(entry)
+    for argv in (("models",), ("pull", "tiny", "--dry-run")):
+        result = dsv4(*argv)
+        assert result.code == 1 and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(isolated_env / "models.toml") in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("kind", ["binary", "not-utf8", "huge", "folder", "dev-zero", "fifo"])
+def test_unreadable_user_file_is_one_line_naming_it(dsv4, isolated_env: Path, kind: str) -> None:
+    import os
+
+    isolated_env.mkdir(parents=True, exist_ok=True)
+    path = isolated_env / "models.toml"
+    if kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "not-utf8":
+        path.write_bytes(b'[models.x]\ndescription = "\xff\xfe"\nrepo = "a/b"\n')
+    elif kind == "huge":
+        path.write_text("# padding\n" * 200_000)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    result = dsv4("models")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], result.stderr
+
+
+def test_dry_run_never_touches_a_folder_named_by_an_entry(dsv4, isolated_env: Path, tmp_path: Path) -> None:
+    """The data loss in issue 8: an entry named by an absolute path made a dry run replace that folder."""
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "weights.bin").write_bytes(b"keep me")
+    isolated_env.mkdir(parents=True, exist_ok=True)
+    (isolated_env / "models.toml").write_text(f"[models.{json.dumps(str(victim))}]\nbuiltin = true\n")
+    result = dsv4("pull", str(victim), "--dry-run")
+    assert result.code == 1 and str(isolated_env / "models.toml") in result.stderr
+    assert sorted(p.name for p in victim.iterdir()) == ["weights.bin"]
+    assert (victim / "weights.bin").read_bytes() == b"keep me"
+
+
+def test_ad_hoc_repo_ids_are_checked() -> None:
+    for name in ("org/..", "org/--x", "a/b\nc"):
+        with pytest.raises((RegistryError, UnknownModelError)):
+            get_model(name)

@@ -48,15 +48,36 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"dsv4cli.cli.{_name}").register(app)
 
 
+# OS errors any command can meet while writing: what happened, and what to do about it.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space and run the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the command again"),
+    errno.EROFS: ("read-only file system", "choose a writable location (--dir, -o) or remount it read-write"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another location (--dir, -o)"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another location (--dir, -o)"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.ENOTDIR: ("a part of the path is not a folder", "choose another location (--dir, -o)"),
+    errno.EISDIR: ("a folder is where a file should be", "choose another path or move the folder"),
+    errno.ELOOP: ("too many levels of symlinks", "fix the symlinks in the path"),
+}
+
+
 def format_error(exc: BaseException) -> str | None:
     """The one-line message for an error we expect, or None for a bug (which keeps its traceback)."""
     if isinstance(exc, (Dsv4Error, QuantError)):
         hint = getattr(exc, "hint", None)
         return f"{exc}" + (f" ({hint})" if hint else "")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = f" writing {exc.filename}" if exc.filename else ""
-        return f"disk full{where}; free some space and run the command again (completed work is kept)"
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+        what, todo = _OS_ERRORS[exc.errno]
+        names = [_printable(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return f"{what}: {' -> '.join(names) or 'the system did not name the file'}; {todo}"
     return None
+
+
+def _printable(name: object) -> str:
+    """A path for a one-line message: as is, or quoted with escapes when it holds control characters."""
+    text = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+    return text if text.isprintable() else repr(text)
 
 
 def main(argv: list[str] | None = None) -> None:
