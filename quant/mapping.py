@@ -15,6 +15,8 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from quant.arch import V41
+from quant.config import HC, facts_of
 from quant.errors import CheckpointError, UnsupportedError
 
 T = GGMLQuantizationType
@@ -23,7 +25,6 @@ DENSE_RECIPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "bf16": T.BF16}
 # When a row is not a multiple of a type's block, the next type in the chain is used (only tiny models hit this).
 FALLBACK = {T.Q4_K: T.Q8_0, T.Q8_0: T.BF16, T.Q4_0: T.Q8_0, T.MXFP4: T.Q8_0}
 FTYPE = {T.MXFP4: 38, T.Q4_0: 2, T.Q4_K: 15}  # llama_ftype of the expert recipe (MXFP4_MOE, Q4_0, Q4_K_M)
-HC = 4
 
 
 @dataclass(frozen=True)
@@ -61,58 +62,6 @@ def fit_type(wanted: int, row: int) -> int:
     while GGML_QUANT_SIZES[t][0] > 1 and row % GGML_QUANT_SIZES[t][0]:
         t = FALLBACK[t]
     return int(t)
-
-
-# ---- the config ---------------------------------------------------------------------------------------------
-
-V4_REQUIRED = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_rope_head_dim",
-    "q_lora_rank", "o_lora_rank", "o_groups", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
-    "num_experts_per_tok", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "index_n_heads",
-    "index_head_dim", "index_topk", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "rms_norm_eps",
-    "rope_theta", "compress_rope_theta", "compress_ratios", "max_position_embeddings", "vocab_size", "swiglu_limit",
-)  # fmt: skip
-V41_REQUIRED = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
-                "engram_max_ngram_size", "engram_n_heads", "engram_head_dim")  # fmt: skip
-
-
-def arch_of(config: dict[str, Any]) -> str:
-    """'deepseek4' or 'deepseek41' from `architectures`; anything else is unsupported."""
-    archs = config.get("architectures") or []
-    if "DeepseekV41ForCausalLM" in archs or "text_config" in config:
-        return "deepseek41"
-    if "DeepseekV4ForCausalLM" in archs:
-        return "deepseek4"
-    raise UnsupportedError(
-        f"config.json: architecture {archs or config.get('model_type')!r} is not DeepSeek V4",
-        hint="dsv4 quantize converts DeepseekV4ForCausalLM and DeepseekV41ForCausalLM checkpoints",
-    )
-
-
-def facts_of(config: dict[str, Any]) -> dict[str, Any]:
-    """Flat facts (text_config merged for V4.1) with every required key checked; adds `arch`, `expert_dtype`."""
-    arch = arch_of(config)
-    facts = {**config, **config.get("text_config", {})}
-    quant = config.get("quantization_config") or {}
-    required = V4_REQUIRED + (V41_REQUIRED if arch == "deepseek41" else ("num_hash_layers",))
-    missing = [k for k in required if k not in facts]
-    if missing:
-        raise CheckpointError(
-            f"config.json: missing key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-            hint="use the config.json shipped with the checkpoint",
-        )
-    facts["arch"] = arch
-    facts["expert_dtype"] = facts.get("expert_dtype") or quant.get("expert_dtype") or "fp8"
-    facts.setdefault("num_hash_layers", 0)
-    facts["weight_block_size"] = list(quant.get("weight_block_size") or [128, 128])
-    if facts["hc_mult"] != HC:
-        raise UnsupportedError(f"config.json: hc_mult {facts['hc_mult']} (llama.cpp's deepseek4 graph needs 4)")
-    if facts["scoring_func"] != "sqrtsoftplus":
-        raise UnsupportedError(f"config.json: scoring_func {facts['scoring_func']!r} (deepseek4 needs sqrtsoftplus)")
-    if len(facts["compress_ratios"]) < facts["num_hidden_layers"]:
-        raise CheckpointError("config.json: compress_ratios is shorter than num_hidden_layers")
-    return facts
 
 
 # ---- checkpoint name -> GGUF name ---------------------------------------------------------------------------
@@ -259,7 +208,7 @@ def plan_tensors(
     f = facts_of(config)
     b = _Builder(f, experts, dense)
     H, V = f["hidden_size"], f["vocab_size"]
-    v41 = f["arch"] == "deepseek41"
+    v41 = f["arch"] == V41
     b.bf16("token_embd.weight", (H, V), "embed.weight")
     b.f32("output_norm.weight", (H,), "norm.weight")
     b.bf16("output.weight", (H, V), "head.weight")
@@ -281,7 +230,7 @@ def _block(b: _Builder, f: dict[str, Any], L: int, p: str, *, nextn: bool) -> No
     inter, ns, ih, ihd = f["moe_intermediate_size"], f["n_shared_experts"], f["index_n_heads"], f["index_head_dim"]
     mix = (2 + HC) * HC
     r = f["compress_ratios"][L] if len(f["compress_ratios"]) > L else 0
-    v41 = f["arch"] == "deepseek41"
+    v41 = f["arch"] == V41
     g = f"blk.{L}."
     b.f32(g + "attn_norm.weight", (H,), p + "attn_norm.weight")
     b.f32(g + "attn_sinks.weight", (nh,), p + "attn.attn_sink")
@@ -426,7 +375,7 @@ def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool =
         ]
     if mtp and _mtp_layers(f):
         kv.append((a + "nextn_predict_layers", _mtp_layers(f), V.UINT32, None))
-    if arch == "deepseek41":
+    if arch == V41:
         kv += [
             (a + "engram.layer_ids", [int(i) for i in f["engram_layer_ids"]], V.ARRAY, V.INT32),
             (a + "engram.head_count", f["engram_n_heads"], V.UINT32, None),

@@ -49,14 +49,18 @@ def quantize(
     )
     display = byte_progress(transient=True)
     task = display.add_task("quantize", total=None)
-    with display:
-        report = run_quantize(
-            model,
-            output=output,
-            options=options,
-            force=force,
-            progress=lambda done, total: display.update(task, completed=done, total=total),
-        )
+    try:
+        with display:
+            report = run_quantize(
+                model,
+                output=output,
+                options=options,
+                force=force,
+                progress=lambda done, total: display.update(task, completed=done, total=total),
+            )
+    except KeyboardInterrupt:  # the partial output is gone: a rerun converts from the start
+        err.print("\ninterrupted; the partial output was removed (running the same command again starts over)")
+        raise typer.Exit(130) from None
     worst = report.worst(5)
     if json_output:
         data = report.to_dict()
