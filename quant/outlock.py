@@ -45,6 +45,7 @@ def output_lock(out: Path) -> Iterator[None]:
         yield
         return
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as e:
         raise write_error(e, path) from e
