@@ -47,7 +47,7 @@ def test_two_runs_on_one_output(tiny_checkpoint: Path, tmp_path: Path, python: s
         assert time.monotonic() < deadline
         time.sleep(0.002)
     second = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=120)
-    first_out, first_err = first.communicate(timeout=120)
+    _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
