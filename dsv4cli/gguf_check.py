@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import RuntimeLoadError
+from quant.arch import V4, V41
+from quant.layout import model_tensors
 
-ARCH = "deepseek4"
-V41_ARCH = "deepseek41"
+ARCH = V4
+V41_ARCH = V41
 ALLOWED_RATIOS = (0, 4, 128)
 HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
 V41_UNSUPPORTED = (
@@ -176,59 +178,12 @@ class _Header:
     def _check_tensors(self, n_layer: int, ratios: list[int]) -> None:
         present = set(self.tensor_names)
         n_hash = self.need_int("hash_layer_count")
-        expected = set(_ROOT_TENSORS)
-        for layer, ratio in enumerate(ratios):
-            expected |= {f"blk.{layer}.{n}.weight" for n in _layer_tensors(ratio)}
-            expected.add(f"blk.{layer}.ffn_gate_tid2eid.weight" if layer < n_hash else f"blk.{layer}.exp_probs_b.bias")
+        expected = set(model_tensors(ratios, n_hash))
         if missing := sorted(expected - present):
             raise self.fail(f"tensor {missing[0]} is missing ({len(missing)} missing in all)")
         extra = [n for n in sorted(present - expected) if not _tolerated_extra(n, n_layer)]
         if extra:
             raise self.fail(f"unexpected tensor {extra[0]} (llama.cpp rejects extra tensors)")
-
-
-_ROOT_TENSORS = (
-    "token_embd.weight",
-    "output_norm.weight",
-    "output.weight",
-    "output_hc_fn.weight",
-    "output_hc_base.weight",
-    "output_hc_scale.weight",
-)
-_EVERY_LAYER = [
-    "attn_norm",
-    "attn_sinks",
-    "attn_q_a",
-    "attn_q_a_norm",
-    "attn_q_b",
-    "attn_kv",
-    "attn_kv_a_norm",
-    "attn_output_a",
-    "attn_output_b",
-    "hc_attn_fn",
-    "hc_attn_base",
-    "hc_attn_scale",
-    "hc_ffn_fn",
-    "hc_ffn_base",
-    "hc_ffn_scale",
-    "ffn_norm",
-    "ffn_gate_inp",
-    "ffn_gate_exps",
-    "ffn_up_exps",
-    "ffn_down_exps",
-    "ffn_gate_shexp",
-    "ffn_up_shexp",
-    "ffn_down_shexp",
-]
-_COMPRESSED = ["attn_compressor_kv", "attn_compressor_gate", "attn_compressor_ape", "attn_compressor_norm"]
-_INDEXED = [
-    "indexer.proj",
-    "indexer.attn_q_b",
-    "indexer_compressor_kv",
-    "indexer_compressor_gate",
-    "indexer_compressor_ape",
-    "indexer_compressor_norm",
-]
 
 
 def _uniform(value: Any) -> Any:
@@ -241,8 +196,3 @@ def _tolerated_extra(name: str, n_layer: int) -> bool:
         return True
     mtp = _LAYER.match(name)
     return mtp is not None and int(mtp.group(1)) >= n_layer
-
-
-def _layer_tensors(ratio: int) -> list[str]:
-    """Names (without `blk.N.` and `.weight`) the loader creates for a layer with this compress ratio (§2.1)."""
-    return _EVERY_LAYER + (_COMPRESSED if ratio else []) + (_INDEXED if ratio == 4 else [])
