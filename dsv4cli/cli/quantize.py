@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -58,9 +59,9 @@ def quantize(
                 force=force,
                 progress=lambda done, total: display.update(task, completed=done, total=total),
             )
-    except KeyboardInterrupt:  # the partial output is gone: a rerun converts from the start
+    except KeyboardInterrupt:  # the partial output is gone: a rerun converts from the start, it does not resume
         err.print("\ninterrupted; the partial output was removed (running the same command again starts over)")
-        raise typer.Exit(130) from None
+        sys.exit(130)
     worst = report.worst(5)
     if json_output:
         data = report.to_dict()
