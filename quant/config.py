@@ -170,7 +170,7 @@ def _check_relations(facts: dict[str, Any], layers: int, n_all: int) -> None:
         if any(i >= n_all for i in facts.get(key, [])):
             raise _bad(key, f"layer ids below {n_all}", facts[key])
     if "engram_num_embeddings" in facts:
-        rows = _int_list("engram_num_embeddings", facts["engram_num_embeddings"], 1, 1 << 26, 256)
+        rows = _int_list("engram_num_embeddings", facts["engram_num_embeddings"], 1, 1 << 34, 256)
         if len(rows) != len(facts["engram_layer_ids"]):
             raise _bad("engram_num_embeddings", "one row count per engram layer", rows)
     for key in ("bos_token_id", "eos_token_id"):
