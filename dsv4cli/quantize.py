@@ -18,6 +18,7 @@ from dsv4cli.ui import human_bytes
 from quant.convert import Progress, QuantOptions, QuantReport, quantize_checkpoint
 from quant.errors import QuantError
 from quant.files import load_json_object
+from quant.gguf_out import temp_dir_for
 from quant.mapping import gguf_tensor_specs
 from quant.outlock import output_lock, write_error
 
@@ -74,7 +75,8 @@ def quantize(
         existing = [p for p in [out, *out.parent.glob(f"{out.stem}-*-of-*.gguf")] if p.exists()]
         if existing and not force:
             raise UsageError(f"{existing[0]} already exists", hint="pass --force to replace it, or choose -o")
-        needed = estimated_bytes(folder, options)
+        partial = temp_dir_for(out)  # a resumed run only writes what is still missing
+        needed = estimated_bytes(folder, options) - sum(p.stat().st_size for p in partial.glob("*") if p.is_file())
         free = shutil.disk_usage(out.parent).free
         if needed > free:
             raise DiskSpaceError(

@@ -78,6 +78,7 @@ class QuantReport:
     seconds: float
     expert_method: str
     report_file: str = ""
+    resumed_tensors: int = 0
     fallbacks: list[dict[str, str]] = field(default_factory=list)
     expert_errors: list[ExpertError] = field(default_factory=list)
 
@@ -201,6 +202,14 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     return report
 
 
+def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:
+    """What the output depends on besides its header: the options and every source file's size and mtime
+    (a re-downloaded or edited checkpoint must not be resumed into)."""
+    files = sorted(p for p in ckpt.folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return {"options": {k: v for k, v in asdict(options).items() if k != "workers"}, "files": stats}
+
+
 def _write(
     source: SourceTensors,
     plans: list[TensorPlan],
@@ -213,22 +222,30 @@ def _write(
     started: float,
 ) -> None:
     """Stream every planned tensor into the output, then patch the summary in and commit the files."""
-    done = 0
     fp4_experts = report.expert_method == FP4_METHOD
+    specs = [p.spec for p in plans]
+    identity = _identity(source.ckpt, options)
     with (
-        StreamingGGUF(out, report.arch, kv, [p.spec for p in plans], split_max_size=options.split_max_size) as w,
+        StreamingGGUF(out, report.arch, kv, specs, split_max_size=options.split_max_size, identity=identity) as w,
         ThreadPoolExecutor(options.workers) as pool,
     ):
-        for plan in plans:
+        report.resumed_tensors = len(w.resumed)
+        for written in w.resumed:
+            report.expert_errors.extend(ExpertError(**e) for e in written.record)
+        done = sum(source.nbytes(s) for p in plans[: len(w.resumed)] for s in p.sources)
+        for plan in plans[len(w.resumed) :]:
             w.begin(plan.spec.name)
             source.prefetch(plan.sources)
             jobs = _expert_jobs(source, plan, fp4_experts) if plan.kind == "experts" else _dense_jobs(source, plan)
+            tensor_errors: list[ExpertError] = []
             for data, read, errors in _in_order(pool, jobs, window=2 * options.workers):
                 w.append(data)
-                report.expert_errors.extend(errors)
+                tensor_errors.extend(errors)
                 done += read
                 if progress:
                     progress(done, report.source_bytes)
+            w.finish([asdict(e) for e in tensor_errors])
+            report.expert_errors.extend(tensor_errors)
         summary = json.dumps(report.summary(), separators=(",", ":")).encode()
         w.patch(placeholder, summary.ljust(SUMMARY_WIDTH)[:SUMMARY_WIDTH])
         report.seconds = time.monotonic() - started

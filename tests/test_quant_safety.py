@@ -18,7 +18,8 @@ from gguf import GGUFReader
 
 from quant.convert import QuantOptions, quantize_checkpoint
 from quant.errors import OutputError
-from quant.gguf_out import SET_ID_KEY, StreamingGGUF, complete_split_set, temp_dir_for
+from quant.gguf_out import StreamingGGUF, temp_dir_for
+from quant.gguf_set import SET_ID_KEY, complete_split_set
 from quant.mapping import TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ from quant.convert import QuantOptions, quantize_checkpoint
 real = os.replace
 def replace_then_die(src, dst):
     real(src, dst)
-    if str(dst).endswith(".gguf"):
+    if str(dst).endswith(".gguf") and ".partial" not in str(dst):  # the first move under a final name
         os.kill(os.getpid(), signal.SIGKILL)
 gguf_out.os.replace = replace_then_die
 quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), QuantOptions(dense="bf16", split_max_size=3_000_000))

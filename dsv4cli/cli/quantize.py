@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -50,18 +49,14 @@ def quantize(
     )
     display = byte_progress(transient=True)
     task = display.add_task("quantize", total=None)
-    try:
-        with display:
-            report = run_quantize(
-                model,
-                output=output,
-                options=options,
-                force=force,
-                progress=lambda done, total: display.update(task, completed=done, total=total),
-            )
-    except KeyboardInterrupt:  # the partial output is gone: a rerun converts from the start, it does not resume
-        err.print("\ninterrupted; the partial output was removed (running the same command again starts over)")
-        sys.exit(130)
+    with display:  # Ctrl-C keeps the finished tensors: the same command resumes after them
+        report = run_quantize(
+            model,
+            output=output,
+            options=options,
+            force=force,
+            progress=lambda done, total: display.update(task, completed=done, total=total),
+        )
     worst = report.worst(5)
     if json_output:
         data = report.to_dict()
@@ -71,6 +66,8 @@ def quantize(
         return
     rate = report.source_bytes / max(report.seconds, 1e-9)
     out.print(f"wrote {', '.join(report.outputs)}")
+    if report.resumed_tensors:
+        out.print(f"  resumed after {report.resumed_tensors} tensors written by an interrupted run")
     out.print(
         f"  {report.tensors} tensors, {human_bytes(report.bytes_written)} from {human_bytes(report.source_bytes)} "
         f"in {report.seconds:.1f} s ({human_bytes(rate)}/s); experts {report.experts}, dense {report.dense}"
