@@ -47,7 +47,7 @@ def check_gguf(path: Path) -> GgufInfo:
     Raises:
         RuntimeLoadError: missing or unreadable file, wrong architecture (with a dedicated message for V4.1),
             or a key/tensor that would make llama.cpp fail or abort.
-        PlanError: a split GGUF given by a later shard or with a shard missing.
+            Also a split GGUF given by a later shard, with a shard missing or with shards of different conversions.
     """
     if not path.is_file():
         raise RuntimeLoadError(
@@ -55,10 +55,15 @@ def check_gguf(path: Path) -> GgufInfo:
         )
     import gguf
 
-    from dsv4cli.plan import split_shards
+    from quant.errors import OutputError
+    from quant.gguf_set import complete_split_set
 
+    try:  # every shard present and of one conversion (a mixed set would load the wrong weights)
+        shards = complete_split_set(path)
+    except OutputError as e:
+        raise RuntimeLoadError(str(e), hint=e.hint) from e
     readers = []
-    for shard in split_shards(path):  # metadata is in the first shard, tensors are spread over all of them
+    for shard in shards:  # metadata is in the first shard, tensors are spread over all of them
         try:
             readers.append(gguf.GGUFReader(shard))
         except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage
