@@ -13,6 +13,7 @@ from typing import Any
 
 from quant.arch import HF_CLASS, V4, V41
 from quant.errors import CheckpointError, UnsupportedError
+from quant.files import shown
 
 HC = 4
 CONFIG_HINT = "use the config.json shipped with the checkpoint"
@@ -62,9 +63,7 @@ V41_REQUIRED = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_i
 
 
 def _bad(key: str, what: str, value: Any) -> CheckpointError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return CheckpointError(f"config.json: {key} must be {what}, got {shown}", hint=CONFIG_HINT)
+    return CheckpointError(f"config.json: {key} must be {what}, got {shown(value, 60)}", hint=CONFIG_HINT)
 
 
 def _int(key: str, value: Any, low: int, high: int) -> int:
@@ -103,7 +102,7 @@ def arch_of(config: dict[str, Any]) -> str:
     if HF_CLASS[V4] in archs:
         return V4
     raise UnsupportedError(
-        f"config.json: architecture {archs or config.get('model_type')!r} is not DeepSeek V4",
+        f"config.json: architecture {shown(archs or config.get('model_type'))} is not DeepSeek V4",
         hint=f"dsv4 quantize converts {HF_CLASS[V4]} and {HF_CLASS[V41]} checkpoints",
     )
 
@@ -147,7 +146,8 @@ def facts_of(config: dict[str, Any]) -> dict[str, Any]:
     if facts["hc_mult"] != HC:
         raise UnsupportedError(f"config.json: hc_mult {facts['hc_mult']} (llama.cpp's deepseek4 graph needs 4)")
     if facts["scoring_func"] != "sqrtsoftplus":
-        raise UnsupportedError(f"config.json: scoring_func {facts['scoring_func']!r} (deepseek4 needs sqrtsoftplus)")
+        scoring = shown(facts["scoring_func"])
+        raise UnsupportedError(f"config.json: scoring_func {scoring} (deepseek4 needs sqrtsoftplus)")
     return facts
 
 

@@ -29,6 +29,13 @@ DEFAULT_LIMIT = 16 * MIB
 PULL_HINT = "the download is incomplete or damaged; run `dsv4 pull MODEL` to complete it"
 
 
+def shown(value: object, limit: int = 120) -> str:
+    """`value` for a one-line message: control characters escaped, cut to `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def open_regular(path: Path) -> int:
     """An O_RDONLY descriptor of `path`, which must be a regular file (never blocks on a FIFO)."""
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from quant.errors import CheckpointError
-from quant.files import PULL_HINT, load_json_object, open_regular
+from quant.files import PULL_HINT, load_json_object, open_regular, shown
 
 # safetensors dtype string -> numpy dtype of the raw little-endian payload. FP8 and E8M0 stay bytes;
 # BF16 stays uint16 (numpy has no bfloat16); decoding is quant.codecs' job.
@@ -60,7 +60,7 @@ class TensorInfo:
 
 
 def _fail(path: Path, message: str, name: str | None = None) -> CheckpointError:
-    where = f"{path}: tensor '{name}'" if name is not None else str(path)
+    where = f"{path}: tensor '{shown(name)}'" if name is not None else str(path)
     return CheckpointError(f"{where}: {message}", hint=PULL_HINT)
 
 
@@ -69,11 +69,11 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, data_size: 
         raise _fail(path, "header entry needs dtype, shape and data_offsets", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPES:
-        raise _fail(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+        raise _fail(path, f"unknown dtype {shown(dtype)} (known: {', '.join(DTYPES)})", name)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
-        raise _fail(path, f"shape must be a list of non-negative integers, got {shape!r}", name)
+        raise _fail(path, f"shape must be a list of non-negative integers, got {shown(shape)}", name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise _fail(path, f"data_offsets must be two integers, got {offsets!r}", name)
+        raise _fail(path, f"data_offsets must be two integers, got {shown(offsets)}", name)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _fail(path, f"data_offsets {offsets} lie outside the {data_size}-byte data area (file truncated?)", name)
@@ -146,7 +146,7 @@ def _read_weight_map(folder: Path) -> dict[str, str]:
     for name, shard in weight_map.items():
         if not _valid_shard_name(shard):
             raise CheckpointError(
-                f"{index_path}: tensor {name[:200]!r} names shard {str(shard)[:200]!r}, which is not a file name "
+                f"{index_path}: tensor '{shown(name)}' names shard {shown(repr(shard))}, which is not a file name "
                 "in the checkpoint folder",
                 hint=PULL_HINT,
             )

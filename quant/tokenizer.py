@@ -14,7 +14,7 @@ from gguf import GGUFValueType
 
 from quant.config import facts_of
 from quant.errors import CheckpointError
-from quant.files import load_json_object, read_bounded
+from quant.files import load_json_object, read_bounded, shown
 from quant.mapping import KeyValue
 
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
@@ -69,7 +69,7 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
     ids: dict[str, int] = {}
     for token, i in model["vocab"].items():
         if type(i) is not int or not 0 <= i < vocab_size:
-            raise _bad(path, f"token {token[:40]!r} has id {str(i)[:40]}, outside the vocabulary of {vocab_size}")
+            raise _bad(path, f"token {shown(token, 40)} has id {shown(i, 40)}, outside the vocabulary of {vocab_size}")
         ids[token] = i
     special = set()
     added_tokens = data.get("added_tokens") or []
@@ -77,9 +77,9 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
         raise _bad(path, "added_tokens must be a list")
     for added in added_tokens:
         if not isinstance(added, dict) or not isinstance(added.get("content"), str) or type(added.get("id")) is not int:
-            raise _bad(path, f"added token {str(added)[:60]} needs a string content and an integer id")
+            raise _bad(path, f"added token {shown(added, 60)} needs a string content and an integer id")
         if not 0 <= added["id"] < vocab_size:
-            raise _bad(path, f"added token {added['content'][:40]!r} has id {added['id']}, outside {vocab_size}")
+            raise _bad(path, f"added token {shown(added['content'], 40)} has id {added['id']}, outside {vocab_size}")
         ids[added["content"]] = added["id"]
         if added.get("special"):
             special.add(added["id"])
@@ -97,7 +97,7 @@ def _merges(path: Path, model: dict[str, Any]) -> list[str]:
         elif isinstance(m, str):
             out.append(m)
         else:
-            raise _bad(path, f"merge {str(m)[:60]} is neither a string nor a pair of strings")
+            raise _bad(path, f"merge {shown(m, 60)} is neither a string nor a pair of strings")
     return out
 
 

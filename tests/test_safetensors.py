@@ -182,3 +182,28 @@ def test_missing_config_and_single_file_checkpoints(tmp_path):
     ckpt = Checkpoint(tmp_path)
     assert ckpt.names() == list(sample_tensors())
     assert ckpt.raw("hc_head_scale") == np.float32(1.5)
+
+
+def test_hostile_names_and_values_stay_on_one_short_line(tmp_path):
+    name = "evil\nname" + "x" * 10_000
+    header = {name: {"dtype": "F32", "shape": [1] * 3 + [10**6], "data_offsets": [0, 8]}}
+    path = handmade(tmp_path / "x.safetensors", header, b"\0" * 8)
+    with pytest.raises(CheckpointError) as err:
+        read_header(path)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 500 and "evil\\nname" in message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_non_regular_files_are_refused_without_reading(tmp_path, kind):
+    import os
+
+    path = tmp_path / "model.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_header(path)
