@@ -15,6 +15,7 @@ from typing import Any
 
 from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
+from quant.files import read_bounded
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 
@@ -178,7 +179,7 @@ ENTRY_KEYS = {f.name for f in fields(ModelSpec)} - {"name"}  # the name is the T
 
 def _read_entries(path: Path) -> dict[str, ModelSpec]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_bounded(path, 1 << 20).decode("utf-8", "replace"))
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
     unknown_top = set(data) - {"models"}

@@ -46,7 +46,7 @@ def open_regular(path: Path) -> int:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})", hint="check the file's permissions") from e
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file", hint="replace it with the file from the checkpoint")
+        raise CheckpointError(f"{path}: not a regular file", hint="replace it with the real file")
     return fd
 
 
@@ -60,7 +60,7 @@ def read_bounded(path: Path, limit: int | None = None) -> bytes:
         if size > limit:
             raise CheckpointError(
                 f"{path}: {size} bytes, more than the {limit}-byte limit for this file",
-                hint="replace it with the file from the checkpoint",
+                hint="is this the right file? replace it with the real one",
             )
         data = os.read(fd, limit + 1)  # a file that grows meanwhile is still capped
     except OSError as e:
