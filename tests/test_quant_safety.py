@@ -182,3 +182,19 @@ def test_writer_rejects_out_of_order_and_short_tensors(tmp_path: Path) -> None:
         w.append(np.zeros(4, np.float32))
         w.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_experts_falling_back_to_a_type_without_search(dsv4, tmp_path: Path) -> None:
+    """Expert rows that fit no Q4_K block (192 wide) fall back to Q8_0, which has no per-expert search."""
+    from dsv4cli.registry import ModelSpec, get_model
+    from dsv4cli.tiny import write_tiny_checkpoint
+
+    config = {**get_model("tiny-base").config, "moe_intermediate_size": 192}
+    folder = tmp_path / "odd"
+    write_tiny_checkpoint(ModelSpec(name="odd", builtin=True, expert_dtype="fp8", config=config), folder)
+    out = tmp_path / "odd.gguf"
+    result = dsv4("quantize", str(folder), "-o", str(out), "--experts", "q4_k", "--dense", "bf16")
+    assert result.code == 0, result.stderr
+    assert "ffn_down_exps.weight stored as Q8_0" in result.stderr
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q8_0" and types["blk.0.ffn_gate_exps.weight"] == "Q4_K"
