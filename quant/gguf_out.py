@@ -116,6 +116,9 @@ class StreamingGGUF:
             self.tmp.mkdir(parents=True, exist_ok=True)
             headers = self._write_headers(arch, kv, specs, split_max_size)
             self._open(headers, previous)
+        except KeyboardInterrupt:  # e.g. while re-reading a long partial output: keep it
+            self.close()
+            raise
         except BaseException:
             self.abort()
             raise
