@@ -10,7 +10,6 @@ and shape) before the output is created.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,12 +23,13 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from quant.errors import CheckpointError, QuantError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
+from quant.files import PULL_HINT
 from quant.gguf_out import StreamingGGUF
 from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
 from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
 from quant.safetensors import Checkpoint
-from quant.source import CHUNK_BYTES, SourceTensors, scale_name
+from quant.source import CHUNK_BYTES, SCALE_DTYPES, SourceTensors, fp4_scale_shape, fp8_block, scale_name
 from quant.tokenizer import load_vocab
 
 T = GGMLQuantizationType
@@ -111,7 +111,8 @@ class QuantReport:
 
 def check_checkpoint(ckpt: Checkpoint, facts: dict[str, Any], plans: list[TensorPlan], *, mtp: bool) -> None:
     """Every checkpoint tensor maps into this model's GGUF (or is dropped on purpose); every planned source
-    exists with a usable dtype and the element count the config implies."""
+    exists with a usable dtype and exactly the shape the config implies (a transposed tensor has the right
+    element count and would convert silently wrong), and its scale companion fits it."""
     planned = {p.spec.name for p in plans}
     for name in ckpt.names():
         target = gguf_name(name, facts, mtp=mtp)
@@ -127,22 +128,47 @@ def check_checkpoint(ckpt: Checkpoint, facts: dict[str, Any], plans: list[Tensor
                     f"{ckpt.folder}: tensor '{source}' (for {plan.spec.name}) is missing from the checkpoint",
                     hint="the download is incomplete or this is not the model the config describes",
                 )
-            info = ckpt.info(source)
-            path = ckpt.path_of(source)
-            wanted = math.prod(plan.spec.ne) // (len(plan.sources) if plan.kind in ("experts", "concat") else 1)
-            if plan.kind == "i32":
-                ok = info.dtype in ("I64", "I32")
-            else:
-                ok = info.dtype in ("F8_E4M3", "I8", "BF16", "F16", "F32")
-            if not ok:
-                raise CheckpointError(f"{path}: tensor '{source}' has unexpected dtype {info.dtype}")
-            count = math.prod(info.shape) * (2 if info.dtype == "I8" else 1)
-            if count != wanted:
-                raise CheckpointError(
-                    f"{path}: tensor '{source}' has shape {list(info.shape)}, expected {wanted} elements "
-                    f"for {plan.spec.name} {list(plan.spec.ne)}",
-                    hint="config.json and the weights disagree",
-                )
+            _check_source(ckpt, plan, source, int(facts["weight_block_size"][0]))
+
+
+def _squeezed(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _check_source(ckpt: Checkpoint, plan: TensorPlan, source: str, block: int) -> None:
+    info = ckpt.info(source)
+    path = ckpt.path_of(source)
+    usable = ("I64", "I32") if plan.kind == "i32" else ("F8_E4M3", "I8", "BF16", "F16", "F32")
+    if info.dtype not in usable:
+        raise CheckpointError(f"{path}: tensor '{source}' has unexpected dtype {info.dtype}")
+    expected = list(reversed(plan.spec.ne[:-1] if plan.kind == "experts" else plan.spec.ne))
+    if plan.kind == "concat":
+        expected[-1] //= len(plan.sources)
+    shape = list(info.shape)
+    if info.dtype == "I8" and shape:
+        shape[-1] *= 2  # two FP4 values per byte
+    if _squeezed(shape) != _squeezed(expected):
+        raise CheckpointError(
+            f"{path}: tensor '{source}' has shape {list(info.shape)}, expected {expected} "
+            f"for {plan.spec.name} {list(plan.spec.ne)}",
+            hint="config.json and the weights disagree",
+        )
+    scale = scale_name(source)
+    if info.dtype not in ("F8_E4M3", "I8"):
+        return
+    if scale not in ckpt:
+        raise CheckpointError(f"{path}: {info.dtype} tensor '{source}' has no '{scale}'", hint=PULL_HINT)
+    scale_info = ckpt.info(scale)
+    if info.dtype == "I8":
+        fits = scale_info.shape == fp4_scale_shape(info.shape)
+    else:
+        fits = fp8_block(info.shape, scale_info.shape, block) is not None
+    if scale_info.dtype not in SCALE_DTYPES or not fits:
+        raise CheckpointError(
+            f"{ckpt.path_of(scale)}: tensor '{scale}' ({scale_info.dtype} {list(scale_info.shape)}) is no scale "
+            f"grid of '{source}' {list(info.shape)}",
+            hint="config.json and the weights disagree, or the download is damaged",
+        )
 
 
 # ---- conversion ---------------------------------------------------------------------------------------------

@@ -22,6 +22,28 @@ def scale_name(name: str) -> str:
     return name[: -len(".weight")] + ".scale" if name.endswith(".weight") else name + ".scale"
 
 
+SCALE_DTYPES = ("F8_E8M0", "F8_E8M0FNU", "U8")
+
+
+def fp8_block(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: int) -> tuple[int, int] | None:
+    """The (rows, cols) block an FP8 weight's scale grid implies: square blocks, or per-row groups (Engram
+    tables); None when the grid fits neither."""
+    if len(shape) != 2 or len(scale_shape) != 2 or 0 in scale_shape:
+        return None
+    if scale_shape == scale_grid(shape, block):
+        return (block, block)
+    if scale_shape[0] == shape[0] and shape[1] % scale_shape[1] == 0:
+        return (1, shape[1] // scale_shape[1])
+    return None
+
+
+def fp4_scale_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The E8M0 grid of a packed FP4 weight [out, in/2]: one scale per 32 values; None for other shapes."""
+    if len(shape) != 2 or (2 * shape[1]) % 32:
+        return None
+    return (shape[0], 2 * shape[1] // 32)
+
+
 class SourceTensors:
     """Float rows of checkpoint tensors, with the facts (FP8 block size, expert count) needed to decode them."""
 
@@ -68,20 +90,11 @@ class SourceTensors:
         scale = scale_name(name)
         if scale not in self.ckpt:
             raise CheckpointError(f"{self.ckpt.path_of(name)}: FP8 tensor '{name}' has no '{scale}'")
-        scale_shape = self.ckpt.info(scale).shape
-        if len(shape) != 2 or len(scale_shape) != 2 or 0 in scale_shape:
+        block = fp8_block(shape, self.ckpt.info(scale).shape, self.block)
+        if block is None:
             raise CheckpointError(
-                f"{self.ckpt.path_of(scale)}: tensor '{scale}' {list(scale_shape)} is no 2-D scale grid of '{name}'"
-            )
-        rows, cols = shape
-        if scale_shape == scale_grid(shape, self.block):
-            block: tuple[int, int] = (self.block, self.block)
-        elif scale_shape[0] == rows and cols % scale_shape[1] == 0:  # per-row scales (Engram tables)
-            block = (1, cols // scale_shape[1])
-        else:
-            raise CheckpointError(
-                f"{self.ckpt.path_of(scale)}: tensor '{scale}' shape {scale_shape} fits no block grid "
-                f"of '{name}' {shape}"
+                f"{self.ckpt.path_of(scale)}: tensor '{scale}' shape {self.ckpt.info(scale).shape} fits no block "
+                f"grid of '{name}' {shape}"
             )
         grid = self.ckpt.read(scale, start // block[0], math.ceil(stop / block[0]))
         return dequant_fp8_block(part, grid, block, name=name)

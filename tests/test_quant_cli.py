@@ -107,6 +107,24 @@ def test_unknown_dtype(dsv4, ckpt: Path, tmp_path: Path) -> None:
     assert_clean_failure(dsv4("quantize", str(ckpt), "-o", str(out)), out, str(shard), name, "F6_E3M2")
 
 
+@pytest.mark.parametrize(
+    ("name", "reshape"),
+    [
+        ("embed.weight", lambda s: s[::-1]),  # transposed: right element count, silently wrong without a check
+        ("layers.0.ffn.gate.tid2eid", lambda s: s[::-1]),
+        ("layers.2.attn.compressor.ape", lambda s: [s[0] * s[1]]),
+        ("layers.1.ffn.experts.3.w2.weight", lambda s: s[::-1]),
+        ("layers.1.ffn.experts.3.w1.scale", lambda s: s[::-1]),
+        ("layers.1.attn.wq_a.scale", lambda s: s[::-1]),
+    ],
+)
+def test_wrong_shapes_with_the_right_byte_count(dsv4, ckpt: Path, tmp_path: Path, name: str, reshape) -> None:
+    shard = shard_holding(ckpt, name)
+    rewrite_header(shard, lambda h: h[name].update(shape=reshape(h[name]["shape"])))
+    out = tmp_path / "o.gguf"
+    assert_clean_failure(dsv4("quantize", str(ckpt), "-o", str(out)), out, str(shard), name)
+
+
 def test_unexpected_tensor(dsv4, ckpt: Path, tmp_path: Path) -> None:
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
