@@ -175,7 +175,12 @@ def _check_source(ckpt: Checkpoint, plan: TensorPlan, source: str, block: int) -
 
 
 def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: Progress | None = None) -> QuantReport:
-    """Convert checkpoint folder `src` into `out` (+ shards with `split_max_size`) and `<out>.report.json`."""
+    """Convert checkpoint folder `src` into `out` (+ shards with `split_max_size`) and `<out>.report.json`.
+
+    Holds the output's lock throughout (a second run on `out` fails at once, naming this process) and resumes
+    after the last complete tensor of an interrupted run with the same inputs. Write failures raise OutputError
+    (one line; on a full disk the partial output is removed first).
+    """
     started = time.monotonic()
     ckpt = Checkpoint(Path(src))
     try:
