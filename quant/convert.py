@@ -236,7 +236,9 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
 def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:
     """What the output depends on besides its header: the options and every source file's size and mtime
     (a re-downloaded or edited checkpoint must not be resumed into)."""
-    files = sorted(p for p in ckpt.folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
+    files = sorted(
+        p for p in ckpt.folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja") and p.name[0] != "."
+    )
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return {"options": {k: v for k, v in asdict(options).items() if k != "workers"}, "files": stats}
 
