@@ -14,6 +14,7 @@ from typing import Any
 
 from dsv4cli.errors import RuntimeLoadError
 from quant.arch import V4, V41
+from quant.layout import model_tensors
 
 ARCH = V4
 V41_ARCH = V41
@@ -46,7 +47,7 @@ def check_gguf(path: Path) -> GgufInfo:
     Raises:
         RuntimeLoadError: missing or unreadable file, wrong architecture (with a dedicated message for V4.1),
             or a key/tensor that would make llama.cpp fail or abort.
-        PlanError: a split GGUF given by a later shard or with a shard missing.
+            Also a split GGUF given by a later shard, with a shard missing or with shards of different conversions.
     """
     if not path.is_file():
         raise RuntimeLoadError(
@@ -54,10 +55,15 @@ def check_gguf(path: Path) -> GgufInfo:
         )
     import gguf
 
-    from dsv4cli.gguf_read import split_shards
+    from quant.errors import OutputError
+    from quant.gguf_set import complete_split_set
 
+    try:  # every shard present and of one conversion (a mixed set would load the wrong weights)
+        shards = complete_split_set(path)
+    except OutputError as e:
+        raise RuntimeLoadError(str(e), hint=e.hint) from e
     readers = []
-    for shard in split_shards(path):  # metadata is in the first shard, tensors are spread over all of them
+    for shard in shards:  # metadata is in the first shard, tensors are spread over all of them
         try:
             readers.append(gguf.GGUFReader(shard))
         except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage
@@ -177,59 +183,12 @@ class _Header:
     def _check_tensors(self, n_layer: int, ratios: list[int]) -> None:
         present = set(self.tensor_names)
         n_hash = self.need_int("hash_layer_count")
-        expected = set(_ROOT_TENSORS)
-        for layer, ratio in enumerate(ratios):
-            expected |= {f"blk.{layer}.{n}.weight" for n in _layer_tensors(ratio)}
-            expected.add(f"blk.{layer}.ffn_gate_tid2eid.weight" if layer < n_hash else f"blk.{layer}.exp_probs_b.bias")
+        expected = set(model_tensors(ratios, n_hash))
         if missing := sorted(expected - present):
             raise self.fail(f"tensor {missing[0]} is missing ({len(missing)} missing in all)")
         extra = [n for n in sorted(present - expected) if not _tolerated_extra(n, n_layer)]
         if extra:
             raise self.fail(f"unexpected tensor {extra[0]} (llama.cpp rejects extra tensors)")
-
-
-_ROOT_TENSORS = (
-    "token_embd.weight",
-    "output_norm.weight",
-    "output.weight",
-    "output_hc_fn.weight",
-    "output_hc_base.weight",
-    "output_hc_scale.weight",
-)
-_EVERY_LAYER = [
-    "attn_norm",
-    "attn_sinks",
-    "attn_q_a",
-    "attn_q_a_norm",
-    "attn_q_b",
-    "attn_kv",
-    "attn_kv_a_norm",
-    "attn_output_a",
-    "attn_output_b",
-    "hc_attn_fn",
-    "hc_attn_base",
-    "hc_attn_scale",
-    "hc_ffn_fn",
-    "hc_ffn_base",
-    "hc_ffn_scale",
-    "ffn_norm",
-    "ffn_gate_inp",
-    "ffn_gate_exps",
-    "ffn_up_exps",
-    "ffn_down_exps",
-    "ffn_gate_shexp",
-    "ffn_up_shexp",
-    "ffn_down_shexp",
-]
-_COMPRESSED = ["attn_compressor_kv", "attn_compressor_gate", "attn_compressor_ape", "attn_compressor_norm"]
-_INDEXED = [
-    "indexer.proj",
-    "indexer.attn_q_b",
-    "indexer_compressor_kv",
-    "indexer_compressor_gate",
-    "indexer_compressor_ape",
-    "indexer_compressor_norm",
-]
 
 
 def _uniform(value: Any) -> Any:
@@ -242,8 +201,3 @@ def _tolerated_extra(name: str, n_layer: int) -> bool:
         return True
     mtp = _LAYER.match(name)
     return mtp is not None and int(mtp.group(1)) >= n_layer
-
-
-def _layer_tensors(ratio: int) -> list[str]:
-    """Names (without `blk.N.` and `.weight`) the loader creates for a layer with this compress ratio."""
-    return _EVERY_LAYER + (_COMPRESSED if ratio else []) + (_INDEXED if ratio == 4 else [])

@@ -7,17 +7,15 @@ llama.cpp): metadata is in the first shard, tensors are spread over all of them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsv4cli.errors import PlanError, UsageError
+from dsv4cli.errors import PlanError
 
 if TYPE_CHECKING:
     from quant.mapping import TensorSpec
 
-SHARD_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 # Keys `dsv4 quantize` writes besides the architecture (docs/formats.md §GGUF metadata).
 RECIPE_KEYS = {"experts": "dsv4.experts", "dense": "dsv4.dense"}
 SOURCE_KEY = "dsv4.source"
@@ -44,17 +42,17 @@ def recipe_of(fields: dict[str, Any]) -> dict[str, str] | None:
 
 
 def split_shards(path: Path) -> list[Path]:
-    """All shards of a split GGUF given its first shard (`name-00001-of-00003.gguf`); else just `path`."""
-    m = SHARD_RE.match(path.name)
-    if not m:
-        return [path]
-    if int(m.group(2)) != 1:
-        raise UsageError(f"{path}: not the first shard of a split GGUF", hint=f"pass {m.group(1)}-00001-of-*.gguf")
-    shards = [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
-    missing = [s.name for s in shards if not s.is_file()]
-    if missing:
-        raise PlanError(f"{path}: split GGUF is missing {missing[0]}", hint="download every shard first")
-    return shards
+    """All shards of a split GGUF given its first shard (`name-00001-of-00003.gguf`); else just `path`.
+
+    The set is checked by `quant.gguf_set.complete_split_set`: every shard present and of one conversion.
+    """
+    from quant.errors import OutputError
+    from quant.gguf_set import complete_split_set
+
+    try:
+        return complete_split_set(path)
+    except OutputError as e:
+        raise PlanError(str(e), hint=e.hint) from e
 
 
 def read_header(path: Path) -> GgufHeader:

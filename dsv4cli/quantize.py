@@ -1,12 +1,12 @@
 """`dsv4 quantize` work: resolve MODEL to a complete checkpoint folder, pick the output, check disk, convert.
 
 The conversion itself is quant.convert; this module adds what needs the registry and $DSV4_HOME: registry names,
-default output names, refusing to overwrite, and the free-disk check (done before anything is written).
+default output names, refusing to overwrite, and the free-disk check (done before anything is written), all under
+the output's lock so that a second run on the same output stops at once instead of racing the first.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +17,10 @@ from dsv4cli.model_ref import ModelRef, resolve_model
 from dsv4cli.units import human_bytes
 from quant.convert import Progress, QuantOptions, QuantReport, quantize_checkpoint
 from quant.errors import QuantError
+from quant.files import load_json_object
+from quant.gguf_out import temp_dir_for
 from quant.mapping import gguf_tensor_specs
+from quant.outlock import output_lock, write_error
 
 HEADER_ALLOWANCE = 16 << 20  # metadata + tokenizer + alignment padding, generous
 SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
@@ -50,7 +53,7 @@ def resolve_source(ref: ModelRef, *, experts: str, dense: str) -> tuple[Path, Pa
 def estimated_bytes(folder: Path, options: QuantOptions) -> int:
     """Output size from the tensor list (exact payload) plus a header allowance."""
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = load_json_object(folder / "config.json")
         specs = gguf_tensor_specs(config, experts=options.experts, dense=options.dense, mtp=options.mtp)
     except (OSError, ValueError, QuantError):
         return 0  # the converter reports a bad config with its file name and a hint
@@ -71,20 +74,25 @@ def quantize(
     out = (output or default_out).expanduser().resolve()
     if out.suffix != ".gguf":
         raise UsageError(f"-o {out}: the output name must end in .gguf")
-    existing = [p for p in [out, *out.parent.glob(f"{out.stem}-*-of-*.gguf")] if p.exists()]
-    if existing and not force:
-        raise UsageError(f"{existing[0]} already exists", hint="pass --force to replace it, or choose -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    needed = estimated_bytes(folder, options)
-    free = shutil.disk_usage(out.parent).free
-    if needed > free:
-        raise DiskSpaceError(
-            f"not enough free disk in {out.parent}: the GGUF needs about {human_bytes(needed)}, "
-            f"{human_bytes(free)} is free",
-            hint="free some space or choose another -o",
-        )
-    report = quantize_checkpoint(folder, out, options, progress)
-    stale = set(existing) - {Path(p) for p in report.outputs}
-    for path in stale:  # shards of an earlier, differently split output under --force
-        path.unlink(missing_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out.parent) from e
+    with output_lock(out):  # held through the checks below and the conversion: one writer per output
+        existing = [p for p in [out, *out.parent.glob(f"{out.stem}-*-of-*.gguf")] if p.exists()]
+        if existing and not force:
+            raise UsageError(f"{existing[0]} already exists", hint="pass --force to replace it, or choose -o")
+        partial = temp_dir_for(out)  # a resumed run only writes what is still missing
+        needed = estimated_bytes(folder, options) - sum(p.stat().st_size for p in partial.glob("*") if p.is_file())
+        free = shutil.disk_usage(out.parent).free
+        if needed > free:
+            raise DiskSpaceError(
+                f"not enough free disk in {out.parent}: the GGUF needs about {human_bytes(needed)}, "
+                f"{human_bytes(free)} is free",
+                hint="free some space or choose another -o",
+            )
+        report = quantize_checkpoint(folder, out, options, progress)
+        stale = set(existing) - {Path(p) for p in report.outputs}
+        for path in stale:  # shards of an earlier, differently split output under --force
+            path.unlink(missing_ok=True)
     return report

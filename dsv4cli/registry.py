@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.errors import RegistryError, UnknownModelError, UnsafePathError
+from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
-from dsv4cli.safe_paths import name_problem, read_small_file
+from dsv4cli.safe_paths import name_problem
 from quant.arch import ARCHES, HF_CLASS, V4, V41
+from quant.errors import CheckpointError
+from quant.files import read_bounded
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
 
@@ -221,11 +223,11 @@ def _is_repo_id(repo: object) -> bool:
 def _read_entries(path: Path) -> dict[str, ModelSpec]:
     """Every entry of one registry file; anything malformed is a RegistryError naming the file (and entry)."""
     try:
-        data = tomllib.loads(read_small_file(path, MAX_REGISTRY_BYTES).decode("utf-8"))
+        data = tomllib.loads(read_bounded(path, MAX_REGISTRY_BYTES).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
-    except (OSError, UnsafePathError) as e:
-        raise RegistryError(f"{path}: cannot be read ({e})", hint="fix the file or remove it") from e
+    except CheckpointError as e:  # not a regular file, too large, unreadable: the message names the file
+        raise RegistryError(str(e), hint="fix the file or remove it") from e
     unknown_top = set(data) - {"models"}
     models = data.get("models", {})
     if unknown_top or not isinstance(models, dict):

@@ -178,22 +178,6 @@ def open_file(root: Path, rel: str, mode: str) -> SafeFile:
     return f
 
 
-def read_small_file(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (symlinks followed: the user's own file).
-
-    A FIFO, device or folder, or a file over the limit (`/dev/zero`, a 10 GB "config"), is refused with an
-    UnsafePathError naming it, instead of hanging or filling memory.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafePathError(f"{path} is not a regular file", hint="replace it with a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise UnsafePathError(f"{path} is larger than {limit} bytes; it cannot be what it claims to be")
-    return data
-
-
 def file_size(root: Path, rel: str) -> int | None:
     """Size of root/rel if it is a regular file reached without symlinks, else None (missing or not ours)."""
     parents, name = _split(rel)

@@ -10,8 +10,6 @@ and shape) before the output is created.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,20 +21,22 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from quant.codecs import bf16_to_f32, dequant_fp8_block, fp4_e2m1_to_f32, scale_grid
 from quant.errors import CheckpointError, QuantError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
+from quant.files import PULL_HINT
 from quant.gguf_out import StreamingGGUF
-from quant.mapping import TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
+from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
+from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
-from quant.safetensors import DTYPES, Checkpoint
+from quant.safetensors import Checkpoint
+from quant.source import CHUNK_BYTES, SCALE_DTYPES, SourceTensors, fp4_scale_shape, fp8_block, scale_name
 from quant.tokenizer import load_vocab
 
 T = GGMLQuantizationType
-CHUNK_BYTES = 32 << 20  # float32 working set per row chunk of a non-expert tensor
 WORKERS = 2
 SUMMARY_KEY = "dsv4.expert_error_summary"
+FP4_METHOD = "lossless FP4 repack"
 SUMMARY_WIDTH = 384  # fixed-width placeholder, patched in place once the experts are done
 Progress = Callable[[int, int], None]  # (source bytes done, source bytes total)
 
@@ -79,6 +79,7 @@ class QuantReport:
     seconds: float
     expert_method: str
     report_file: str = ""
+    resumed_tensors: int = 0
     fallbacks: list[dict[str, str]] = field(default_factory=list)
     expert_errors: list[ExpertError] = field(default_factory=list)
 
@@ -106,129 +107,19 @@ class QuantReport:
         return data
 
 
-# ---- reading source tensors ---------------------------------------------------------------------------------
-
-
-class _Source:
-    """Float rows of checkpoint tensors, decoding FP8/FP4/BF16 by their stored dtype.
-
-    Rows are read with pread into fresh buffers rather than through the reader's memory maps: pages of a map
-    stay resident (and count as RSS) until the shard is closed, so a 160 GB model would look like a 160 GB
-    process; reading only the rows of the current chunk keeps memory bounded by the chunk.
-    """
-
-    def __init__(self, ckpt: Checkpoint, facts: dict[str, Any]) -> None:
-        self.ckpt = ckpt
-        self.block = int(facts["weight_block_size"][0])
-        self.n_experts = int(facts["n_routed_experts"])
-        self._fds: dict[Path, int] = {}
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def nbytes(self, name: str) -> int:
-        scale = _scale_name(name)
-        return self.ckpt.info(name).nbytes + (self.ckpt.info(scale).nbytes if scale in self.ckpt else 0)
-
-    def rows(self, name: str) -> int:
-        return _as_rows(self.ckpt.info(name).shape)[0]
-
-    def row_step(self, width: int) -> int:
-        """Rows per chunk: ~CHUNK_BYTES of float32, a multiple of the FP8 block height."""
-        step = max(1, CHUNK_BYTES // (4 * max(width, 1)))
-        return max(self.block, step // self.block * self.block)
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def prefetch(self, names: tuple[str, ...]) -> None:
-        """Ask the kernel to read these tensors (and scales) ahead: shards keep them in name order, not in the
-        order they are converted, so plain readahead would not help."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for name in names:
-            for part in (name, _scale_name(name)):
-                if part in self.ckpt:
-                    info = self.ckpt.info(part)
-                    os.posix_fadvise(
-                        self._fd(self.ckpt.shard_of(part).path), info.start, info.nbytes, os.POSIX_FADV_WILLNEED
-                    )
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of a tensor as stored (1-D tensors as one row)."""
-        info = self.ckpt.info(name)
-        path = self.ckpt.shard_of(name).path
-        shape = _as_rows(info.shape)
-        stop = shape[0] if stop is None else min(stop, shape[0])
-        row_bytes = info.nbytes // max(shape[0], 1)
-        want = (stop - start) * row_bytes
-        data = os.pread(self._fd(path), want, info.start + start * row_bytes)
-        if len(data) != want:
-            raise CheckpointError(f"{path}: tensor '{name}': file ends early (truncated while converting?)")
-        return np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(stop - start, *shape[1:])
-
-    def floats(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of a tensor as float32."""
-        info = self.ckpt.info(name)
-        part = self.read(name, start, stop)
-        stop = start + part.shape[0]
-        if info.dtype == "F8_E4M3":
-            return self._fp8(name, part, start, stop, info.shape)
-        if info.dtype == "I8" and _scale_name(name) in self.ckpt:
-            return fp4_e2m1_to_f32(part, self.read(_scale_name(name), start, stop), name=name)
-        if info.dtype == "BF16":
-            return bf16_to_f32(part)
-        if info.dtype in ("F32", "F16", "F64"):
-            return part.astype(np.float32)
-        raise CheckpointError(
-            f"{self.ckpt.shard_of(name).path}: tensor '{name}' has dtype {info.dtype}, expected a float"
-        )
-
-    def _fp8(self, name: str, part: np.ndarray, start: int, stop: int, shape: tuple[int, ...]) -> np.ndarray:
-        scale_name = _scale_name(name)
-        if scale_name not in self.ckpt:
-            raise CheckpointError(f"{self.ckpt.shard_of(name).path}: FP8 tensor '{name}' has no '{scale_name}'")
-        scale_shape = self.ckpt.info(scale_name).shape
-        rows, cols = shape
-        if scale_shape == scale_grid(shape, self.block):
-            block: tuple[int, int] = (self.block, self.block)
-        elif scale_shape[0] == rows and cols % scale_shape[1] == 0:  # per-row scales (Engram tables)
-            block = (1, cols // scale_shape[1])
-        else:
-            raise CheckpointError(
-                f"{self.ckpt.shard_of(scale_name).path}: tensor '{scale_name}' shape {scale_shape} fits no block grid "
-                f"of '{name}' {shape}"
-            )
-        scale = self.read(scale_name, start // block[0], math.ceil(stop / block[0]))
-        return dequant_fp8_block(part, scale, block, name=name)
-
-
-def _as_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape read row by row: 1-D (and scalar) tensors are one row."""
-    return shape if len(shape) > 1 else (1, *shape)
-
-
-def _scale_name(name: str) -> str:
-    return name[: -len(".weight")] + ".scale" if name.endswith(".weight") else name + ".scale"
-
-
 # ---- checking the checkpoint --------------------------------------------------------------------------------
 
 
 def check_checkpoint(ckpt: Checkpoint, facts: dict[str, Any], plans: list[TensorPlan], *, mtp: bool) -> None:
     """Every checkpoint tensor maps into this model's GGUF (or is dropped on purpose); every planned source
-    exists with a usable dtype and the element count the config implies."""
+    exists with a usable dtype and exactly the shape the config implies (a transposed tensor has the right
+    element count and would convert silently wrong), and its scale companion fits it."""
     planned = {p.spec.name for p in plans}
     for name in ckpt.names():
         target = gguf_name(name, facts, mtp=mtp)
         if target is not None and target not in planned:
             raise CheckpointError(
-                f"{ckpt.shard_of(name).path}: tensor '{name}' does not fit this model ({target} is not in its layout)",
+                f"{ckpt.path_of(name)}: tensor '{name}' does not fit this model ({target} is not in its layout)",
                 hint="config.json and the weights disagree",
             )
     for plan in plans:
@@ -238,29 +129,59 @@ def check_checkpoint(ckpt: Checkpoint, facts: dict[str, Any], plans: list[Tensor
                     f"{ckpt.folder}: tensor '{source}' (for {plan.spec.name}) is missing from the checkpoint",
                     hint="the download is incomplete or this is not the model the config describes",
                 )
-            info = ckpt.info(source)
-            path = ckpt.shard_of(source).path
-            wanted = math.prod(plan.spec.ne) // (len(plan.sources) if plan.kind in ("experts", "concat") else 1)
-            if plan.kind == "i32":
-                ok = info.dtype in ("I64", "I32")
-            else:
-                ok = info.dtype in ("F8_E4M3", "I8", "BF16", "F16", "F32")
-            if not ok:
-                raise CheckpointError(f"{path}: tensor '{source}' has unexpected dtype {info.dtype}")
-            count = math.prod(info.shape) * (2 if info.dtype == "I8" else 1)
-            if count != wanted:
-                raise CheckpointError(
-                    f"{path}: tensor '{source}' has shape {list(info.shape)}, expected {wanted} elements "
-                    f"for {plan.spec.name} {list(plan.spec.ne)}",
-                    hint="config.json and the weights disagree",
-                )
+            _check_source(ckpt, plan, source, int(facts["weight_block_size"][0]))
+
+
+def _squeezed(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _check_source(ckpt: Checkpoint, plan: TensorPlan, source: str, block: int) -> None:
+    info = ckpt.info(source)
+    path = ckpt.path_of(source)
+    usable = ("I64", "I32") if plan.kind == "i32" else ("F8_E4M3", "I8", "BF16", "F16", "F32")
+    if info.dtype not in usable:
+        raise CheckpointError(f"{path}: tensor '{source}' has unexpected dtype {info.dtype}")
+    expected = list(reversed(plan.spec.ne[:-1] if plan.kind == "experts" else plan.spec.ne))
+    if plan.kind == "concat":
+        expected[-1] //= len(plan.sources)
+    shape = list(info.shape)
+    if info.dtype == "I8" and shape:
+        shape[-1] *= 2  # two FP4 values per byte
+    if _squeezed(shape) != _squeezed(expected):
+        raise CheckpointError(
+            f"{path}: tensor '{source}' has shape {list(info.shape)}, expected {expected} "
+            f"for {plan.spec.name} {list(plan.spec.ne)}",
+            hint="config.json and the weights disagree",
+        )
+    scale = scale_name(source)
+    if info.dtype not in ("F8_E4M3", "I8"):
+        return
+    if scale not in ckpt:
+        raise CheckpointError(f"{path}: {info.dtype} tensor '{source}' has no '{scale}'", hint=PULL_HINT)
+    scale_info = ckpt.info(scale)
+    if info.dtype == "I8":
+        fits = scale_info.shape == fp4_scale_shape(info.shape)
+    else:
+        fits = fp8_block(info.shape, scale_info.shape, block) is not None
+    if scale_info.dtype not in SCALE_DTYPES or not fits:
+        raise CheckpointError(
+            f"{ckpt.path_of(scale)}: tensor '{scale}' ({scale_info.dtype} {list(scale_info.shape)}) is no scale "
+            f"grid of '{source}' {list(info.shape)}",
+            hint="config.json and the weights disagree, or the download is damaged",
+        )
 
 
 # ---- conversion ---------------------------------------------------------------------------------------------
 
 
 def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: Progress | None = None) -> QuantReport:
-    """Convert checkpoint folder `src` into `out` (+ shards with `split_max_size`) and `<out>.report.json`."""
+    """Convert checkpoint folder `src` into `out` (+ shards with `split_max_size`) and `<out>.report.json`.
+
+    Holds the output's lock throughout (a second run on `out` fails at once, naming this process) and resumes
+    after the last complete tensor of an interrupted run with the same inputs. Write failures raise OutputError
+    (one line; on a full disk the partial output is removed first).
+    """
     started = time.monotonic()
     ckpt = Checkpoint(Path(src))
     try:
@@ -270,7 +191,7 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     plans = plan_tensors(ckpt.config, experts=options.experts, dense=options.dense, mtp=options.mtp)
     check_checkpoint(ckpt, facts, plans, mtp=options.mtp)
     vocab = load_vocab(ckpt.folder, ckpt.config)
-    source = _Source(ckpt, facts)
+    source = SourceTensors(ckpt, facts)
     total = sum(source.nbytes(s) for p in plans for s in p.sources)
     fp4_experts = facts["expert_dtype"] == "fp4" and options.experts == "mxfp4"
     report = QuantReport(
@@ -283,7 +204,7 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
         bytes_written=sum(p.spec.nbytes for p in plans),
         source_bytes=total,
         seconds=0.0,
-        expert_method="lossless FP4 repack" if fp4_experts else "per-expert block scale search",
+        expert_method=FP4_METHOD if fp4_experts else "per-expert block scale search",
         report_file=str(Path(out).with_name(Path(out).name + ".report.json")),
         fallbacks=[
             {"tensor": p.spec.name, "wanted": T(p.requested).name, "used": T(p.spec.ggml_type).name}
@@ -301,32 +222,71 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
         (SUMMARY_KEY, placeholder.decode(), GGUFValueType.STRING, None),
         *vocab.metadata(),
     ]
-    done = 0
     try:
-        with (
-            StreamingGGUF(out, facts["arch"], kv, [p.spec for p in plans], split_max_size=options.split_max_size) as w,
-            ThreadPoolExecutor(options.workers) as pool,
-        ):
-            for plan in plans:
-                w.begin(plan.spec.name)
-                source.prefetch(plan.sources)
-                jobs = _expert_jobs(source, plan, fp4_experts) if plan.kind == "experts" else _dense_jobs(source, plan)
-                for data, read, errors in _in_order(pool, jobs, window=2 * options.workers):
-                    w.append(data)
-                    report.expert_errors.extend(errors)
-                    done += read
-                    if progress:
-                        progress(done, total)
-            summary = json.dumps(report.summary(), separators=(",", ":")).encode()
-            w.patch(placeholder, summary.ljust(SUMMARY_WIDTH)[:SUMMARY_WIDTH])
-            report.seconds = time.monotonic() - started
-            report.outputs = [str(p) for p in w.paths]
-            report_tmp = w.tmp / "report.json"
-            report_tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
-            w.commit(extra={report_tmp: Path(report.report_file)})
+        with output_lock(out):
+            _write(source, plans, out, options, kv, placeholder, report, progress, started)
+    except OSError as e:
+        if isinstance(e, QuantError):
+            raise
+        raise write_error(e, Path(out)) from e
     finally:
-        source.close()
+        ckpt.close()
     return report
+
+
+def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:
+    """What the output depends on besides its header: the options and every source file's size and mtime
+    (a re-downloaded or edited checkpoint must not be resumed into)."""
+    files = sorted(
+        p for p in ckpt.folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja") and p.name[0] != "."
+    )
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return {"options": {k: v for k, v in asdict(options).items() if k != "workers"}, "files": stats}
+
+
+def _write(
+    source: SourceTensors,
+    plans: list[TensorPlan],
+    out: Path,
+    options: QuantOptions,
+    kv: list[KeyValue],
+    placeholder: bytes,
+    report: QuantReport,
+    progress: Progress | None,
+    started: float,
+) -> None:
+    """Stream every planned tensor into the output, then patch the summary in and commit the files."""
+    fp4_experts = report.expert_method == FP4_METHOD
+    specs = [p.spec for p in plans]
+    identity = _identity(source.ckpt, options)
+    with (
+        StreamingGGUF(out, report.arch, kv, specs, split_max_size=options.split_max_size, identity=identity) as w,
+        ThreadPoolExecutor(options.workers) as pool,
+    ):
+        report.resumed_tensors = len(w.resumed)
+        for written in w.resumed:
+            report.expert_errors.extend(ExpertError(**e) for e in written.record)
+        done = sum(source.nbytes(s) for p in plans[: len(w.resumed)] for s in p.sources)
+        for plan in plans[len(w.resumed) :]:
+            w.begin(plan.spec.name)
+            source.prefetch(plan.sources)
+            jobs = _expert_jobs(source, plan, fp4_experts) if plan.kind == "experts" else _dense_jobs(source, plan)
+            tensor_errors: list[ExpertError] = []
+            for data, read, errors in _in_order(pool, jobs, window=2 * options.workers):
+                w.append(data)
+                tensor_errors.extend(errors)
+                done += read
+                if progress:
+                    progress(done, report.source_bytes)
+            w.finish([asdict(e) for e in tensor_errors])
+            report.expert_errors.extend(tensor_errors)
+        summary = json.dumps(report.summary(), separators=(",", ":")).encode()
+        w.patch(placeholder, summary.ljust(SUMMARY_WIDTH)[:SUMMARY_WIDTH])
+        report.seconds = time.monotonic() - started
+        report.outputs = [str(p) for p in w.paths]
+        report_tmp = w.tmp / "report.json"
+        report_tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+        w.commit(extra={report_tmp: Path(report.report_file)})
 
 
 # A job returns (output bytes, source bytes it consumed, expert errors); jobs run on the pool, results stay in order.
@@ -345,7 +305,7 @@ def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[Job], *, window: int) -> 
         yield pending.popleft().result()
 
 
-def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
+def _dense_jobs(source: SourceTensors, plan: TensorPlan) -> Iterator[Job]:
     """A non-expert tensor in row chunks: copied bit for bit when the type is unchanged, else decoded + quantized."""
     target = plan.spec.ggml_type
     name = plan.sources[0]
@@ -354,9 +314,9 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
     if plan.kind == "i32":
 
         def ids() -> Piece:
-            table = source.read(name)
+            table = source.ckpt.read(name)
             if table.size and (table.min() < 0 or table.max() >= source.n_experts):
-                path = source.ckpt.shard_of(name).path
+                path = source.ckpt.path_of(name)
                 raise CheckpointError(f"{path}: tensor '{name}' has expert ids outside [0, {source.n_experts})")
             return table.astype(np.int32), info.nbytes, []
 
@@ -366,7 +326,7 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
         step = max(1, CHUNK_BYTES // max(info.nbytes // max(rows, 1), 1))
 
         def copy(start: int) -> Piece:
-            data = source.read(name, start, start + step)
+            data = source.ckpt.read(name, start, start + step)
             return data, data.nbytes, []
 
         for start in range(0, rows, step):
@@ -385,7 +345,7 @@ def _dense_jobs(source: _Source, plan: TensorPlan) -> Iterator[Job]:
         yield lambda start=start: chunk(start)
 
 
-def _expert_jobs(source: _Source, plan: TensorPlan, fp4_repack: bool) -> Iterator[Job]:
+def _expert_jobs(source: SourceTensors, plan: TensorPlan, fp4_repack: bool) -> Iterator[Job]:
     """One job per expert, in expert order: FP4 repack (lossless) or the per-expert search."""
     layer = int(plan.spec.name.split(".")[1])
     proj = plan.spec.name.split(".")[2]
@@ -395,7 +355,7 @@ def _expert_jobs(source: _Source, plan: TensorPlan, fp4_repack: bool) -> Iterato
         name = plan.sources[index]
         read = source.nbytes(name)
         if fp4_repack and source.ckpt.info(name).dtype == "I8":
-            data = repack_fp4(source.read(name), source.read(_scale_name(name)))
+            data = repack_fp4(source.ckpt.read(name), source.ckpt.read(scale_name(name)))
             return data, read, [ExpertError(layer, index, proj, 0.0, 0.0, 0.0)]
         result: ExpertResult = quantize_expert(source.floats(name), target)
         return result.data, read, [ExpertError(layer, index, proj, result.rms, result.max_abs, result.plain_rms)]

@@ -17,3 +17,8 @@ class CheckpointError(QuantError, ValueError):
 
 class UnsupportedError(QuantError, ValueError):
     """An architecture, dtype or recipe this converter does not handle."""
+
+
+class OutputError(QuantError, OSError):
+    """An output that cannot be written (full disk, read-only folder, another run holding it) or a GGUF split set
+    that is incomplete or mixed."""

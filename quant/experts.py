@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from quant.quantizers import dequantize, ggml_quantize
+from quant.quantizers import dequantize, ggml_quantize, quantize
 
 T = GGMLQuantizationType
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float32)  # ggml's doubled e2m1 magnitudes
@@ -107,11 +107,9 @@ def _candidates(blocks: np.ndarray, ggml_type: int) -> Iterator[tuple[np.ndarray
             e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
         for step in (0, *MXFP4_EXPONENT_STEPS):
             yield _mxfp4(blocks, np.clip(e + step, 0, 254).astype(np.uint8))
-    elif ggml_type == T.Q4_0:
+    else:
         for c in (1.0, *Q4_0_SCALE_GRID):
             yield _q4_0(blocks, c)
-    else:
-        raise ValueError(f"no block search for {T(ggml_type).name}")
 
 
 def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
@@ -119,6 +117,8 @@ def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if ggml_type == T.Q4_K:
         return _search_q4_k(x)
+    if ggml_type not in (T.MXFP4, T.Q4_0):
+        return _plain(x, ggml_type)
     blocks = x.reshape(-1, 32)
     candidates = _candidates(blocks, ggml_type)
     best, recon = next(candidates)  # every candidate is a fresh array, so updating these in place is safe
@@ -134,6 +134,15 @@ def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
         max_abs=float(np.abs(recon - blocks).max()),
         plain_rms=float(np.sqrt(plain_sse / x.size)),
     )
+
+
+def _plain(x: np.ndarray, ggml_type: int) -> ExpertResult:
+    """Types without a search (the Q8_0/BF16 fallbacks of rows that fit no 4-bit block): the plain quantizer."""
+    data = quantize(x, ggml_type)
+    diff = dequantize(data, ggml_type).reshape(x.shape) - x
+    rms = float(np.sqrt(np.mean(diff.astype(np.float64) ** 2))) if x.size else 0.0
+    max_abs = float(np.abs(diff).max()) if x.size else 0.0
+    return ExpertResult(data=data.reshape(x.shape[0], -1), rms=rms, max_abs=max_abs, plain_rms=rms)
 
 
 def _search_q4_k(x: np.ndarray) -> ExpertResult:

@@ -16,6 +16,8 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from quant.arch import V41
+from quant.config import HC, facts_of
 from quant.errors import CheckpointError, UnsupportedError
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
@@ -23,7 +25,6 @@ T = GGMLQuantizationType
 # When a row is not a multiple of a type's block, the next type in the chain is used (only tiny models hit this).
 FALLBACK = {T.Q4_K: T.Q8_0, T.Q8_0: T.BF16, T.Q4_0: T.Q8_0, T.MXFP4: T.Q8_0}
 FTYPE = {T.MXFP4: 38, T.Q4_0: 2, T.Q4_K: 15}  # llama_ftype of the expert recipe (MXFP4_MOE, Q4_0, Q4_K_M)
-HC = 4
 
 
 @dataclass(frozen=True)
@@ -61,58 +62,6 @@ def fit_type(wanted: int, row: int) -> int:
     while GGML_QUANT_SIZES[t][0] > 1 and row % GGML_QUANT_SIZES[t][0]:
         t = FALLBACK[t]
     return int(t)
-
-
-# ---- the config ---------------------------------------------------------------------------------------------
-
-V4_REQUIRED = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_rope_head_dim",
-    "q_lora_rank", "o_lora_rank", "o_groups", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
-    "num_experts_per_tok", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "index_n_heads",
-    "index_head_dim", "index_topk", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "rms_norm_eps",
-    "rope_theta", "compress_rope_theta", "compress_ratios", "max_position_embeddings", "vocab_size", "swiglu_limit",
-)  # fmt: skip
-V41_REQUIRED = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
-                "engram_max_ngram_size", "engram_n_heads", "engram_head_dim")  # fmt: skip
-
-
-def arch_of(config: dict[str, Any]) -> str:
-    """'deepseek4' or 'deepseek41' from `architectures`; anything else is unsupported."""
-    archs = config.get("architectures") or []
-    if "DeepseekV41ForCausalLM" in archs or "text_config" in config:
-        return "deepseek41"
-    if "DeepseekV4ForCausalLM" in archs:
-        return "deepseek4"
-    raise UnsupportedError(
-        f"config.json: architecture {archs or config.get('model_type')!r} is not DeepSeek V4",
-        hint="dsv4 quantize converts DeepseekV4ForCausalLM and DeepseekV41ForCausalLM checkpoints",
-    )
-
-
-def facts_of(config: dict[str, Any]) -> dict[str, Any]:
-    """Flat facts (text_config merged for V4.1) with every required key checked; adds `arch`, `expert_dtype`."""
-    arch = arch_of(config)
-    facts = {**config, **config.get("text_config", {})}
-    quant = config.get("quantization_config") or {}
-    required = V4_REQUIRED + (V41_REQUIRED if arch == "deepseek41" else ("num_hash_layers",))
-    missing = [k for k in required if k not in facts]
-    if missing:
-        raise CheckpointError(
-            f"config.json: missing key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-            hint="use the config.json shipped with the checkpoint",
-        )
-    facts["arch"] = arch
-    facts["expert_dtype"] = facts.get("expert_dtype") or quant.get("expert_dtype") or "fp8"
-    facts.setdefault("num_hash_layers", 0)
-    facts["weight_block_size"] = list(quant.get("weight_block_size") or [128, 128])
-    if facts["hc_mult"] != HC:
-        raise UnsupportedError(f"config.json: hc_mult {facts['hc_mult']} (llama.cpp's deepseek4 graph needs 4)")
-    if facts["scoring_func"] != "sqrtsoftplus":
-        raise UnsupportedError(f"config.json: scoring_func {facts['scoring_func']!r} (deepseek4 needs sqrtsoftplus)")
-    if len(facts["compress_ratios"]) < facts["num_hidden_layers"]:
-        raise CheckpointError("config.json: compress_ratios is shorter than num_hidden_layers")
-    return facts
 
 
 # ---- checkpoint name -> GGUF name ---------------------------------------------------------------------------
@@ -229,7 +178,16 @@ def _mtp_layers(facts: dict[str, Any]) -> int:
 # ---- the tensor list ----------------------------------------------------------------------------------------
 
 
+# GGUF name pattern -> the checkpoint name patterns it is made from (two for the MTP eh_proj, in concat order).
+_SOURCES: dict[str, list[str]] = {}
+for _src, _dst in NAME_TABLE:
+    if _dst is not None:
+        _SOURCES.setdefault(_dst, []).append(_src)
+
+
 class _Builder:
+    """Collects TensorPlans; the checkpoint sources of each GGUF tensor come from NAME_TABLE, never written twice."""
+
     def __init__(self, facts: dict[str, Any], experts: str, dense: str) -> None:
         if experts not in EXPERT_RECIPES:
             raise UnsupportedError(f"--experts {experts!r}: choose one of {', '.join(EXPERT_RECIPES)}")
@@ -237,20 +195,34 @@ class _Builder:
             raise UnsupportedError(f"--dense {dense!r}: choose one of {', '.join(DENSE_RECIPES)}")
         self.facts, self.experts, self.dense = facts, EXPERT_RECIPES[experts], DENSE_RECIPES[dense]
         self.plans: list[TensorPlan] = []
+        self.layer: int | None = None  # the block being built, and its checkpoint prefix ("layers.N." / "mtp.N.")
+        self.prefix = ""
 
-    def add(self, name: str, ne: tuple[int, ...], wanted: int, kind: str, *sources: str) -> None:
+    def sources(self, name: str) -> tuple[str, ...]:
+        """Checkpoint names of GGUF tensor `name` in the current block (experts expanded in expert order)."""
+        pattern = name if self.layer is None else name.replace(f"blk.{self.layer}.", "blk.{layer}.", 1)
+        out: list[str] = []
+        for source in _SOURCES[pattern]:
+            source = source.replace("layers.{layer}.", self.prefix)
+            if "{expert}" in source:
+                out += [source.format(expert=e) for e in range(self.facts["n_routed_experts"])]
+            else:
+                out.append(source)
+        return tuple(out)
+
+    def add(self, name: str, ne: tuple[int, ...], wanted: int, kind: str) -> None:
         ggml_type = fit_type(wanted, ne[0])
         spec = TensorSpec(name, tuple(int(n) for n in ne), ggml_type, nbytes_of(ne, ggml_type))
-        self.plans.append(TensorPlan(spec, kind, sources, int(wanted)))
+        self.plans.append(TensorPlan(spec, kind, self.sources(name), int(wanted)))
 
-    def f32(self, name: str, ne: tuple[int, ...], source: str) -> None:
-        self.add(name, ne, T.F32, "float", source)
+    def f32(self, name: str, ne: tuple[int, ...]) -> None:
+        self.add(name, ne, T.F32, "float")
 
-    def bf16(self, name: str, ne: tuple[int, ...], source: str) -> None:
-        self.add(name, ne, T.BF16, "float", source)
+    def bf16(self, name: str, ne: tuple[int, ...]) -> None:
+        self.add(name, ne, T.BF16, "float")
 
-    def dense_q(self, name: str, ne: tuple[int, ...], source: str) -> None:
-        self.add(name, ne, self.dense, "float", source)
+    def dense_q(self, name: str, ne: tuple[int, ...]) -> None:
+        self.add(name, ne, self.dense, "float")
 
 
 def plan_tensors(
@@ -260,103 +232,97 @@ def plan_tensors(
     f = facts_of(config)
     b = _Builder(f, experts, dense)
     H, V = f["hidden_size"], f["vocab_size"]
-    v41 = f["arch"] == "deepseek41"
-    b.bf16("token_embd.weight", (H, V), "embed.weight")
-    b.f32("output_norm.weight", (H,), "norm.weight")
-    b.bf16("output.weight", (H, V), "head.weight")
+    v41 = f["arch"] == V41
+    b.bf16("token_embd.weight", (H, V))
+    b.f32("output_norm.weight", (H,))
+    b.bf16("output.weight", (H, V))
     if not v41:
-        b.f32("output_hc_fn.weight", (HC * H, HC), "hc_head_fn")
-        b.f32("output_hc_base.weight", (HC,), "hc_head_base")
-        b.f32("output_hc_scale.weight", (1,), "hc_head_scale")
+        b.f32("output_hc_fn.weight", (HC * H, HC))
+        b.f32("output_hc_base.weight", (HC,))
+        b.f32("output_hc_scale.weight", (1,))
     n_main = f["num_hidden_layers"]
     n_mtp = _mtp_layers(f) if mtp else 0
     for layer in range(n_main + n_mtp):
-        prefix = f"layers.{layer}." if layer < n_main else f"mtp.{layer - n_main}."
-        _block(b, f, layer, prefix, nextn=layer >= n_main)
+        b.layer, b.prefix = layer, f"layers.{layer}." if layer < n_main else f"mtp.{layer - n_main}."
+        _block(b, f, layer, nextn=layer >= n_main)
     return b.plans
 
 
-def _block(b: _Builder, f: dict[str, Any], L: int, p: str, *, nextn: bool) -> None:
+def _block(b: _Builder, f: dict[str, Any], L: int, *, nextn: bool) -> None:
     H, nh, hd, q = f["hidden_size"], f["num_attention_heads"], f["head_dim"], f["q_lora_rank"]
     og, ol, E, k, V = f["o_groups"], f["o_lora_rank"], f["n_routed_experts"], f["num_experts_per_tok"], f["vocab_size"]
     inter, ns, ih, ihd = f["moe_intermediate_size"], f["n_shared_experts"], f["index_n_heads"], f["index_head_dim"]
     mix = (2 + HC) * HC
     r = f["compress_ratios"][L] if len(f["compress_ratios"]) > L else 0
-    v41 = f["arch"] == "deepseek41"
+    v41 = f["arch"] == V41
     g = f"blk.{L}."
-    b.f32(g + "attn_norm.weight", (H,), p + "attn_norm.weight")
-    b.f32(g + "attn_sinks.weight", (nh,), p + "attn.attn_sink")
-    b.dense_q(g + "attn_q_a.weight", (H, q), p + "attn.wq_a.weight")
-    b.f32(g + "attn_q_a_norm.weight", (q,), p + "attn.q_norm.weight")
-    b.dense_q(g + "attn_q_b.weight", (q, nh * hd), p + "attn.wq_b.weight")
-    b.dense_q(g + "attn_kv.weight", (H, hd), p + "attn.wkv.weight")
-    b.f32(g + "attn_kv_a_norm.weight", (hd,), p + "attn.kv_norm.weight")
-    b.dense_q(g + "attn_output_a.weight", (nh * hd // og, og * ol), p + "attn.wo_a.weight")
-    b.dense_q(g + "attn_output_b.weight", (og * ol, H), p + "attn.wo_b.weight")
+    b.f32(g + "attn_norm.weight", (H,))
+    b.f32(g + "attn_sinks.weight", (nh,))
+    b.dense_q(g + "attn_q_a.weight", (H, q))
+    b.f32(g + "attn_q_a_norm.weight", (q,))
+    b.dense_q(g + "attn_q_b.weight", (q, nh * hd))
+    b.dense_q(g + "attn_kv.weight", (H, hd))
+    b.f32(g + "attn_kv_a_norm.weight", (hd,))
+    b.dense_q(g + "attn_output_a.weight", (nh * hd // og, og * ol))
+    b.dense_q(g + "attn_output_b.weight", (og * ol, H))
     for part in ("attn", "ffn"):
-        b.f32(f"{g}hc_{part}_fn.weight", (HC * H, mix), f"{p}hc_{part}_fn")
-        b.f32(f"{g}hc_{part}_base.weight", (mix,), f"{p}hc_{part}_base")
-        b.f32(f"{g}hc_{part}_scale.weight", (3,), f"{p}hc_{part}_scale")
+        b.f32(f"{g}hc_{part}_fn.weight", (HC * H, mix))
+        b.f32(f"{g}hc_{part}_base.weight", (mix,))
+        b.f32(f"{g}hc_{part}_scale.weight", (3,))
     if v41:
-        _v41_attention(b, f, L, p)
+        _v41_attention(b, f, L)
     elif r:
         coff = 2 if r == 4 else 1
-        b.bf16(g + "attn_compressor_kv.weight", (H, coff * hd), p + "attn.compressor.wkv.weight")
-        b.bf16(g + "attn_compressor_gate.weight", (H, coff * hd), p + "attn.compressor.wgate.weight")
-        b.f32(g + "attn_compressor_ape.weight", (coff * hd, r), p + "attn.compressor.ape")
-        b.f32(g + "attn_compressor_norm.weight", (hd,), p + "attn.compressor.norm.weight")
+        b.bf16(g + "attn_compressor_kv.weight", (H, coff * hd))
+        b.bf16(g + "attn_compressor_gate.weight", (H, coff * hd))
+        b.f32(g + "attn_compressor_ape.weight", (coff * hd, r))
+        b.f32(g + "attn_compressor_norm.weight", (hd,))
         if r == 4:
-            b.bf16(g + "indexer.proj.weight", (H, ih), p + "attn.indexer.weights_proj.weight")
-            b.dense_q(g + "indexer.attn_q_b.weight", (q, ih * ihd), p + "attn.indexer.wq_b.weight")
-            b.bf16(g + "indexer_compressor_kv.weight", (H, 2 * ihd), p + "attn.indexer.compressor.wkv.weight")
-            b.bf16(g + "indexer_compressor_gate.weight", (H, 2 * ihd), p + "attn.indexer.compressor.wgate.weight")
-            b.f32(g + "indexer_compressor_ape.weight", (2 * ihd, 4), p + "attn.indexer.compressor.ape")
-            b.f32(g + "indexer_compressor_norm.weight", (ihd,), p + "attn.indexer.compressor.norm.weight")
-    b.f32(g + "ffn_norm.weight", (H,), p + "ffn_norm.weight")
-    b.bf16(g + "ffn_gate_inp.weight", (H, E), p + "ffn.gate.weight")
+            b.bf16(g + "indexer.proj.weight", (H, ih))
+            b.dense_q(g + "indexer.attn_q_b.weight", (q, ih * ihd))
+            b.bf16(g + "indexer_compressor_kv.weight", (H, 2 * ihd))
+            b.bf16(g + "indexer_compressor_gate.weight", (H, 2 * ihd))
+            b.f32(g + "indexer_compressor_ape.weight", (2 * ihd, 4))
+            b.f32(g + "indexer_compressor_norm.weight", (ihd,))
+    b.f32(g + "ffn_norm.weight", (H,))
+    b.bf16(g + "ffn_gate_inp.weight", (H, E))
     if f["num_hash_layers"] > L:
-        b.add(g + "ffn_gate_tid2eid.weight", (k, V), T.I32, "i32", p + "ffn.gate.tid2eid")
+        b.add(g + "ffn_gate_tid2eid.weight", (k, V), T.I32, "i32")
     else:
-        b.f32(g + "exp_probs_b.bias", (E,), p + "ffn.gate.bias")
-    for proj, w, ne in (("gate", "w1", (H, inter, E)), ("up", "w3", (H, inter, E)), ("down", "w2", (inter, H, E))):
-        b.add(
-            f"{g}ffn_{proj}_exps.weight",
-            ne,
-            b.experts,
-            "experts",
-            *(f"{p}ffn.experts.{e}.{w}.weight" for e in range(E)),
-        )
-    b.dense_q(g + "ffn_gate_shexp.weight", (H, inter * ns), p + "ffn.shared_experts.w1.weight")
-    b.dense_q(g + "ffn_up_shexp.weight", (H, inter * ns), p + "ffn.shared_experts.w3.weight")
-    b.dense_q(g + "ffn_down_shexp.weight", (inter * ns, H), p + "ffn.shared_experts.w2.weight")
+        b.f32(g + "exp_probs_b.bias", (E,))
+    for proj, ne in (("gate", (H, inter, E)), ("up", (H, inter, E)), ("down", (inter, H, E))):
+        b.add(f"{g}ffn_{proj}_exps.weight", ne, b.experts, "experts")
+    b.dense_q(g + "ffn_gate_shexp.weight", (H, inter * ns))
+    b.dense_q(g + "ffn_up_shexp.weight", (H, inter * ns))
+    b.dense_q(g + "ffn_down_shexp.weight", (inter * ns, H))
     if v41 and L in f["engram_layer_ids"]:
         i = f["engram_layer_ids"].index(L)
         hd_e, heads, ngram = f["engram_head_dim"], f["engram_n_heads"], f["engram_max_ngram_size"]
-        b.dense_q(g + "engram_embd.weight", (hd_e, f["engram_num_embeddings"][i]), p + "engram.embed.weight")
-        b.dense_q(g + "engram_wkv.weight", ((ngram - 1) * heads * hd_e, H * (HC + 1)), p + "engram.wkv.weight")
-        b.f32(g + "engram_q.weight", (H, HC), p + "engram.q_weight")
-        b.f32(g + "engram_k.weight", (H, HC), p + "engram.k_weight")
+        b.dense_q(g + "engram_embd.weight", (hd_e, f["engram_num_embeddings"][i]))
+        b.dense_q(g + "engram_wkv.weight", ((ngram - 1) * heads * hd_e, H * (HC + 1)))
+        b.f32(g + "engram_q.weight", (H, HC))
+        b.f32(g + "engram_k.weight", (H, HC))
     if nextn:
-        b.add(g + "nextn.eh_proj.weight", (2 * H, H), b.dense, "concat", p + "e_proj.weight", p + "h_proj.weight")
-        b.f32(g + "nextn.enorm.weight", (H,), p + "enorm.weight")
-        b.f32(g + "nextn.hnorm.weight", (H,), p + "hnorm.weight")
-        b.f32(g + "nextn.shared_head_norm.weight", (H,), p + "norm.weight")
+        b.add(g + "nextn.eh_proj.weight", (2 * H, H), b.dense, "concat")
+        b.f32(g + "nextn.enorm.weight", (H,))
+        b.f32(g + "nextn.hnorm.weight", (H,))
+        b.f32(g + "nextn.shared_head_norm.weight", (H,))
 
 
-def _v41_attention(b: _Builder, f: dict[str, Any], L: int, p: str) -> None:
+def _v41_attention(b: _Builder, f: dict[str, Any], L: int) -> None:
     """V4.1: only KV-source layers own a compressor (+ indexer key path), only index-source layers a query path."""
     H, hd, q, ih, ihd = f["hidden_size"], f["head_dim"], f["q_lora_rank"], f["index_n_heads"], f["index_head_dim"]
     g = f"blk.{L}."
     if L in f["kv_source_layer_ids"]:
-        b.bf16(g + "attn_compressor_kv.weight", (H, hd), p + "attn.compressor.wkv.weight")
+        b.bf16(g + "attn_compressor_kv.weight", (H, hd))
         if f["compress_ratios"][L] > 1:
-            b.bf16(g + "attn_compressor_gate.weight", (H, hd), p + "attn.compressor.wgate.weight")
-        b.f32(g + "attn_compressor_norm.weight", (hd,), p + "attn.compressor.norm.weight")
-        b.bf16(g + "indexer.attn_k.weight", (hd, ihd), p + "attn.indexer.wk.weight")
-        b.f32(g + "indexer.k_norm.weight", (ihd,), p + "attn.indexer.k_norm.weight")
+            b.bf16(g + "attn_compressor_gate.weight", (H, hd))
+        b.f32(g + "attn_compressor_norm.weight", (hd,))
+        b.bf16(g + "indexer.attn_k.weight", (hd, ihd))
+        b.f32(g + "indexer.k_norm.weight", (ihd,))
     if L in f["index_source_layer_ids"]:
-        b.dense_q(g + "indexer.attn_q_b.weight", (q, ih * ihd), p + "attn.indexer.wq_b.weight")
-        b.bf16(g + "indexer.proj.weight", (H, ih), p + "attn.indexer.weights_proj.weight")
+        b.dense_q(g + "indexer.attn_q_b.weight", (q, ih * ihd))
+        b.bf16(g + "indexer.proj.weight", (H, ih))
 
 
 def gguf_tensor_specs(
@@ -427,7 +393,7 @@ def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool =
         ]
     if mtp and _mtp_layers(f):
         kv.append((a + "nextn_predict_layers", _mtp_layers(f), V.UINT32, None))
-    if arch == "deepseek41":
+    if arch == V41:
         kv += [
             (a + "engram.layer_ids", [int(i) for i in f["engram_layer_ids"]], V.ARRAY, V.INT32),
             (a + "engram.head_count", f["engram_n_heads"], V.UINT32, None),

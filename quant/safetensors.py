@@ -1,14 +1,14 @@
-"""Memory-mapped safetensors reading (validated before any data is touched) and deterministic writing.
+"""Safetensors reading (every header validated before any data is touched) and deterministic writing.
 
 Official checkpoints are hundreds of GB, so nothing here reads a whole shard: headers are parsed and checked
-up front, tensors are zero-copy views into one read-only memory map per shard, mapped on first use.
+up front, and tensors are read by rows on demand (`Checkpoint.read`), the one reader the converter and the
+tests share.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from quant.errors import CheckpointError
+from quant.files import PULL_HINT, load_json_object, open_regular, shown
 
 # safetensors dtype string -> numpy dtype of the raw little-endian payload. FP8 and E8M0 stay bytes;
 # BF16 stays uint16 (numpy has no bfloat16); decoding is quant.codecs' job.
@@ -36,10 +37,11 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E8M0": np.dtype("u1"),
     "F8_E8M0FNU": np.dtype("u1"),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+# Real shard headers are well under 1 MiB (about 150 bytes per tensor); the format itself allows 100 MB.
+MAX_HEADER_BYTES = 16 << 20
+MAX_DIMS = 8
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-PULL_HINT = "the download is incomplete or damaged; run `dsv4 pull MODEL` to complete it"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class TensorInfo:
 
 
 def _fail(path: Path, message: str, name: str | None = None) -> CheckpointError:
-    where = f"{path}: tensor '{name}'" if name is not None else str(path)
+    where = f"{path}: tensor '{shown(name)}'" if name is not None else str(path)
     return CheckpointError(f"{where}: {message}", hint=PULL_HINT)
 
 
@@ -67,11 +69,11 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, data_size: 
         raise _fail(path, "header entry needs dtype, shape and data_offsets", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPES:
-        raise _fail(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _fail(path, f"shape must be a list of non-negative integers, got {shape!r}", name)
+        raise _fail(path, f"unknown dtype {shown(dtype)} (known: {', '.join(DTYPES)})", name)
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+        raise _fail(path, f"shape must be a list of non-negative integers, got {shown(shape)}", name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise _fail(path, f"data_offsets must be two integers, got {offsets!r}", name)
+        raise _fail(path, f"data_offsets must be two integers, got {shown(offsets)}", name)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _fail(path, f"data_offsets {offsets} lie outside the {data_size}-byte data area (file truncated?)", name)
@@ -84,24 +86,29 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, data_size: 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and fully validate a shard header; raises CheckpointError naming the file and tensor."""
     path = Path(path)
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"only {size} bytes, too short for a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise _fail(path, f"header length {header_len} exceeds the file size {size} (file truncated?)")
-            if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} exceeds the format's {MAX_HEADER_BYTES}-byte limit")
-            raw = f.read(header_len)
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise _fail(path, f"only {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise _fail(path, f"header length {header_len} exceeds the file size {size} (file truncated?)")
+        if header_len > MAX_HEADER_BYTES:
+            raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raw = os.pread(fd, header_len, 8)
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
+    if len(raw) != header_len:
+        raise _fail(path, "file shrank while its header was read")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else "nested too deeply"
+        raise _fail(path, f"header is not valid JSON ({reason})") from e
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -117,66 +124,32 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-class SafetensorsFile:
-    """One shard: validated header now, a read-only memory map on first tensor access."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.tensors: dict[str, TensorInfo] = read_header(self.path)
-        self._map: mmap.mmap | None = None
-
-    def raw(self, name: str) -> np.ndarray:
-        """Zero-copy read-only view of the stored payload (uint8 for FP8/E8M0, uint16 for BF16)."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise _fail(self.path, "not in this shard's header", name)
-        dtype = DTYPES[info.dtype]
-        if info.nbytes == 0:
-            empty = np.empty(info.shape, dtype=dtype)
-            empty.flags.writeable = False
-            return empty
-        if self._map is None:
-            with self.path.open("rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if len(self._map) < info.end:
-            raise _fail(self.path, f"file shrank to {len(self._map)} bytes after its header was read", name)
-        return np.frombuffer(self._map, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.start).reshape(
-            info.shape
-        )
-
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's resident set (they stay in the page cache).
-
-        Mapped pages count towards RSS until the kernel needs them back; streaming a whole checkpoint would
-        otherwise look like holding it in memory. Views stay valid: a later access faults the pages back in.
-        """
-        info = self.tensors[name]
-        if self._map is None or info.nbytes == 0:
-            return
-        start = info.start - info.start % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
-
-
-def load_json(path: Path, what: str) -> Any:
-    """A JSON file of a checkpoint folder; a missing or unreadable one is a damaged download (pull hint)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: {what} is missing", hint=PULL_HINT) from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: {what} is not readable JSON ({e})", hint=PULL_HINT) from e
+def _valid_shard_name(shard: object) -> bool:
+    """A plain file name inside the checkpoint folder: no separators, no `..`, no control characters."""
+    return (
+        isinstance(shard, str)
+        and 0 < len(shard) <= 255
+        and shard not in (".", "..")
+        and not any(c in shard for c in "/\\:")
+        and shard.isprintable()
+    )
 
 
 def _read_weight_map(folder: Path) -> dict[str, str]:
     index_path = folder / INDEX_NAME
     if not index_path.exists() and (folder / SINGLE_NAME).exists():
-        return {name: SINGLE_NAME for name in read_header(folder / SINGLE_NAME)}
-    index = load_json(index_path, "the safetensors index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(shard, str) and "/" not in shard and "\\" not in shard for shard in weight_map.values()
-    ):
+        return dict.fromkeys(read_header(folder / SINGLE_NAME), SINGLE_NAME)
+    index = load_json_object(index_path, "the safetensors index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names", hint=PULL_HINT)
+    for name, shard in weight_map.items():
+        if not _valid_shard_name(shard):
+            raise CheckpointError(
+                f"{index_path}: tensor '{shown(name)}' names shard {shown(repr(shard))}, which is not a file name "
+                "in the checkpoint folder",
+                hint=PULL_HINT,
+            )
     return weight_map
 
 
@@ -184,29 +157,31 @@ class Checkpoint:
     """A checkpoint folder: config.json plus shards named by the index (or one model.safetensors).
 
     Every shard header is validated on construction, and every weight_map entry is checked against its shard,
-    so a missing or damaged shard is reported before any conversion work starts.
+    so a missing or damaged shard is reported before any conversion work starts. Tensor data is read with
+    pread into fresh buffers, not through memory maps: mapped pages stay resident (and count as RSS) until the
+    shard is closed, so streaming a 160 GB model would look like a 160 GB process; reading only the rows in
+    use keeps memory bounded by what the caller asks for. Use as a context manager (or call `close()`).
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: not a checkpoint folder", hint=PULL_HINT)
-        self.config: dict[str, Any] = load_json(self.folder / "config.json", "config.json")
-        if not isinstance(self.config, dict):
-            raise CheckpointError(f"{self.folder / 'config.json'}: not a JSON object", hint=PULL_HINT)
+        self.config: dict[str, Any] = load_json_object(self.folder / "config.json", "config.json")
         self._weight_map = _read_weight_map(self.folder)
-        self._shards: dict[str, SafetensorsFile] = {}
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
+        self._fds: dict[str, int] = {}
         for shard in sorted(set(self._weight_map.values())):
             path = self.folder / shard
-            if not path.is_file():
+            if not path.exists():
                 missing = [n for n, s in self._weight_map.items() if s == shard]
                 raise CheckpointError(
                     f"{path}: shard is missing (holds {len(missing)} tensors, e.g. '{missing[0]}')",
                     hint=f"run `dsv4 pull MODEL` to complete the download of {shard}",
                 )
-            self._shards[shard] = SafetensorsFile(path)
+            self._headers[shard] = read_header(path)
         for name, shard in self._weight_map.items():
-            if name not in self._shards[shard].tensors:
+            if name not in self._headers[shard]:
                 raise _fail(self.folder / shard, f"listed in {INDEX_NAME} but absent from the shard header", name)
 
     def names(self) -> list[str]:
@@ -216,17 +191,72 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
-    def shard_of(self, name: str) -> SafetensorsFile:
+    def path_of(self, name: str) -> Path:
+        """The shard file holding tensor `name`."""
         shard = self._weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.folder}: tensor '{name}' is not in the checkpoint")
-        return self._shards[shard]
+        return self.folder / shard
 
     def info(self, name: str) -> TensorInfo:
-        return self.shard_of(name).tensors[name]
+        return self._headers[self.path_of(name).name][name]
+
+    def _fd(self, name: str) -> int:
+        """An open descriptor of the shard holding `name` (opened once, checked to still be long enough)."""
+        shard = self.path_of(name).name
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = open_regular(self.folder / shard)
+            end = max((i.end for i in self._headers[shard].values()), default=0)
+            if os.fstat(fd).st_size < end:
+                os.close(fd)
+                raise _fail(self.folder / shard, "file shrank after its header was read (changed while converting?)")
+            self._fds[shard] = fd
+        return fd
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read a tensor ahead (shards keep tensors in name order, not in conversion order,
+        so plain readahead does not help)."""
+        if hasattr(os, "posix_fadvise"):
+            info = self.info(name)
+            os.posix_fadvise(self._fd(name), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor as stored (uint8 for FP8/E8M0, uint16 for BF16; 1-D tensors as one
+        row), in a fresh buffer."""
+        info = self.info(name)
+        shape = as_rows(info.shape)
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        count = max(stop - start, 0)
+        row_bytes = info.nbytes // max(shape[0], 1)
+        want = count * row_bytes
+        try:
+            data = os.pread(self._fd(name), want, info.start + start * row_bytes) if want else b""
+        except OSError as e:
+            raise _fail(self.path_of(name), f"cannot read ({e.strerror or e})", name) from e
+        if len(data) != want:
+            raise _fail(self.path_of(name), "file ends early (truncated while converting?)", name)
+        return np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(count, *shape[1:])
 
     def raw(self, name: str) -> np.ndarray:
-        return self.shard_of(name).raw(name)
+        """The whole tensor in its stored shape."""
+        return self.read(name).reshape(self.info(name).shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def as_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape read row by row: 1-D (and scalar) tensors are one row."""
+    return shape if len(shape) > 1 else (1, *shape)
 
 
 def _header_bytes(tensors: Mapping[str, tuple[str, np.ndarray]], metadata: Mapping[str, str]) -> bytes:

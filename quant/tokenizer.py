@@ -12,9 +12,10 @@ from typing import Any
 
 from gguf import GGUFValueType
 
+from quant.config import facts_of
 from quant.errors import CheckpointError
+from quant.files import load_json_object, read_bounded, shown
 from quant.mapping import KeyValue
-from quant.safetensors import load_json
 
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
 # llama.cpp's name for the V4 pre-tokenizer regexes (src/llama-vocab.cpp has it; deepseek-v3 selects the same).
@@ -56,23 +57,57 @@ def _token_id(value: Any, ids: dict[str, int], default: int) -> int:
     return ids.get(value, default) if isinstance(value, str) else default
 
 
-def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
-    """Read tokenizer.json (+ tokenizer_config.json when present) of a checkpoint folder."""
-    path = folder / "tokenizer.json"
-    data = load_json(path, "tokenizer.json")
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(
-            f"{path}: expected a byte-level BPE model with a vocab", hint="is this a DeepSeek V4 tokenizer?"
-        )
-    ids: dict[str, int] = dict(model["vocab"])
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}", hint="use the tokenizer files shipped with the checkpoint")
+
+
+def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, int], set[int], dict[str, Any]]:
+    """token -> id (vocab plus added tokens), the special ids, and the model section; every id below vocab_size."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise _bad(path, "expected a byte-level BPE model with a vocab (is this a DeepSeek V4 tokenizer?)")
+    ids: dict[str, int] = {}
+    for token, i in model["vocab"].items():
+        if type(i) is not int or not 0 <= i < vocab_size:
+            raise _bad(path, f"token {shown(token, 40)} has id {shown(i, 40)}, outside the vocabulary of {vocab_size}")
+        ids[token] = i
     special = set()
-    for added in data.get("added_tokens") or []:
+    added_tokens = data.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise _bad(path, "added_tokens must be a list")
+    for added in added_tokens:
+        if not isinstance(added, dict) or not isinstance(added.get("content"), str) or type(added.get("id")) is not int:
+            raise _bad(path, f"added token {shown(added, 60)} needs a string content and an integer id")
+        if not 0 <= added["id"] < vocab_size:
+            raise _bad(path, f"added token {shown(added['content'], 40)} has id {added['id']}, outside {vocab_size}")
         ids[added["content"]] = added["id"]
         if added.get("special"):
             special.add(added["id"])
-    text = config.get("text_config", config)
-    size = max(int(text.get("vocab_size", 0)), max(ids.values()) + 1)
+    return ids, special, model
+
+
+def _merges(path: Path, model: dict[str, Any]) -> list[str]:
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise _bad(path, "model.merges must be a list")
+    out = []
+    for m in merges:
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m):
+            out.append(" ".join(m))
+        elif isinstance(m, str):
+            out.append(m)
+        else:
+            raise _bad(path, f"merge {shown(m, 60)} is neither a string nor a pair of strings")
+    return out
+
+
+def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
+    """Read tokenizer.json (+ tokenizer_config.json when present) of a checkpoint folder; `config` must have
+    passed `facts_of` (vocab_size and token ids are checked there)."""
+    path = folder / "tokenizer.json"
+    facts = facts_of(config)
+    size = facts["vocab_size"]
+    ids, special, model = _ids(path, load_json_object(path, "tokenizer.json"), size)
     tokens: list[str | None] = [None] * size
     for token, i in ids.items():
         tokens[i] = token
@@ -87,20 +122,20 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
             types.append(UNUSED)
         else:
             types.append(CONTROL if i in special else NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     tok_config_path = folder / "tokenizer_config.json"
-    tok_config = load_json(tok_config_path, "tokenizer_config.json") if tok_config_path.is_file() else {}
-    bos = int(config.get("bos_token_id", _token_id(tok_config.get("bos_token"), ids, 0)))
-    eos = int(config.get("eos_token_id", _token_id(tok_config.get("eos_token"), ids, 1)))
+    tok_config = load_json_object(tok_config_path) if tok_config_path.exists() else {}
+    bos = facts.get("bos_token_id", _token_id(tok_config.get("bos_token"), ids, 0))
+    eos = facts.get("eos_token_id", _token_id(tok_config.get("eos_token"), ids, 1))
     template = tok_config.get("chat_template")
-    if not isinstance(template, str) and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template_path = folder / "chat_template.jinja"
+    if not isinstance(template, str) and template_path.exists():
+        template = read_bounded(template_path).decode("utf-8", "replace")
     if not isinstance(template, str):
         template = TEMPLATE_PATH.read_text(encoding="utf-8")
     return Vocab(
         tokens=[t for t in tokens if t is not None],
         token_types=types,
-        merges=merges,
+        merges=_merges(path, model),
         bos_id=bos,
         eos_id=eos,
         pad_id=_token_id(tok_config.get("pad_token"), ids, eos),

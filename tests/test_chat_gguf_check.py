@@ -11,7 +11,7 @@ from typing import Any
 import gguf
 import pytest
 
-from dsv4cli.errors import PlanError, RuntimeLoadError
+from dsv4cli.errors import RuntimeLoadError
 from dsv4cli.gguf_check import check_gguf
 
 A = "deepseek4."
@@ -135,5 +135,7 @@ def test_split_gguf_is_checked_across_its_shards(tiny_checkpoint: Path, tmp_path
     assert len(shards) > 1 and shards[0].name.endswith(f"-00001-of-{len(shards):05d}.gguf")
     assert check_gguf(shards[0]).block_count == 4
     shards[-1].unlink()
-    with pytest.raises(PlanError, match=f"split GGUF is missing {shards[-1].name}"):
+    with pytest.raises(RuntimeLoadError, match=f"split GGUF is missing {shards[-1].name}"):
         check_gguf(shards[0])
+    with pytest.raises(RuntimeLoadError, match="not the first shard"):
+        check_gguf(shards[1])

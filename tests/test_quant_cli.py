@@ -107,6 +107,24 @@ def test_unknown_dtype(dsv4, ckpt: Path, tmp_path: Path) -> None:
     assert_clean_failure(dsv4("quantize", str(ckpt), "-o", str(out)), out, str(shard), name, "F6_E3M2")
 
 
+@pytest.mark.parametrize(
+    ("name", "reshape"),
+    [
+        ("embed.weight", lambda s: s[::-1]),  # transposed: right element count, silently wrong without a check
+        ("layers.0.ffn.gate.tid2eid", lambda s: s[::-1]),
+        ("layers.2.attn.compressor.ape", lambda s: [s[0] * s[1]]),
+        ("layers.1.ffn.experts.3.w2.weight", lambda s: s[::-1]),
+        ("layers.1.ffn.experts.3.w1.scale", lambda s: s[::-1]),
+        ("layers.1.attn.wq_a.scale", lambda s: s[::-1]),
+    ],
+)
+def test_wrong_shapes_with_the_right_byte_count(dsv4, ckpt: Path, tmp_path: Path, name: str, reshape) -> None:
+    shard = shard_holding(ckpt, name)
+    rewrite_header(shard, lambda h: h[name].update(shape=reshape(h[name]["shape"])))
+    out = tmp_path / "o.gguf"
+    assert_clean_failure(dsv4("quantize", str(ckpt), "-o", str(out)), out, str(shard), name)
+
+
 def test_unexpected_tensor(dsv4, ckpt: Path, tmp_path: Path) -> None:
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
@@ -153,17 +171,23 @@ def test_not_enough_disk(dsv4, ckpt: Path, tmp_path: Path) -> None:
         subprocess.run(["umount", str(small)], check=True)
 
 
-def run_until_writing(python: str, source: Path, out: Path) -> subprocess.Popen:
-    """Start a conversion in a subprocess and return once it is writing the output."""
+def run_until_writing(python: str, source: Path, out: Path, *extra: str, at_least: int = 1 << 20) -> subprocess.Popen:
+    """Start a conversion in a subprocess and return once it has written `at_least` bytes of the output."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    argv = [python, "-m", "dsv4cli", "quantize", str(source), "-o", str(out)]
+    argv = [python, "-m", "dsv4cli", "quantize", str(source), "-o", str(out), *extra]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 1 << 20 for p in temp_dir_for(out).glob("*.gguf")):
+    while not any(p.stat().st_size > at_least for p in temp_dir_for(out).glob("*.gguf")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.005)
     return proc
+
+
+def run_quantize(python: str, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [python, "-m", "dsv4cli", "quantize", str(source), "-o", str(out), *extra]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -177,11 +201,7 @@ def test_killed_and_interrupted_runs_leave_no_final_file(
     assert not out.exists() and not out.with_name(out.name + ".report.json").exists()
     assert temp_dir_for(out).exists()  # what a killed run leaves: only the hidden temporary folder
 
-    rerun = subprocess.run(
-        [python, "-m", "dsv4cli", "quantize", str(tiny_base_checkpoint), "-o", str(out)],
-        capture_output=True,
-        timeout=120,
-    )
+    rerun = run_quantize(python, tiny_base_checkpoint, out)
     assert rerun.returncode == 0, rerun.stderr
     assert out.is_file() and not temp_dir_for(out).exists()
 
@@ -190,4 +210,46 @@ def test_killed_and_interrupted_runs_leave_no_final_file(
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert not other.exists() and not temp_dir_for(other).exists()
+    assert b"run the same command again to resume" in stderr
+    assert not other.exists() and temp_dir_for(other).exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_interrupted_runs_resume_to_a_byte_identical_file(
+    python: str, tiny_base_checkpoint: Path, tmp_path: Path
+) -> None:
+    """kill -9, then Ctrl-C, then a damaged journaled tensor: the resumed file equals an uninterrupted run's."""
+    extra = ("--dense", "bf16", "--split-max-size", "4M")
+    clean = tmp_path / "clean" / "m.gguf"
+    first = run_quantize(python, tiny_base_checkpoint, clean, *extra)
+    assert first.returncode == 0, first.stderr
+
+    out = tmp_path / "resumed" / "m.gguf"
+    proc = run_until_writing(python, tiny_base_checkpoint, out, *extra, at_least=1 << 20)
+    proc.kill()
+    proc.wait()
+    journal = temp_dir_for(out) / "journal.jsonl"
+    done = len(journal.read_text().splitlines()) - 1
+    assert done > 0
+    proc = run_until_writing(python, tiny_base_checkpoint, out, *extra, at_least=3 << 20)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert len(entries) > done
+    victim = entries[len(entries) // 2]  # damage a journaled tensor: it and everything after are redone
+    shard = sorted(temp_dir_for(out).glob("*.gguf"))[victim["shard"]]
+    with shard.open("r+b") as f:
+        f.seek(victim["start"])
+        byte = f.read(1)
+        f.seek(victim["start"])
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    final = run_quantize(python, tiny_base_checkpoint, out, *extra)
+    assert final.returncode == 0, final.stderr
+    assert f"resumed after {len(entries) // 2} tensors" in final.stdout
+    clean_files = sorted(clean.parent.glob("*.gguf"))
+    resumed_files = sorted(out.parent.glob("*.gguf"))
+    assert len(clean_files) == len(resumed_files) > 1
+    for a, b in zip(clean_files, resumed_files, strict=True):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    assert not temp_dir_for(out).exists()

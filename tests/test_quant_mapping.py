@@ -183,3 +183,32 @@ def test_written_gguf_matches_reference_table(tiny_gguf: Path) -> None:
     got = {t.name: (tuple(int(n) for n in t.shape), int(t.tensor_type)) for t in GGUFReader(tiny_gguf).tensors}
     want = {name: (ne, t) for name, ne, t in expected_v4_table(get_model("tiny").hf_config())}
     assert got == want
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek-v4-flash", "deepseek-v4-pro"])
+def test_written_layout_is_the_loader_layout(name: str) -> None:
+    """mapping writes exactly the tensors quant.layout says llama.cpp creates (what gguf_check checks)."""
+    from quant.config import facts_of
+    from quant.layout import model_tensors
+
+    config = get_model(name).hf_config()
+    facts = facts_of(config)
+    ratios = facts["compress_ratios"][: facts["num_hidden_layers"]]
+    names = [s.name for s in gguf_tensor_specs(config)]
+    assert sorted(names) == sorted(model_tensors(ratios, facts["num_hash_layers"]))
+
+
+def test_config_values_are_checked_before_use() -> None:
+    config = get_model("tiny").hf_config()
+    for key, value, needle in [
+        ("num_hidden_layers", 10**9, "num_hidden_layers must be an integer in"),
+        ("vocab_size", 0, "vocab_size must be an integer in"),
+        ("hidden_size", True, "hidden_size must be an integer"),
+        ("rms_norm_eps", "x", "rms_norm_eps must be a finite number"),
+        ("compress_ratios", "4", "compress_ratios must be a list"),
+        ("o_groups", 3, "o_groups must be a divisor"),
+        ("num_experts_per_tok", 10**3, "num_experts_per_tok must be at most"),
+        ("rope_scaling", {"type": "yarn"}, "rope_scaling.factor must be a finite number"),
+    ]:
+        with pytest.raises(CheckpointError, match=needle):
+            gguf_tensor_specs({**config, key: value})

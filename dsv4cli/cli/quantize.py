@@ -50,7 +50,7 @@ def quantize(
     )
     display = byte_progress(transient=True)
     task = display.add_task("quantize", total=None)
-    with display:
+    with display:  # Ctrl-C keeps the finished tensors: the same command resumes after them
         report = run_quantize(
             resolve_model(model),
             output=output,
@@ -67,6 +67,8 @@ def quantize(
         return
     rate = report.source_bytes / max(report.seconds, 1e-9)
     out.print(f"wrote {', '.join(report.outputs)}")
+    if report.resumed_tensors:
+        out.print(f"  resumed after {report.resumed_tensors} tensors written by an interrupted run")
     out.print(
         f"  {report.tensors} tensors, {human_bytes(report.bytes_written)} from {human_bytes(report.source_bytes)} "
         f"in {report.seconds:.1f} s ({human_bytes(rate)}/s); experts {report.experts}, dense {report.dense}"
