@@ -61,10 +61,11 @@ def complete_split_set(first: Path) -> list[Path]:
         raise OutputError(f"{first}: not the first shard of a split GGUF", hint=f"pass {m['stem']}-00001-of-*.gguf")
     shards = [first.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     hint = "re-create the set with `dsv4 quantize`, or download every shard again"
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:  # checked before any header: a missing shard is the common case and the clearest message
+        raise OutputError(f"{first}: split GGUF is missing {missing[0]}", hint=hint)
     ids = set()
     for no, shard in enumerate(shards):
-        if not shard.is_file():
-            raise OutputError(f"{first}: split GGUF is missing {shard.name}", hint=hint)
         try:
             reader = GGUFReader(shard)
         except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage

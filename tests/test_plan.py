@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from dsv4cli.errors import PlanError, UsageError
+from dsv4cli.errors import PlanError
 from dsv4cli.kvcache import ModelDims, kv_cache
 from dsv4cli.plan import GIB, ModelSource, PlanInputs, load_plan, make_plan
 from dsv4cli.registry import get_model
@@ -256,7 +256,7 @@ def test_split_gguf_reads_every_shard(tiny_checkpoint: Path, tiny_gguf: Path, tm
     assert sorted((s.name, s.nbytes) for s in split.source.tensors) == sorted(
         (s.name, s.nbytes) for s in whole.source.tensors
     )
-    with pytest.raises(UsageError, match="not the first shard"):
+    with pytest.raises(PlanError, match="not the first shard"):
         make_plan(str(shards[1]), PlanInputs(vram_gib=(), ram_gib=8, threads=1))
 
 
