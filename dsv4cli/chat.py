@@ -229,6 +229,7 @@ class Placement:
     vram_gib: float | None = None
     ram_gib: float | None = None
     ctx: int | None = None
+    cpu: bool = False  # no GPU even where one is found (`--cpu`)
 
 
 @dataclass
@@ -282,7 +283,7 @@ def load_settings(gguf: Path, placement: Placement, *, verbose: bool) -> LoadSet
     if placement.plan_file:
         llama = load_plan(placement.plan_file)["llama"]
     else:
-        vram = None if placement.vram_gib is None else (placement.vram_gib,)
+        vram = () if placement.cpu else None if placement.vram_gib is None else (placement.vram_gib,)
         inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
         llama = make_plan(str(gguf), inputs).llama()
     return LoadSettings.from_plan(llama, verbose=verbose)

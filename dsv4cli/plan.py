@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsv4cli import hardware
+from dsv4cli import hardware, llama_lib
 from dsv4cli.errors import PlanError, UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.kvcache import CSA_RATIO, KV_TYPES, KvCache, ModelDims, attention_flops, compute_buffer_bytes, kv_cache
@@ -67,7 +67,7 @@ SCHEMA = """\
              "file_bytes": int (sum of tensor bytes)},
   "inputs": {"ctx": int (requested), "n_ctx": int (padded to 256 as llama.cpp does), "n_ubatch": int,
              "kv_type": "f16" | "q8_0", "margin_bytes": int (per GPU), "no_disk": bool,
-             "vram_source": "flag" | "nvml" | "nvidia-smi" | "none", "ram_source": "flag" | "available"},
+             "vram_source": "flag" | "nvml" | "nvidia-smi" | "rocm-smi" | "none", "ram_source": "flag" | "available"},
   "tiers": [{"name": "gpu0".. | "ram" | "disk", "kind": "gpu" | "ram" | "disk", "device": str,
              "budget_bytes": int | null (disk: no budget), "used_bytes": int,
              "weights_bytes": int, "kv_bytes": int, "compute_bytes": int, "margin_bytes": int,
@@ -227,8 +227,9 @@ class Plan:
         engram = any(tensor_class(s.name) == "engram" for s in self.source.tensors)
         if gpu and engram:
             patterns.append({"pattern": r"\.engram_embd\.", "buffer": "CPU"})
-        total = sum(self.gpu_layer_counts)
-        split = [round(n / total, 4) for n in self.gpu_layer_counts] if len(self.gpu_layer_counts) > 1 else None
+        # Layer counts per GPU: llama.cpp normalizes them and gives GPU i the next share of the offloaded
+        # layers, so whole counts reproduce this plan's blocks exactly (rounded fractions can shift a boundary).
+        split = [float(n) for n in self.gpu_layer_counts] if len(self.gpu_layer_counts) > 1 else None
         return {
             "n_gpu_layers": self.n_gpu_layers,
             "override_tensor": patterns,
@@ -257,7 +258,7 @@ class Plan:
         for o in p["override_tensor"]:
             args += ["-ot", f"{o['pattern']}={o['buffer']}"]
         if p["tensor_split"]:
-            args += ["-ts", ",".join(str(x) for x in p["tensor_split"])]
+            args += ["-ts", ",".join(f"{x:g}" for x in p["tensor_split"])]
         if not p["use_mmap"]:
             args.append("--no-mmap")
         return args
@@ -523,30 +524,51 @@ def _fit_gpu_layers(
     """Largest -ngl whose layers fit, with per-GPU layer lists (lower layers on lower GPUs).
 
     As in llama.cpp, index n_layer is the output head and -ngl N offloads indices n_layer + 1 - N .. n_layer:
-    the head first, then layers from the top down.
+    the head first, then layers from the top down. With several GPUs the layers are split in contiguous blocks
+    in proportion to each GPU's room, so every GPU also keeps room for its own layers' experts; where that does
+    not fit, lower GPUs are filled first.
     """
+    room = [g.free - compute for g in gpus]
     for ngl in range(n_layer + 1, 0, -1):
         layers = list(range(n_layer + 1 - ngl, n_layer + 1))
         need = [groups.root_gpu if i == n_layer else groups.dense[i] + kv.per_layer[i] for i in layers]
-        assigned: list[list[int]] = [[] for _ in gpus]
-        room = [g.free - compute for g in gpus]
-        gi = 0
-        for layer, nbytes in zip(layers, need, strict=True):
-            while gi < len(gpus) and nbytes > room[gi]:
-                gi += 1
-            if gi == len(gpus):
-                break
-            room[gi] -= nbytes
-            assigned[gi].append(layer)
-        else:
-            return ngl, assigned
+        for proportional in (True, False):
+            assigned = _assign_layers(layers, need, room, proportional=proportional)
+            if assigned is not None:
+                return ngl, assigned
     return None
+
+
+def _assign_layers(
+    layers: list[int], need: list[int], room: list[int], *, proportional: bool
+) -> list[list[int]] | None:
+    """Layers in order onto GPUs in order; None when they do not fit. `proportional` ends each GPU's block at
+    its share of the total room (by the layer's midpoint), else only when the GPU is full."""
+    capacity = sum(max(r, 0) for r in room)
+    total = sum(need)
+    ends, acc = [], 0
+    for r in room:
+        acc += max(r, 0)
+        ends.append(total * acc / capacity if proportional and capacity else float("inf"))
+    left = list(room)
+    assigned: list[list[int]] = [[] for _ in room]
+    gi, done = 0, 0
+    for layer, nbytes in zip(layers, need, strict=True):
+        while gi < len(room) and (nbytes > left[gi] or (gi < len(room) - 1 and done + nbytes / 2 > ends[gi])):
+            gi += 1
+        if gi == len(room):
+            return None
+        left[gi] -= nbytes
+        done += nbytes
+        assigned[gi].append(layer)
+    return assigned
 
 
 def _fill_gpus(
     gpus: list[Tier], layer_tier: dict[int, str], groups: _Layers, kv: KvCache, compute: int, n_layer: int
 ) -> set[int]:
-    """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit."""
+    """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit
+    (on each GPU: a full GPU does not stop the others)."""
     by_name = {g.name: g for g in gpus}
     for name in set(layer_tier.values()):
         by_name[name].compute = compute
@@ -554,10 +576,12 @@ def _fill_gpus(
         by_name[name].weights += groups.root_gpu if layer == n_layer else groups.dense[layer]
         by_name[name].kv += kv.per_layer[layer] if layer < n_layer else 0
     gpu_experts: set[int] = set()
+    full: set[str] = set()
     for layer in sorted((layer for layer in layer_tier if layer < n_layer), reverse=True):
         tier = by_name[layer_tier[layer]]
-        if groups.experts[layer] > tier.free:
-            break
+        if tier.name in full or groups.experts[layer] > tier.free:
+            full.add(tier.name)
+            continue
         tier.weights += groups.experts[layer]
         gpu_experts.add(layer)
     return gpu_experts
@@ -604,6 +628,8 @@ def make_plan(source: ModelSource | str, inputs: PlanInputs) -> Plan:
     if gpus and fitted is None:
         warnings.append("no layer fits in VRAM next to the compute buffer; planning CPU-only")
     ngl, gpu_layers = fitted or (0, [[] for _ in gpus])
+    if warning := llama_lib.offload_warning(ngl, vram_source):
+        warnings.append(warning)
     layer_tier = {layer: gpus[gi].name for gi, layers in enumerate(gpu_layers) for layer in layers}
     used_gpus = [g for g, layers in zip(gpus, gpu_layers, strict=True) if layers]
     gpu_experts = _fill_gpus(gpus, layer_tier, groups, kv, compute_gpu, n_layer)
@@ -668,7 +694,7 @@ def make_plan(source: ModelSource | str, inputs: PlanInputs) -> Plan:
         compute_gpu=compute_gpu if used_gpus else 0,
         compute_host=compute_host,
         n_gpu_layers=ngl,
-        gpu_layer_counts=[len(layers) for layers in gpu_layers if layers],
+        gpu_layer_counts=[len(layers) for layers in gpu_layers] if used_gpus else [],
         cpu_expert_layers=sorted(i for i in layer_tier if i < n_layer and i not in gpu_experts),
         estimates={},
         warnings=warnings,
@@ -785,7 +811,7 @@ def _engram_rows_per_token(facts: dict[str, Any]) -> int:
 
 def _verdict(plan: Plan) -> str:
     est = plan.estimates
-    n_gpus = len(plan.gpu_layer_counts)
+    n_gpus = sum(1 for n in plan.gpu_layer_counts if n)
     where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {n_gpus} GPU(s)" if n_gpus else "CPU only"
 
     disk = plan.tier("disk").weights

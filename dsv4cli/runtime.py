@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import sys
 import time
 from collections import deque
@@ -22,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv4cli import llama_lib
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.hardware import cpu_threads
 
-_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
 _KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8}  # ggml_type ids accepted for type_k/type_v
 
 
@@ -50,6 +49,7 @@ class LoadSettings:
     n_rs_seq: int = 0
     n_threads: int = field(default_factory=cpu_threads)
     verbose: bool = False
+    extra_bufts: bool | None = None  # weight repacking; None: `llama_lib.use_extra_bufts` decides
 
     @classmethod
     def from_plan(cls, llama: dict[str, Any], *, verbose: bool = False) -> LoadSettings:
@@ -130,27 +130,9 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _cpu_buffer_type() -> int:
-    """The CPU buffer type from the libggml that libllama already loaded (a second copy gives another pointer)."""
-    mode = os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL
-    try:
-        ggml = ctypes.CDLL("libggml.so.0", mode=mode)
-        base = ctypes.CDLL("libggml-base.so.0", mode=mode)
-    except OSError as e:
-        raise RuntimeLoadError(f"cannot find the ggml library loaded by llama-cpp-python ({e})") from e
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    device = ggml.ggml_backend_dev_by_type(_CPU_DEVICE)
-    if not device:
-        raise RuntimeLoadError("llama.cpp has no CPU backend device to keep tensors in host RAM")
-    return base.ggml_backend_dev_buffer_type(device)
-
-
 def build_overrides(patterns: tuple[str, ...]) -> ctypes.Array[_BuftOverride]:
     """NULL-terminated override array mapping each regex to the CPU buffer type (first match wins in llama.cpp)."""
-    buft = _cpu_buffer_type()
+    buft = llama_lib.cpu_buffer_type()
     array = (_BuftOverride * (len(patterns) + 1))()
     for slot, pattern in zip(array, patterns, strict=False):
         slot.pattern = pattern.encode()
@@ -171,6 +153,7 @@ class LlamaRuntime:
     """One loaded model and context; `stream()` generates from a rendered prompt, reusing the cached prefix."""
 
     def __init__(self, path: Path, settings: LoadSettings) -> None:
+        llama_lib.prepare_load(path, n_gpu_layers=settings.n_gpu_layers)
         import llama_cpp
 
         self._lib = llama_cpp
@@ -192,6 +175,7 @@ class LlamaRuntime:
         lib = self._lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = s.n_gpu_layers
+        params.use_extra_bufts = llama_lib.use_extra_bufts(s.extra_bufts)
         params.load_mode = {
             (True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK,
             (True, False): lib.LLAMA_LOAD_MODE_MMAP,

@@ -91,7 +91,7 @@ def test_v41_registry_model_is_refused_before_any_work(dsv4) -> None:
 
 def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
-    llama = {"n_gpu_layers": 99, "n_ctx": 2048, "n_batch": 256, "n_ubatch": 256, "use_mmap": False}
+    llama = {"n_gpu_layers": 0, "n_ctx": 2048, "n_batch": 256, "n_ubatch": 256, "use_mmap": False}
     llama["override_tensor"] = [{"pattern": r"^blk\.(1|3)\.ffn_(gate|up|down)_exps\.", "buffer": "CPU"}]
     plan.write_text(json.dumps({"schema": "dsv4.plan/1", "llama": llama}))
     result = chat(str(tiny_gguf), "--plan", str(plan), "-p", "Hi", "--max-tokens", "2", "--verbose", "--temp", "0")
