@@ -85,6 +85,8 @@ def _libs() -> tuple[Any, ctypes.CDLL, ctypes.CDLL]:
         (base, "ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p]),
         (base, "ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p]),
         (base, "ggml_set_abort_callback", ctypes.c_void_p, [ctypes.c_void_p]),
+        (base, "ggml_version", ctypes.c_char_p, []),
+        (base, "ggml_commit", ctypes.c_char_p, []),
     ):
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
@@ -203,6 +205,8 @@ class BuildInfo:
     """What the loaded llama.cpp build can do (`dsv4 doctor`)."""
 
     version: str  # llama-cpp-python's version, which pins the vendored llama.cpp
+    ggml_version: str
+    ggml_commit: str  # the llama.cpp commit the build recorded ("unknown" where it had none)
     backends: tuple[str, ...]
     gpu_offload: bool
     rpc: bool
@@ -214,6 +218,8 @@ class BuildInfo:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "ggml_version": self.ggml_version,
+            "ggml_commit": self.ggml_commit,
             "backends": list(self.backends),
             "gpu_offload": self.gpu_offload,
             "rpc": self.rpc,
@@ -236,10 +242,12 @@ def parse_system_info(text: str) -> tuple[str, ...]:
 
 
 def build_info() -> BuildInfo:
-    llama_cpp = _libs()[0]
+    llama_cpp, _, base = _libs()
     text = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
     return BuildInfo(
         version=llama_cpp.__version__,
+        ggml_version=base.ggml_version().decode(),
+        ggml_commit=base.ggml_commit().decode(),
         backends=backends(),
         gpu_offload=gpu_offload(),
         rpc=bool(llama_cpp.llama_supports_rpc()),

@@ -261,6 +261,8 @@ class Plan:
             args += ["-ts", ",".join(f"{x:g}" for x in p["tensor_split"])]
         if not p["use_mmap"]:
             args.append("--no-mmap")
+        if not llama_lib.use_extra_bufts():  # what dsv4 chat does here (AMX CPUs, DSV4_REPACK=off)
+            args.append("--no-repack")
         return args
 
     def to_dict(self) -> dict[str, Any]:

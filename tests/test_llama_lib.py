@@ -151,3 +151,10 @@ def test_rocm_gpu_names_the_hip_build(dsv4, fake_tool) -> None:
     assert plan["tiers"][0]["device"] == "Radeon RX 7900 XTX"
     assert plan["tiers"][0]["budget_bytes"] == 23 * 2**30
     assert any("make setup GPU=rocm" in w and "-DGGML_HIP=on" in w for w in plan["warnings"])
+
+
+def test_llama_args_carry_the_repack_choice(dsv4, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSV4_REPACK", "off")
+    assert "--no-repack" in dsv4("plan", "tiny", "--llama-args").stdout
+    monkeypatch.setenv("DSV4_REPACK", "on")
+    assert "--no-repack" not in dsv4("plan", "tiny", "--llama-args").stdout

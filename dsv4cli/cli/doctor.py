@@ -22,9 +22,8 @@ def doctor(
     """Check the llama.cpp build, GPUs, CPU, RAM, disk and bandwidths; list problems with their fixes."""
     from dsv4cli.doctor import diagnose
 
-    if not json_output:
-        err.print("measuring RAM and disk bandwidth (first run or --remeasure: a few seconds)...", end="\r")
-    report = diagnose(remeasure=remeasure)
+    with err.status("checking this machine (measuring bandwidth takes a few seconds the first time)"):
+        report = diagnose(remeasure=remeasure)
     if json_output:
         print_json(report.to_dict())
     else:
@@ -34,7 +33,9 @@ def doctor(
 def _render(report: Report) -> None:
     llama = report.llama
     if llama:
-        out.print(f"llama.cpp       llama-cpp-python {llama['version']}, backends: {', '.join(llama['backends'])}")
+        ggml = f"ggml {llama['ggml_version']} (commit {llama['ggml_commit']})"
+        out.print(f"llama.cpp       llama-cpp-python {llama['version']}, {ggml}")
+        out.print(f"  backends      {', '.join(llama['backends'])}")
         out.print(f"  GPU offload   {'yes' if llama['gpu_offload'] else 'no'}; RPC {'yes' if llama['rpc'] else 'no'}")
         out.print(f"  CPU features  {' '.join(llama['cpu_features'])}")
         repack = ", ".join(llama["extra_buffer_types"]) or "none"
