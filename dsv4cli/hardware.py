@@ -103,7 +103,7 @@ def _rocm_smi() -> GpuScan:
                 int(card["VRAM Total Memory (B)"]),
                 int(card["VRAM Total Used Memory (B)"]),
             )
-            for key, card in sorted(cards.items())
+            for key, card in sorted(cards.items(), key=lambda item: (len(item[0]), item[0]))  # card2 < card10
             if key.startswith("card")
         ]
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError, AttributeError):
@@ -123,12 +123,6 @@ def available_ram() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def total_ram() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().total)
 
 
 def cpu_threads() -> int:

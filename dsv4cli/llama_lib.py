@@ -15,7 +15,7 @@ import ctypes
 import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,8 @@ def _libs() -> tuple[Any, ctypes.CDLL, ctypes.CDLL]:
     A second copy would have its own backend registry and buffer-type pointers, so the libraries are opened by
     their path in llama_cpp's lib folder, which the dynamic loader resolves to the already-loaded objects.
     """
-    # Read by ggml when it loads (its std::terminate handler) and at each abort (ggml_print_backtrace).
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    if not os.environ.get("DSV4_DEBUG"):  # read by ggml at load (std::terminate handler) and in ggml_print_backtrace
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     import llama_cpp
 
     folder = Path(llama_cpp.__file__).parent / "lib"
@@ -216,18 +216,7 @@ class BuildInfo:
     system_info: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "ggml_version": self.ggml_version,
-            "ggml_commit": self.ggml_commit,
-            "backends": list(self.backends),
-            "gpu_offload": self.gpu_offload,
-            "rpc": self.rpc,
-            "cpu_features": list(self.cpu_features),
-            "extra_buffer_types": list(self.extra_buffer_types),
-            "repack": self.repack,
-            "system_info": self.system_info,
-        }
+        return asdict(self)
 
 
 def parse_system_info(text: str) -> tuple[str, ...]:
@@ -268,7 +257,7 @@ def abort_message(message: str, model: Path | None) -> str:
     """The line a llama.cpp abort becomes: what failed, on which file, what to try."""
     where = f" while running {model}" if model else ""
     return (
-        f"error: llama.cpp aborted{where}: {message.strip()} "
+        f"error: llama.cpp aborted{where}: {' '.join(message.split())} "
         f"(run `dsv4 doctor`; try {REPACK_ENV}=off, or --verbose for llama.cpp's log; "
         "report it with that log if it persists)"
     )
@@ -286,8 +275,10 @@ def _on_abort(message: bytes | None) -> None:
 def install_abort_handler(model: Path | None = None) -> None:
     """Route GGML_ASSERT / GGML_ABORT to one line on stderr and exit status 1 (no gdb backtrace, no core).
 
-    `model` names the file in the message.
+    `model` names the file in the message. With DSV4_DEBUG set, ggml's own message and backtrace are kept.
     """
+    if os.environ.get("DSV4_DEBUG"):
+        return
     _abort_state["model"] = model
     if _abort_state["callback"] is None:
         _abort_state["callback"] = _ABORT_CALLBACK(_on_abort)  # kept alive: C holds only the pointer

@@ -39,7 +39,10 @@ def _render(report: Report) -> None:
         out.print(f"  GPU offload   {'yes' if llama['gpu_offload'] else 'no'}; RPC {'yes' if llama['rpc'] else 'no'}")
         out.print(f"  CPU features  {' '.join(llama['cpu_features'])}")
         repack = ", ".join(llama["extra_buffer_types"]) or "none"
-        out.print(f"  repacking     {'on' if llama['repack'] else 'off'} (extra buffer types: {repack})")
+        why = ""
+        if "AMX" in repack and not llama["repack"]:
+            why = "; off: AMX cannot run deepseek4's attn_wo_a product, DSV4_REPACK=on forces it"
+        out.print(f"  repacking     {'on' if llama['repack'] else 'off'} (extra buffer types: {repack}{why})")
     gpus = ", ".join(f"{g['name']} ({human_bytes(g['free_bytes'])} free)" for g in report.gpus)
     out.print(f"GPUs            {gpus or 'none found'} (via {report.gpu_source})")
     cpu = report.cpu
