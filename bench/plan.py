@@ -60,6 +60,9 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     """Load (and optionally decode) in this process; the parent reads stderr."""
     from llama_cpp import Llama
 
+    from dsv4cli.llama_lib import apply_to_llama_class
+
+    apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
     if n_decode:
         llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))

@@ -165,6 +165,28 @@ def use_extra_bufts(setting: bool | None = None) -> bool:
     return "AMX" not in extra_buffer_types()
 
 
+def apply_to_llama_class() -> None:
+    """Make llama-cpp-python's high-level `Llama` class load with the same repacking choice as dsv4.
+
+    `Llama(...)` has no `use_extra_bufts` argument and starts from `llama_model_default_params()`, so scripts
+    that load a GGUF through it (reference runs in tests, benchmarks) would still abort on AMX CPUs; this wraps
+    that function in `llama_cpp.llama_cpp`, the module the class calls it from.
+    """
+    import llama_cpp.llama_cpp as raw
+
+    original = raw.llama_model_default_params
+    if getattr(original, "dsv4_repack", False):
+        return
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = use_extra_bufts()
+        return params
+
+    defaults.dsv4_repack = True  # type: ignore[attr-defined]
+    raw.llama_model_default_params = defaults
+
+
 def gpu_offload() -> bool:
     """True when this llama.cpp can put layers on a GPU (a CUDA, ROCm, Vulkan, Metal, ... build)."""
     return bool(_libs()[0].llama_supports_gpu_offload())

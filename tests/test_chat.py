@@ -37,6 +37,8 @@ def python_script(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 REFERENCE = """
 import json, sys
 from llama_cpp import Llama
+from dsv4cli.llama_lib import apply_to_llama_class
+apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
 llm = Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
 prompt = sys.argv[2]
 if prompt.startswith("["):  # token segments, each evaluated by one llama_decode call

@@ -158,3 +158,23 @@ def test_llama_args_carry_the_repack_choice(dsv4, monkeypatch: pytest.MonkeyPatc
     assert "--no-repack" in dsv4("plan", "tiny", "--llama-args").stdout
     monkeypatch.setenv("DSV4_REPACK", "on")
     assert "--no-repack" not in dsv4("plan", "tiny", "--llama-args").stdout
+
+
+LLAMA_CLASS = """
+import sys
+from llama_cpp import Llama
+from dsv4cli.llama_lib import apply_to_llama_class
+apply_to_llama_class()
+apply_to_llama_class()  # idempotent
+llm = Llama(sys.argv[1], n_ctx=256, n_threads=2, verbose=True)
+llm.create_completion("Hi", max_tokens=4, temperature=0)
+"""
+
+
+def test_llama_class_follows_the_repack_choice(tiny_gguf: Path) -> None:
+    """Reference scripts that load through `Llama(...)` get the same buffer types as dsv4 chat."""
+    for setting in ("on", "off"):
+        res = run_python(LLAMA_CLASS, str(tiny_gguf), env={"DSV4_REPACK": setting})
+        assert res.returncode == 0, res.stderr[-2000:]
+        repacked = "CPU_REPACK model buffer size" in res.stderr
+        assert repacked == (setting == "on" and "CPU_REPACK" in llama_lib.extra_buffer_types())
