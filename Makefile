@@ -52,3 +52,4 @@ bench: setup
 	$(PY) bench/quantize.py
 	$(PY) bench/chat.py
 	$(PY) bench/plan.py --decode 64
+	$(PY) bench/repack.py
