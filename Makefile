@@ -4,10 +4,29 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DSV4 := $(VENV)/bin/dsv4
+# `make setup GPU=cuda|rocm|vulkan|metal` rebuilds llama-cpp-python (same version) with that GPU backend;
+# without GPU= the wheel is CPU-only and `dsv4 chat` refuses GPU placements (see README, GPU builds).
+GPU ?=
+GPU_CMAKE_cuda := -DGGML_CUDA=on
+GPU_CMAKE_rocm := -DGGML_HIP=on
+GPU_CMAKE_vulkan := -DGGML_VULKAN=on
+GPU_CMAKE_metal := -DGGML_METAL=on
 
 .PHONY: setup demo test lint bench
 
 setup: $(VENV)/.installed
+ifneq ($(GPU),)
+ifeq ($(GPU_CMAKE_$(GPU)),)
+$(error GPU=$(GPU): choose cuda, rocm, vulkan or metal)
+endif
+setup: $(VENV)/.gpu-$(GPU)
+endif
+
+$(VENV)/.gpu-%: $(VENV)/.installed
+	CMAKE_ARGS="$(GPU_CMAKE_$*)" $(PY) -m pip install --force-reinstall --no-cache-dir --no-deps \
+		"llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	rm -f $(VENV)/.gpu-*
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,3 +52,4 @@ bench: setup
 	$(PY) bench/quantize.py
 	$(PY) bench/chat.py
 	$(PY) bench/plan.py --decode 64
+	$(PY) bench/repack.py

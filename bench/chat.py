@@ -20,6 +20,8 @@ from pathlib import Path
 BARE_LOOP = """
 import json, sys, time
 from llama_cpp import Llama
+from dsv4cli.llama_lib import apply_to_llama_class
+apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
 path, prompt, n, n_ctx, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
             use_mmap=False, flash_attn=False, swa_full=False, verbose=False)

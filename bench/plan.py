@@ -60,6 +60,9 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     """Load (and optionally decode) in this process; the parent reads stderr."""
     from llama_cpp import Llama
 
+    from dsv4cli.llama_lib import apply_to_llama_class
+
+    apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
     if n_decode:
         llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
@@ -124,6 +127,16 @@ def make_gguf(folder: Path, name: str, config: dict | None) -> Path:
     return out
 
 
+def bench_models(folder: Path, given: list[Path], *, big: bool) -> list[Path]:
+    """The files to measure: those given, else the tiny model (and with `big` a generated ~1.5 GB one)."""
+    if given:
+        return list(given)
+    files = [make_gguf(folder, "tiny", None)]
+    if big:
+        files.append(make_gguf(folder, "bench-big", BIG_CONFIG))
+    return files
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
@@ -138,12 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-plan-") as tmp:
-        files = list(args.gguf)
-        if not files:
-            files.append(make_gguf(Path(tmp), "tiny", None))
-            if args.big:
-                files.append(make_gguf(Path(tmp), "bench-big", BIG_CONFIG))
-        for path in files:
+        for path in bench_models(Path(tmp), args.gguf, big=args.big):
             for n_ctx in (int(c) for c in args.ctx.split(",")):
                 rows.append(compare(path, n_ctx, args.ubatch, args.decode))
     if args.json:

@@ -237,6 +237,7 @@ class Placement:
     vram_gib: tuple[float, ...] | None = None
     ram_gib: float | None = None
     ctx: int | None = None
+    cpu: bool = False  # no GPU even where one is found (`--cpu`)
 
 
 @dataclass
@@ -291,7 +292,8 @@ def load_params(gguf: Path, placement: Placement) -> LoadParams:
 
     if placement.plan_file:
         return LoadParams.from_dict(load_plan(placement.plan_file)["llama"])
-    inputs = PlanInputs(vram_gib=placement.vram_gib, ram_gib=placement.ram_gib, ctx=placement.ctx)
+    vram = () if placement.cpu else placement.vram_gib
+    inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
     return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
 
 

@@ -1,12 +1,14 @@
 """What this machine has: GPUs and their memory, host RAM, and the bandwidths the speed model divides by.
 
-Detection never fails: no NVML and no nvidia-smi simply means no GPU. Default bandwidths are effective (not
-peak) figures; `measure_*` replace them with numbers taken here.
+Detection never fails: no NVML, no nvidia-smi and no rocm-smi simply means no GPU. Default bandwidths are
+effective (not peak) figures; `measure_*` replace them with numbers taken here, cached per machine.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -50,11 +52,11 @@ class Gpu:
 @dataclass(frozen=True)
 class GpuScan:
     gpus: tuple[Gpu, ...]
-    source: str  # "nvml", "nvidia-smi" or "none"
+    source: str  # "nvml", "nvidia-smi", "rocm-smi" or "none"
 
 
 def detect_gpus() -> GpuScan:
-    """NVIDIA GPUs through NVML (pynvml) if importable, else nvidia-smi; none found is not an error."""
+    """NVIDIA GPUs through NVML (pynvml) if importable, else nvidia-smi, then AMD GPUs through rocm-smi."""
     try:
         import pynvml  # type: ignore[import-not-found]
 
@@ -77,13 +79,36 @@ def detect_gpus() -> GpuScan:
         try:
             lines = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
         except (OSError, subprocess.SubprocessError):
-            return GpuScan((), "none")
+            lines = ""
         gpus = []
         for line in lines.strip().splitlines():
             name, total, used = (part.strip() for part in line.rsplit(",", 2))
             gpus.append(Gpu(name, int(float(total)) * 2**20, int(float(used)) * 2**20))
-        return GpuScan(tuple(gpus), "nvidia-smi")
-    return GpuScan((), "none")
+        if gpus:
+            return GpuScan(tuple(gpus), "nvidia-smi")
+    return _rocm_smi()
+
+
+def _rocm_smi() -> GpuScan:
+    """AMD GPUs from `rocm-smi --showproductname --showmeminfo vram --json` (one object per card)."""
+    smi = shutil.which("rocm-smi")
+    if not smi:
+        return GpuScan((), "none")
+    query = [smi, "--showproductname", "--showmeminfo", "vram", "--json"]
+    try:
+        cards = json.loads(subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout)
+        gpus = [
+            Gpu(
+                str(card.get("Card Series") or card.get("Card series") or card.get("Card model") or key),
+                int(card["VRAM Total Memory (B)"]),
+                int(card["VRAM Total Used Memory (B)"]),
+            )
+            for key, card in sorted(cards.items(), key=lambda item: (len(item[0]), item[0]))  # card2 < card10
+            if key.startswith("card")
+        ]
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError, AttributeError):
+        return GpuScan((), "none")
+    return GpuScan(tuple(gpus), "rocm-smi" if gpus else "none")
 
 
 def gpu_bandwidth(name: str) -> float:
@@ -140,3 +165,57 @@ def measure_disk_bandwidth(folder: Path, *, nbytes: int = 256 * 2**20) -> float:
                 pass
             elapsed = time.perf_counter() - start
     return nbytes / elapsed / GB
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Measured read bandwidths (GB/s) of this machine, and where and when they were taken."""
+
+    ram_gbs: float
+    disk_gbs: float
+    folder: str
+    machine: str
+    measured_at: float
+    cached: bool = False
+
+
+def machine_id() -> str:
+    """Identifies this machine across runs (a shared dsv4 home may be used by several)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return f"{platform.node()}-{platform.machine()}"
+
+
+def measured_bandwidths(folder: Path, *, remeasure: bool = False) -> Bandwidths:
+    """RAM and disk read GB/s, measured once per machine and disk folder and cached in `folder`/machine.json.
+
+    Takes a few seconds the first time (or with `remeasure`); the cache is written to a temporary name and
+    renamed, so concurrent runs never leave a torn file.
+    """
+    cache = folder / "machine.json"
+    key = machine_id()
+    if not remeasure:
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("machine") == key and data.get("folder") == str(folder):
+                return Bandwidths(**{**data, "cached": True})
+        except (OSError, ValueError, TypeError):
+            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    result = Bandwidths(
+        ram_gbs=round(measure_ram_bandwidth(), 2),
+        disk_gbs=round(measure_disk_bandwidth(folder), 2),
+        folder=str(folder),
+        machine=key,
+        measured_at=time.time(),
+    )
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    fields = {k: v for k, v in result.__dict__.items() if k != "cached"}
+    tmp.write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(cache)
+    return result

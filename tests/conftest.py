@@ -99,3 +99,22 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-mxfp4-q8_0.gguf"
     quantize_checkpoint(tiny_checkpoint, out, QuantOptions())
     return out
+
+
+@pytest.fixture
+def fake_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Put a stand-in command (e.g. `nvidia-smi`, `rocm-smi`) printing fixed output first on PATH.
+
+    PATH keeps only the system folders after it, so a real GPU tool on the test machine cannot answer instead.
+    """
+    folder = tmp_path / "fake-bin"
+
+    def install(name: str, output: str) -> Path:
+        folder.mkdir(exist_ok=True)
+        script = folder / name
+        script.write_text(f"#!/bin/sh\ncat <<'END'\n{output}\nEND\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+        return script
+
+    return install

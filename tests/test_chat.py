@@ -37,6 +37,8 @@ def python_script(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 REFERENCE = """
 import json, sys
 from llama_cpp import Llama
+from dsv4cli.llama_lib import apply_to_llama_class
+apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
 llm = Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
 prompt = sys.argv[2]
 if prompt.startswith("["):  # token segments, each evaluated by one llama_decode call
@@ -91,7 +93,7 @@ def test_v41_registry_model_is_refused_before_any_work(dsv4) -> None:
 
 def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
-    llama = {"n_gpu_layers": 99, "n_ctx": 2048, "n_batch": 256, "n_ubatch": 256, "use_mmap": False}
+    llama = {"n_gpu_layers": 0, "n_ctx": 2048, "n_batch": 256, "n_ubatch": 256, "use_mmap": False}
     llama["override_tensor"] = [{"pattern": r"^blk\.(1|3)\.ffn_(gate|up|down)_exps\.", "buffer": "CPU"}]
     plan.write_text(json.dumps({"schema": "dsv4.plan/1", "llama": llama}))
     result = chat(str(tiny_gguf), "--plan", str(plan), "-p", "Hi", "--max-tokens", "2", "--verbose", "--temp", "0")
@@ -219,3 +221,29 @@ def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_vram_list_plans_two_gpus_and_a_cpu_build_refuses_it(dsv4, fake_tool, tiny_gguf: Path) -> None:
+    """`--vram 24,24` (or two detected GPUs) is a two-GPU load with whole layer counts as tensor_split; on a
+    CPU-only build chat stops with the fix instead of silently running that placement on the CPU."""
+    from dsv4cli import llama_lib
+    from dsv4cli.chat import Placement, load_params
+
+    fake_tool("nvidia-smi", "NVIDIA GeForce RTX 4090, 24564, 1024\nNVIDIA GeForce RTX 4090, 24564, 1024")
+    for placement in (Placement(vram_gib=(24.0, 24.0)), Placement()):
+        params = load_params(tiny_gguf, placement)
+        assert len(params.tensor_split) == 2 and min(params.tensor_split) > 0
+        assert sum(params.tensor_split) == params.n_gpu_layers > 0
+        assert all(n == int(n) for n in params.tensor_split)
+        args = params.cli_args(str(tiny_gguf))
+        assert args[args.index("-ts") + 1] == ",".join(str(int(n)) for n in params.tensor_split)
+    cpu = load_params(tiny_gguf, Placement(cpu=True))
+    assert cpu.n_gpu_layers == 0 and cpu.tensor_split == ()
+    if llama_lib.gpu_offload():
+        return  # a GPU build would load it; the refusal below is the CPU-only wheel's
+    res = dsv4("chat", str(tiny_gguf), "--vram", "24,24", "-p", "Hi", "--max-tokens", "2")
+    assert res.code == 1
+    [line] = res.stderr.strip().splitlines()
+    assert "CPU-only" in line and "make setup GPU=cuda" in line and "--cpu" in line
+    res = dsv4("chat", str(tiny_gguf), "--cpu", "--vram", "24,24", "-p", "Hi")
+    assert res.code != 0 and "--cpu" in res.stderr

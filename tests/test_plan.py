@@ -77,7 +77,7 @@ def test_two_gpus_split_layers() -> None:
     tensors = plan.to_dict()["tensors"]
     assert [tensors[f"blk.{i}.attn_q_a.weight"] for i in range(4)] == ["gpu0", "gpu0", "gpu1", "gpu1"]
     assert tensors["output.weight"] == "gpu1"
-    assert plan.load_params().tensor_split == (0.4, 0.6)
+    assert plan.load_params().tensor_split == (2.0, 3.0)  # layers per GPU; llama.cpp normalizes
 
 
 def test_engram_never_on_gpu() -> None:
@@ -298,3 +298,28 @@ def test_attention_flops_bounded_only_with_flash_attention() -> None:
     attend = 4.0 * dims.n_head * dims.head_dim * (dims.sliding_window + dims.index_topk)
     assert fa_short - attend == pytest.approx(2.0 * 64 * 128 * short.csa_cells)  # only the indexer grows
     assert fa_long - attend == pytest.approx(2.0 * 64 * 128 * long.csa_cells)
+
+
+def test_two_roomy_gpus_share_layers_and_experts() -> None:
+    """Dense layers that fit on one GPU are still split, so the second GPU holds its layers' experts too."""
+    plan = make_plan(_synthetic(), PlanInputs(vram_gib=(12.0, 12.0), ram_gib=32, ctx=1024, margin_gib=0, threads=1))
+    tensors = plan.to_dict()["tensors"]
+    assert [tensors[f"blk.{i}.attn_q_a.weight"] for i in range(4)] == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    assert [tensors[f"blk.{i}.ffn_gate_exps.weight"] for i in range(4)] == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    assert plan.cpu_expert_layers == [] and plan.load_params().host_tensors == ()
+    assert plan.tier("gpu0").weights == 8 * GIB and plan.tier("gpu1").weights == int(8.5 * GIB)
+    assert plan.llama_args()[plan.llama_args().index("-ts") + 1] == "2,3"
+
+
+def test_two_detected_gpus_both_carry_layers(dsv4, fake_tool) -> None:
+    fake_tool("nvidia-smi", "NVIDIA GeForce RTX 4090, 24564, 1024\nNVIDIA GeForce RTX 4090, 24564, 1024")
+    res = dsv4("plan", "deepseek-v4-flash", "--ram", "192", "--json")
+    assert res.code == 0, res.stderr
+    plan = json.loads(res.stdout)
+    gpu0, gpu1 = plan["tiers"][:2]
+    assert gpu0["weights_bytes"] > 10 * GIB and gpu1["weights_bytes"] > 10 * GIB
+    split = plan["llama"]["tensor_split"]
+    assert len(split) == 2 and sum(split) == plan["llama"]["n_gpu_layers"] and min(split) > 0
+    assert f"-ts {split[0]:g},{split[1]:g}" in " ".join(plan["llama_args"])
+    table = dsv4("plan", "deepseek-v4-flash", "--ram", "192").stdout
+    assert "gpu1" in table and "routed_experts" in table

@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")] = None,
         vram: VramOpt = None,
         ram: RamOpt = None,
+        cpu: Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")] = False,
         ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")] = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
         temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
@@ -92,13 +93,15 @@ def register(app: typer.Typer) -> None:
 
         if plan and (vram is not None or ram is not None or ctx is not None):
             raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
+        if cpu and (vram is not None or plan):
+            raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
         if prompt is None and not sys.stdin.isatty():
             prompt = sys.stdin.read()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
-        placement = Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx)
+        placement = Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu)
         loaded = open_chat(model and resolve_model(model), placement, verbose=verbose, note=_note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
         session = ChatSession(loaded.engine, loaded.renderer, system=system, thinking=think, options=options)

@@ -86,7 +86,7 @@ def _render(result: Plan) -> None:
     what = f"{src.name} ({src.kind}" + (f", {src.recipe['experts']}/{src.recipe['dense']})" if src.recipe else ")")
     gpus = [t for t in result.tiers if t.kind == "gpu"]
     if result.vram_source == "none":
-        err.print("no GPU found (NVML, nvidia-smi): CPU-only plan; pass --vram GiB to plan for a GPU")
+        err.print("no GPU found (NVML, nvidia-smi, rocm-smi): CPU-only plan; pass --vram GiB to plan for a GPU")
     elif result.vram_source != "flag":
         found = ", ".join(f"{t.device} ({human_bytes(t.budget or 0)} free)" for t in gpus)
         err.print(f"VRAM detected via {result.vram_source}: {found}")

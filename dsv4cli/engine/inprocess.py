@@ -1,10 +1,10 @@
 """The in-process engine: llama.cpp through llama-cpp-python, loading a deepseek4 GGUF with `LoadParams`.
 
-This is the only module that imports `llama_cpp`, and it uses the low-level C API of llama-cpp-python
-rather than its `Llama` class, because that class cannot pass what a DeepSeek V4 chat needs
-(docs/formats.md §Running in llama.cpp): tensor buffer overrides that keep experts in host RAM
-(`tensor_buft_overrides`, declared `void *` in the bindings, filled here through ctypes) and context fields
-such as `n_rs_seq`. Prefix reuse works by extending the KV cache: when the new prompt starts with the text
+This and `dsv4cli.llama_lib` (what the build can do, process-wide settings) are the only modules that import
+`llama_cpp`. This one uses the low-level C API rather than the `Llama` class, because that class cannot pass
+what a DeepSeek V4 chat needs (docs/formats.md §Running in llama.cpp): tensor buffer overrides that keep experts
+in host RAM (`tensor_buft_overrides`, declared `void *` in the bindings, filled here through ctypes) and context
+fields such as `n_rs_seq`. Prefix reuse works by extending the KV cache: when the new prompt starts with the text
 already in the cache, only the new suffix is tokenized and prefilled, so turn N costs its own tokens, not the
 history. Extending needs no partial removal, which the deepseek4 cache cannot do (docs/formats.md §KV cache).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import sys
 import time
 from collections import deque
@@ -22,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv4cli import llama_lib
 from dsv4cli.engine.base import SampleOptions, TurnStats, TurnStream
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.kvcache import KV_TYPES
-
-_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
 
 
 class _LogSink:
@@ -58,27 +56,9 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _cpu_buffer_type() -> int:
-    """The CPU buffer type from the libggml that libllama already loaded (a second copy gives another pointer)."""
-    mode = os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL
-    try:
-        ggml = ctypes.CDLL("libggml.so.0", mode=mode)
-        base = ctypes.CDLL("libggml-base.so.0", mode=mode)
-    except OSError as e:
-        raise RuntimeLoadError(f"cannot find the ggml library loaded by llama-cpp-python ({e})") from e
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    device = ggml.ggml_backend_dev_by_type(_CPU_DEVICE)
-    if not device:
-        raise RuntimeLoadError("llama.cpp has no CPU backend device to keep tensors in host RAM")
-    return base.ggml_backend_dev_buffer_type(device)
-
-
 def build_overrides(patterns: tuple[str, ...]) -> ctypes.Array[_BuftOverride]:
     """NULL-terminated override array mapping each regex to the CPU buffer type (first match wins in llama.cpp)."""
-    buft = _cpu_buffer_type()
+    buft = llama_lib.cpu_buffer_type()
     array = (_BuftOverride * (len(patterns) + 1))()
     for slot, pattern in zip(array, patterns, strict=False):
         slot.pattern = pattern.encode()
@@ -99,6 +79,7 @@ class LlamaEngine:
     """One loaded model and context; `stream()` generates from a rendered prompt, reusing the cached prefix."""
 
     def __init__(self, path: Path, params: LoadParams, *, verbose: bool = False) -> None:
+        llama_lib.prepare_load(path, n_gpu_layers=params.n_gpu_layers)
         import llama_cpp
 
         self._lib = llama_cpp
@@ -120,6 +101,7 @@ class LlamaEngine:
         lib = self._lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = s.n_gpu_layers
+        params.use_extra_bufts = s.repack()
         params.load_mode = {
             (True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK,
             (True, False): lib.LLAMA_LOAD_MODE_MMAP,

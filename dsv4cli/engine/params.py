@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv4cli import llama_lib
 from dsv4cli.errors import UsageError
 from dsv4cli.hardware import cpu_threads
 from dsv4cli.kvcache import DEFAULT_KV_TYPE, KV_TYPES
@@ -35,10 +36,17 @@ class LoadParams:
     # slower decode on the tiny model. Turns extend the cache by text and thinking turns resume from a saved
     # state, neither of which needs rollback, so the default is none.
     n_rs_seq: int = 0
+    # Weight repacking into ggml-cpu's extra buffer types (llama-server --repack/--no-repack); None: decided
+    # when used, by `llama_lib.use_extra_bufts` (off on AMX builds, $DSV4_REPACK). `repack()` is the answer.
+    use_extra_bufts: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
             raise UsageError(f"KV cache type {self.kv_type!r} is not one of {', '.join(KV_TYPES)}")
+
+    def repack(self) -> bool:
+        """Whether the load may repack weights: the one answer the in-process engine and `cli_args` both use."""
+        return llama_lib.use_extra_bufts(self.use_extra_bufts)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan file's "llama" section."""
@@ -56,6 +64,7 @@ class LoadParams:
             "flash_attn": self.flash_attn,
             "n_threads": self.n_threads,
             "tensor_split": list(self.tensor_split) or None,
+            "use_extra_bufts": self.use_extra_bufts,
         }
 
     @classmethod
@@ -68,6 +77,9 @@ class LoadParams:
             if entry.get("buffer", HOST_BUFFER) != HOST_BUFFER:
                 raise UsageError(f"plan: buffer {entry.get('buffer')!r} is not supported; only CPU overrides are")
             host.append(entry["pattern"])
+        repack = llama.get("use_extra_bufts")
+        if repack is not None and not isinstance(repack, bool):
+            raise UsageError(f"plan: use_extra_bufts is {repack!r}, expected true, false or null")
         return cls(
             n_ctx=int(llama.get("n_ctx", cls.n_ctx)),
             n_batch=int(llama.get("n_batch", cls.n_batch)),
@@ -80,6 +92,7 @@ class LoadParams:
             flash_attn=bool(llama.get("flash_attn", False)),
             kv_type=str(llama.get("type_k", DEFAULT_KV_TYPE)),
             n_threads=int(llama.get("n_threads") or cpu_threads()),
+            use_extra_bufts=repack,
         )
 
     def cli_args(self, model: str) -> list[str]:
@@ -90,7 +103,9 @@ class LoadParams:
         for pattern in self.host_tensors:
             args += ["-ot", f"{pattern}={HOST_BUFFER}"]
         if self.tensor_split:
-            args += ["-ts", ",".join(str(x) for x in self.tensor_split)]
+            args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
         if not self.use_mmap:
             args.append("--no-mmap")
+        if not self.repack():
+            args.append("--no-repack")
         return args

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsv4cli import hardware
+from dsv4cli import hardware, llama_lib
 from dsv4cli.errors import PlanError
 from dsv4cli.kvcache import compute_buffer_bytes, kv_cache
 from dsv4cli.model_ref import ModelRef
@@ -44,6 +44,8 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     if gpus and fitted is None:
         warnings.append("no layer fits in VRAM next to the compute buffer; planning CPU-only")
     ngl, gpu_layers = fitted or (0, [[] for _ in gpus])
+    if warning := llama_lib.offload_warning(ngl, vram_source):
+        warnings.append(warning)
     layer_tier = {layer: gpus[gi].name for gi, layers in enumerate(gpu_layers) for layer in layers}
     used_gpus = [g for g, layers in zip(gpus, gpu_layers, strict=True) if layers]
     gpu_experts = fill_gpus(gpus, layer_tier, groups, kv, compute_gpu, n_layer)
@@ -94,7 +96,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         compute_gpu=compute_gpu if used_gpus else 0,
         compute_host=ram.compute,
         n_gpu_layers=ngl,
-        gpu_layer_counts=[len(layers) for layers in gpu_layers if layers],
+        gpu_layer_counts=[len(layers) for layers in gpu_layers] if used_gpus else [],
         cpu_expert_layers=sorted(i for i in layer_tier if i < n_layer and i not in gpu_experts),
         estimates={},
         warnings=warnings,

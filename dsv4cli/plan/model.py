@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dsv4cli import llama_lib
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.plan.groups import tensor_class
@@ -106,8 +107,9 @@ class Plan:
         engram = any(tensor_class(s.name) == "engram" for s in self.source.tensors)
         if gpu and engram:
             patterns.append(r"\.engram_embd\.")
-        total = sum(self.gpu_layer_counts)
-        split = tuple(round(n / total, 4) for n in self.gpu_layer_counts) if len(self.gpu_layer_counts) > 1 else ()
+        # Layer counts per GPU: llama.cpp normalizes them and gives GPU i the next share of the offloaded
+        # layers, so whole counts reproduce this plan's blocks exactly (rounded fractions can shift a boundary).
+        split = tuple(float(n) for n in self.gpu_layer_counts) if len(self.gpu_layer_counts) > 1 else ()
         return LoadParams(
             n_ctx=self.kv.n_ctx,
             n_batch=self.inputs.ubatch,
@@ -120,6 +122,7 @@ class Plan:
             flash_attn=flash_attn(self.inputs, gpu=gpu),
             kv_type=self.inputs.kv_type,
             n_threads=self.inputs.threads,
+            use_extra_bufts=llama_lib.use_extra_bufts(),  # decided here, so chat and llama_args agree
         )
 
     def model_path(self) -> Path | None:

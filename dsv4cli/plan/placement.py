@@ -61,30 +61,51 @@ def fit_gpu_layers(
     """Largest -ngl whose layers fit, with per-GPU layer lists (lower layers on lower GPUs).
 
     As in llama.cpp, index n_layer is the output head and -ngl N offloads indices n_layer + 1 - N .. n_layer:
-    the head first, then layers from the top down.
+    the head first, then layers from the top down. With several GPUs the layers are split in contiguous blocks
+    in proportion to each GPU's room, so every GPU also keeps room for its own layers' experts; where that does
+    not fit, lower GPUs are filled first.
     """
+    room = [g.free - compute for g in gpus]
     for ngl in range(n_layer + 1, 0, -1):
         layers = list(range(n_layer + 1 - ngl, n_layer + 1))
         need = [groups.root_gpu if i == n_layer else groups.dense[i] + kv.per_layer[i] for i in layers]
-        assigned: list[list[int]] = [[] for _ in gpus]
-        room = [g.free - compute for g in gpus]
-        gi = 0
-        for layer, nbytes in zip(layers, need, strict=True):
-            while gi < len(gpus) and nbytes > room[gi]:
-                gi += 1
-            if gi == len(gpus):
-                break
-            room[gi] -= nbytes
-            assigned[gi].append(layer)
-        else:
-            return ngl, assigned
+        for proportional in (True, False):
+            assigned = _assign_layers(layers, need, room, proportional=proportional)
+            if assigned is not None:
+                return ngl, assigned
     return None
+
+
+def _assign_layers(
+    layers: list[int], need: list[int], room: list[int], *, proportional: bool
+) -> list[list[int]] | None:
+    """Layers in order onto GPUs in order; None when they do not fit. `proportional` ends each GPU's block at
+    its share of the total room (by the layer's midpoint), else only when the GPU is full."""
+    capacity = sum(max(r, 0) for r in room)
+    total = sum(need)
+    ends, acc = [], 0
+    for r in room:
+        acc += max(r, 0)
+        ends.append(total * acc / capacity if proportional and capacity else float("inf"))
+    left = list(room)
+    assigned: list[list[int]] = [[] for _ in room]
+    gi, done = 0, 0
+    for layer, nbytes in zip(layers, need, strict=True):
+        while gi < len(room) and (nbytes > left[gi] or (gi < len(room) - 1 and done + nbytes / 2 > ends[gi])):
+            gi += 1
+        if gi == len(room):
+            return None
+        left[gi] -= nbytes
+        done += nbytes
+        assigned[gi].append(layer)
+    return assigned
 
 
 def fill_gpus(
     gpus: list[Tier], layer_tier: dict[int, str], groups: Layers, kv: KvCache, compute: int, n_layer: int
 ) -> set[int]:
-    """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit."""
+    """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit
+    (on each GPU: a full GPU does not stop the others)."""
     by_name = {g.name: g for g in gpus}
     for name in set(layer_tier.values()):
         by_name[name].compute = compute
@@ -92,10 +113,12 @@ def fill_gpus(
         by_name[name].weights += groups.root_gpu if layer == n_layer else groups.dense[layer]
         by_name[name].kv += kv.per_layer[layer] if layer < n_layer else 0
     gpu_experts: set[int] = set()
+    full: set[str] = set()
     for layer in sorted((layer for layer in layer_tier if layer < n_layer), reverse=True):
         tier = by_name[layer_tier[layer]]
-        if groups.experts[layer] > tier.free:
-            break
+        if tier.name in full or groups.experts[layer] > tier.free:
+            full.add(tier.name)
+            continue
         tier.weights += groups.experts[layer]
         gpu_experts.add(layer)
     return gpu_experts

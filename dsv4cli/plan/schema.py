@@ -21,7 +21,7 @@ SCHEMA = """\
              "file_bytes": int (sum of tensor bytes)},
   "inputs": {"ctx": int (requested), "n_ctx": int (padded to 256 as llama.cpp does), "n_ubatch": int,
              "kv_type": "f16" | "q8_0", "margin_bytes": int (per GPU), "no_disk": bool,
-             "vram_source": "flag" | "nvml" | "nvidia-smi" | "none", "ram_source": "flag" | "available"},
+             "vram_source": "flag" | "nvml" | "nvidia-smi" | "rocm-smi" | "none", "ram_source": "flag" | "available"},
   "tiers": [{"name": "gpu0".. | "ram" | "disk", "kind": "gpu" | "ram" | "disk", "device": str,
              "budget_bytes": int | null (disk: no budget), "used_bytes": int,
              "weights_bytes": int, "kv_bytes": int, "compute_bytes": int, "margin_bytes": int,
@@ -39,7 +39,9 @@ SCHEMA = """\
   "warnings": [str], "verdict": str,
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
-            "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int, "tensor_split": [float] | null},
+            "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int,
+            "tensor_split": [float] (layers per GPU) | null,
+            "use_extra_bufts": bool (weight repacking; false: llama-server --no-repack) | null (decided at load)},
   "llama_args": [str] (llama-server flags)
 }"""
 

@@ -123,7 +123,7 @@ def _engram_rows_per_token(facts: dict[str, Any]) -> int:
 
 def verdict(plan: Plan) -> str:
     est = plan.estimates
-    n_gpus = len(plan.gpu_layer_counts)
+    n_gpus = sum(1 for n in plan.gpu_layer_counts if n)
     where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {n_gpus} GPU(s)" if n_gpus else "CPU only"
 
     disk = plan.tier("disk").weights
