@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # One module per command; each defines `register(app)`. Only commands that work are listed.
-COMMAND_MODULES = ("models", "pull", "quantize", "plan", "chat")
+COMMAND_MODULES = ("models", "pull", "quantize", "plan", "chat", "serve", "engine")
 
 
 def _version(value: bool) -> None:
