@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dsv4cli.chat import Placement, resolve_gguf
 from dsv4cli.gguf_check import check_gguf
-from dsv4cli.plan import PlanInputs, load_plan, make_plan
+from dsv4cli.plan import PlanInputs, load_plan, make_plan, read_gguf
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,15 @@ def plan_model(model: str, placement: Placement, *, note: Callable[[str], None])
     """Resolve MODEL to a checked GGUF and the llama-server flags of its plan (`--plan FILE` or one made now)."""
     gguf = resolve_gguf(model, note=note)
     template = check_gguf(gguf).chat_template  # also refuses files llama.cpp would abort on
+    source = read_gguf(gguf)
+    # llama.cpp drafts only when the block's first tensor is there (src/models/deepseek4.cpp probes for it)
+    mtp = any(t.name.endswith(".nextn.eh_proj.weight") for t in source.tensors)
     if placement.plan_file:
         plan = load_plan(placement.plan_file)
     else:
         vram = None if placement.vram_gib is None else (placement.vram_gib,)
-        plan = make_plan(str(gguf), PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)).to_dict()
+        plan = make_plan(source, PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)).to_dict()
     args = _with_model(list(plan["llama_args"]), gguf)
-    mtp = any(".nextn." in name for name in plan.get("tensors", {}))
     return PlannedModel(gguf=gguf, llama_args=args, chat_template=template, has_mtp=mtp)
 
 
