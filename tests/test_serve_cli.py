@@ -99,3 +99,21 @@ def test_server_that_fails_to_start_reports_its_log(dsv4, tiny_gguf: Path, tmp_p
     assert result.code == 1
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert "exited with code 3" in line and "error loading model" in line and "llama-server-" in line
+
+
+def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
+    from dsv4cli.chat import Placement
+    from dsv4cli.server.build import Engine
+    from dsv4cli.server.launch import ServeOptions, server_argv
+    from dsv4cli.server.model import plan_model
+
+    planned = plan_model(str(tiny_gguf), Placement(ctx=1024), note=lambda _: None)
+    engine = Engine(server=Path("/opt/llama-server"), version="test", gpu="cpu")
+    argv = server_argv(engine, planned, ServeOptions(api_key="s3cret", think=True), alias="tiny", port=9)
+    assert argv[0] == "/opt/llama-server" and argv[1:3] == ["-m", str(tiny_gguf)]
+    assert argv[argv.index("-c") + 1] == "1024" and "--no-mmap" in argv  # the plan's own flags
+    pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+    assert pairs["--reasoning-format"] == "deepseek" and pairs["--reasoning"] == "on" and pairs["--alias"] == "tiny"
+    assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "9" and "--jinja" in argv
+    assert "s3cret" not in " ".join(argv)  # the key travels in the environment, not where `ps` shows it
+    assert "--spec-type" not in argv  # no nextn block in this file
