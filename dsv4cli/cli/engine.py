@@ -26,6 +26,7 @@ def build(
     """Build llama-server, ggml-rpc-server, llama-bench and llama-perplexity from the pinned llama.cpp (cached)."""
     from dsv4cli.server.build import build_engine
 
+    live = err.is_terminal or os.environ.get("DSV4_PROGRESS") == "1"
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -33,13 +34,19 @@ def build(
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=not err.is_terminal and os.environ.get("DSV4_PROGRESS") != "1",
+        disable=not live,
     ) as progress:
         task = progress.add_task(f"llama.cpp ({gpu})", total=None)
+
+        def stage(text: str) -> None:
+            progress.update(task, description=f"llama.cpp ({gpu}): {text}")
+            if not live:  # in a log (make setup, CI): one line per stage instead of a bar
+                err.print(f"llama.cpp ({gpu}): {text}", markup=False)
+
         result = build_engine(
             gpu,
             jobs=jobs,
-            on_stage=lambda stage: progress.update(task, description=f"llama.cpp ({gpu}): {stage}"),
+            on_stage=stage,
             on_step=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if json_output:
