@@ -18,12 +18,17 @@ openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
 ALIAS = "tiny"
+DSML = "｜DSML｜"
 WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"metric": {"type": "boolean"}}, "required": ["metric"]},
+        "description": "Weather forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        },
     },
 }
 
@@ -118,11 +123,30 @@ def test_four_concurrent_requests_are_all_answered(client) -> None:
     assert all(r.usage.completion_tokens > 0 for r in replies)
 
 
-def test_malformed_requests_get_400(server, client) -> None:
-    status, body = _post(server, "/v1/chat/completions", b"{not json")
-    assert status == 400, body
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"messages": "hello"},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+    ],
+)
+def test_malformed_requests_get_400(server, body: dict) -> None:
+    status, reply = _post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400, reply
+    assert reply["error"]["message"]
+
+
+def test_unknown_role_is_a_bad_request_for_the_client(client) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=ALIAS, messages=[{"role": "nobody", "content": 3}], max_tokens=4)
+
+
+def test_unparseable_body_is_refused_and_the_server_goes_on(server, client) -> None:
+    status, reply = _post(server, "/v1/chat/completions", b"{not json")
+    assert status >= 400 and "parse error" in reply["error"]["message"]  # llama-server answers 500 here
+    assert client.models.list().data
 
 
 def test_wrong_key_gets_401(server) -> None:
@@ -151,23 +175,54 @@ def test_tool_schema_is_in_the_rendered_prompt(server) -> None:
     assert status == 200, rendered
     prompt = rendered["prompt"]
     assert '"name": "get_weather"' in prompt or '"name":"get_weather"' in prompt
-    assert "<｜DSML｜tool_calls>" in prompt  # V4's tool-call instructions
+    assert f"<{DSML}tool_calls>" in prompt  # V4's tool-call instructions
     assert prompt.endswith("<｜Assistant｜></think>")
 
 
 def test_v4_tool_call_comes_back_as_tool_calls(client) -> None:
-    # tool_choice=required makes llama-server constrain decoding to V4's DSML tool-call grammar, so even the
-    # random tiny model writes a well-formed call; the server's V4 parser must turn it into `tool_calls`.
+    # The random tiny model never writes a tool call, so the call is written for it in V4's DSML format as an
+    # assistant prefill; llama-server's V4 grammar then only lets it end, and its V4 parser must turn the text
+    # into OpenAI `tool_calls` with typed arguments (`string="false"` values are JSON).
+    call = (
+        f'\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">Paris</{DSML}parameter>\n'
+        f'<{DSML}parameter name="days" string="false">3</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}tool_calls>"
+    )
     reply = client.chat.completions.create(
         model=ALIAS,
-        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        messages=[{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": call}],
         tools=[WEATHER_TOOL],
         tool_choice="required",
-        max_tokens=96,
+        max_tokens=16,
         temperature=0,
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments)["metric"], bool)
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris", "days": 3}
+    assert not choice.message.content
+
+
+def test_tool_results_go_back_in_v4_format(server) -> None:
+    arguments = json.dumps({"city": "Paris", "days": 3})
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
+    ]
+    status, rendered = _post(
+        server, "/apply-template", json.dumps({"messages": messages, "tools": [WEATHER_TOOL]}).encode()
+    )
+    assert status == 200, rendered
+    prompt = rendered["prompt"]
+    assert f'<{DSML}invoke name="get_weather">' in prompt
+    assert f'<{DSML}parameter name="days" string="false">3</{DSML}parameter>' in prompt
+    assert "<tool_result>sunny, 21 C</tool_result>" in prompt

@@ -111,7 +111,8 @@ def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
     engine = Engine(server=Path("/opt/llama-server"), version="test", gpu="cpu")
     argv = server_argv(engine, planned, ServeOptions(api_key="s3cret", think=True), alias="tiny", port=9)
     assert argv[0] == "/opt/llama-server" and argv[1:3] == ["-m", str(tiny_gguf)]
-    assert argv[argv.index("-c") + 1] == "1024" and "--no-mmap" in argv  # the plan's own flags
+    assert argv[argv.index("-c") + 1] == "1024"  # the plan's own flags, in this llama-server's spelling
+    assert argv[argv.index("--load-mode") + 1] == "none" and "--no-mmap" not in argv
     pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
     assert pairs["--reasoning-format"] == "deepseek" and pairs["--reasoning"] == "on" and pairs["--alias"] == "tiny"
     assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "9" and "--jinja" in argv

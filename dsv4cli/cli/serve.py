@@ -30,10 +30,11 @@ def _note(message: str) -> None:
 
 
 def _snippet(server: RunningServer, keyed: bool) -> str:
-    key = '"<your key>"' if keyed else '"dsv4"  # any string: no key is set'
+    key = '"<your key>"' if keyed else '"dsv4"'
     return (
-        "from openai import OpenAI\n"
-        f'client = OpenAI(base_url="{server.base_url}/v1", api_key={key})\n'
+        "from openai import OpenAI\n\n"
+        + ("" if keyed else "# no key is set: any api_key string works\n")
+        + f'client = OpenAI(base_url="{server.base_url}/v1", api_key={key})\n'
         f'reply = client.chat.completions.create(model="{server.alias}", '
         'messages=[{"role": "user", "content": "Hello"}])\n'
         "print(reply.choices[0].message.content)"
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
         engine = find_engine(engine_bin)
         placement = Placement(plan_file=plan, vram_gib=vram, ram_gib=ram, ctx=ctx)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C: the server stops
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it (`&`)
         _note(f"starting llama-server {engine.version} ...")
         server = start_server(model, placement, opts, engine, note=_note)
         try:

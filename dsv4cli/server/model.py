@@ -39,8 +39,13 @@ def plan_model(model: str, placement: Placement, *, note: Callable[[str], None])
 
 
 def _with_model(args: list[str], gguf: Path) -> list[str]:
-    """The plan's flags with `-m` pointing at the file being served (a plan file may name another path)."""
+    """The plan's flags with `-m` pointing at the file being served (a plan file may name another path).
+
+    The pinned llama-server has no `--no-mmap` any more (common/arg.cpp: `--load-mode none`); `Plan.llama_args`
+    still prints the old spelling, so it is translated here until the plan says it itself.
+    """
     if "-m" in args:
         i = args.index("-m")
         del args[i : i + 2]
+    args = [part for arg in args for part in (["--load-mode", "none"] if arg == "--no-mmap" else [arg])]
     return ["-m", str(gguf), *args]
