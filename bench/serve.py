@@ -90,14 +90,13 @@ def growing_conversation(client, alias: str, turns: int, first_tokens: int = 150
     return rows
 
 
-def serve(gguf: Path, ctx: int, *, mtp: bool = True):
-    from dsv4cli.chat import Placement
+def serve(gguf: Path, placement, *, mtp: bool = True):
     from dsv4cli.server.build import build_engine
     from dsv4cli.server.launch import ServeOptions, start_server
 
     engine = build_engine("cpu").engine
     opts = ServeOptions(port=0, alias="bench", mtp=mtp)
-    return start_server(str(gguf), Placement(ctx=ctx), opts, engine, note=lambda m: print(m, file=sys.stderr))
+    return start_server(str(gguf), placement, opts, engine, note=lambda m: print(m, file=sys.stderr))
 
 
 def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
@@ -105,7 +104,7 @@ def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
 
     from dsv4cli.chat import Placement, open_chat
 
-    server = serve(gguf, args.ctx)
+    server = serve(gguf, Placement(ctx=args.ctx))
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
         loaded = open_chat(str(gguf), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
@@ -137,27 +136,32 @@ def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
 
 
 def bench_mtp(args: argparse.Namespace) -> None:
+    """Drafting on vs off on `tiny` quantized with `--mtp`, placed with the plain tiny model's plan."""
     import openai
 
-    from dsv4cli.chat import resolve_gguf
+    from dsv4cli.chat import Placement, resolve_gguf
+    from dsv4cli.home import models_dir
+    from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from quant.convert import QuantOptions, quantize_checkpoint
 
     tiny = resolve_gguf("tiny", note=lambda m: None)
     mtp_gguf = tiny.with_name("tiny-mtp-bench.gguf")
     if not mtp_gguf.exists():
-        from dsv4cli.home import models_dir
-
         quantize_checkpoint(models_dir() / "tiny", mtp_gguf, QuantOptions(mtp=True))
+    plan = tiny.with_name("tiny-mtp-bench.plan.json")
+    save_plan(make_plan(str(tiny), PlanInputs(ctx=args.ctx)), plan)
     results = {}
     for drafting in (False, True):
-        server = serve(mtp_gguf, args.ctx, mtp=drafting)
+        server = serve(mtp_gguf, Placement(plan_file=plan), mtp=drafting)
         try:
+            if drafting and not server.info()["mtp"]:
+                print(f"MTP: llama-server could not start with drafting on this model; see {server.process.log}")
+                return
             client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
             api_decode(client, "bench", 16)
-            runs = [api_decode(client, "bench", args.tokens) for _ in range(args.repeats)]
+            results[drafting] = [api_decode(client, "bench", args.tokens) for _ in range(args.repeats)]
         finally:
             server.process.stop()
-        results[drafting] = runs
     off = statistics.median(r["tps"] for r in results[False])
     on = statistics.median(r["tps"] for r in results[True])
     drafted = sum(r["timings"].get("draft_n", 0) for r in results[True])

