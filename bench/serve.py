@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500, help="tokens generated per decode run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--ctx", type=int, default=8192)
+    parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--mtp", action="store_true", help="also measure MTP drafting on a tiny GGUF with the block")
     args = parser.parse_args()
     from dsv4cli.chat import resolve_gguf
