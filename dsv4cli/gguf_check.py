@@ -196,8 +196,12 @@ def _uniform(value: Any) -> Any:
 
 
 def _tolerated_extra(name: str, n_layer: int) -> bool:
-    """Generic scales, the Vision-Exp bias and MTP (nextn) layers past block_count load without complaint."""
-    if _TOLERATED_EXTRA.match(name) or name.endswith(".exp_probs_b_vl.bias"):
+    """Generic scales, the Vision-Exp bias, MTP (nextn) tensors and layers past block_count load without complaint.
+
+    `dsv4 quantize --mtp` counts the MTP layer in block_count (as llama.cpp does), so its `nextn.*` tensors sit in
+    a layer below it; llama.cpp's deepseek4 loader creates them (and skips them unless MTP drafting is on).
+    """
+    if _TOLERATED_EXTRA.match(name) or name.endswith(".exp_probs_b_vl.bias") or ".nextn." in name:
         return True
     mtp = _LAYER.match(name)
     return mtp is not None and int(mtp.group(1)) >= n_layer
