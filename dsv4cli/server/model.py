@@ -11,7 +11,8 @@ from pathlib import Path
 
 from dsv4cli.chat import Placement, resolve_gguf
 from dsv4cli.gguf_check import check_gguf
-from dsv4cli.plan import PlanInputs, load_plan, make_plan, read_gguf
+from dsv4cli.plan import PlanInputs, load_plan, make_plan
+from dsv4cli.plan.source import read_gguf
 
 
 @dataclass(frozen=True)
