@@ -69,3 +69,21 @@ KvTypeOpt = Annotated[
     str,
     typer.Option("--kv-type", callback=_one_of("--kv-type", KV_TYPES), help=f"KV cache type: {', '.join(KV_TYPES)}."),
 ]
+
+
+def _check_rpc(value: str | None) -> str | None:
+    if value is not None:
+        from dsv4cli.rpc.protocol import parse_endpoints
+
+        parse_endpoints(value)
+    return value
+
+
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        callback=_check_rpc,
+        help="llama.cpp RPC workers HOST:PORT,HOST:PORT (started with `dsv4 worker`) that hold part of the model.",
+    ),
+]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, ModelArg
+from dsv4cli.cli.options import JsonOpt, ModelArg, RpcOpt
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, out
 
@@ -68,16 +68,21 @@ def register(app: typer.Typer) -> None:
         engine_bin: Annotated[
             Path | None, typer.Option("--engine-bin", help="llama-server to run (default: `dsv4 engine build`'s).")
         ] = None,
+        rpc: RpcOpt = None,
         json_output: JsonOpt = False,
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
         from dsv4cli.chat import Placement
+        from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
+        from dsv4cli.rpc.protocol import parse_endpoints
         from dsv4cli.server.build import find_engine
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError
 
         if plan and (vram is not None or ram is not None or ctx is not None):
             raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
+        if plan and rpc:
+            raise UsageError("--plan already names its RPC workers; drop --rpc or the plan")
         opts = ServeOptions(
             host=host,
             port=port,
@@ -90,7 +95,9 @@ def register(app: typer.Typer) -> None:
         )
         check_access(opts)  # before the engine and the model: the cheapest refusal first
         engine = find_engine(engine_bin)
-        placement = Placement(plan_file=plan, vram_gib=vram, ram_gib=ram, ctx=ctx)
+        vram_gib = None if vram is None else (vram,)
+        endpoints = parse_endpoints(rpc) if rpc else ()
+        placement = Placement(plan_file=plan, vram_gib=vram_gib, ram_gib=ram, ctx=ctx, rpc=endpoints)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C: the server stops
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it (`&`)
         _note(f"starting llama-server {engine.version} ...")
@@ -102,6 +109,9 @@ def register(app: typer.Typer) -> None:
             else:
                 _announce(server, keyed=bool(api_key or api_key_file))
             code = server.process.wait()
+            rpc = rpc_endpoints(server.argv)
+            if rpc and (lost := lost_worker_error(server.process.log, rpc)):
+                raise lost
             raise ServerError(
                 f"llama-server exited with code {code} (log: {server.process.log}): {server.process.log_tail()}"
             )

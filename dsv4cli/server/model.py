@@ -11,8 +11,10 @@ from pathlib import Path
 
 from dsv4cli.chat import Placement, resolve_gguf
 from dsv4cli.gguf_check import check_gguf
-from dsv4cli.plan import PlanInputs, load_plan, make_plan
+from dsv4cli.model_ref import resolve_model
+from dsv4cli.plan import load_plan, make_plan
 from dsv4cli.plan.source import read_gguf
+from dsv4cli.rpc.health import check_workers, rpc_endpoints
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class PlannedModel:
 
 def plan_model(model: str, placement: Placement, *, note: Callable[[str], None]) -> PlannedModel:
     """Resolve MODEL to a checked GGUF and the llama-server flags of its plan (`--plan FILE` or one made now)."""
-    gguf = resolve_gguf(model, note=note)
+    gguf = resolve_gguf(resolve_model(model), note=note)
     template = check_gguf(gguf).chat_template  # also refuses files llama.cpp would abort on
     source = read_gguf(gguf)
     # llama.cpp drafts only when the block's first tensor is there (src/models/deepseek4.cpp probes for it)
@@ -33,9 +35,10 @@ def plan_model(model: str, placement: Placement, *, note: Callable[[str], None])
     if placement.plan_file:
         plan = load_plan(placement.plan_file)
     else:
-        vram = None if placement.vram_gib is None else (placement.vram_gib,)
-        plan = make_plan(source, PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)).to_dict()
+        plan = make_plan(source, placement.plan_inputs()).to_dict()
     args = _with_model(list(plan["llama_args"]), gguf)
+    if rpc := rpc_endpoints(args):
+        check_workers(rpc)  # llama-server would only log an unreachable worker
     return PlannedModel(gguf=gguf, llama_args=args, chat_template=template, has_mtp=mtp)
 
 
