@@ -185,7 +185,13 @@ def test_plan_places_layers_on_both_workers(start_worker, tiny_gguf: Path) -> No
     assert args[args.index("-ts") + 1] == ",".join(str(n) for n in plan.gpu_layer_counts)
     est = plan.estimates
     dims = plan.source.dims
-    assert est["decode_bytes_per_token"]["network"] == 2 * 2 * dims.hc * dims.hidden * 4
+    # tiny: layers 0-1 (raw window only) on the first worker, 2-3 (CSA, HCA) and the head on the second; each gets
+    # the residual stream and its cache kinds' K rotations, and sends back the stream or the logits
+    assert plan.gpu_layer_counts == [2, 3] and dims.compress_ratios == (0, 0, 4, 128)
+    stream, rotation = dims.hc * dims.hidden * 4, dims.head_dim**2 * 4
+    first = stream + stream + rotation
+    second = stream + dims.vocab * 4 + 3 * rotation + dims.index_head_dim**2 * 4
+    assert est["decode_bytes_per_token"]["network"] == first + second
     assert est["decode_seconds_per_token"]["network"] > 0
     assert "2 RPC worker(s)" in plan.verdict and "network:" in plan.verdict
 

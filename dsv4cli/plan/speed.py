@@ -10,7 +10,7 @@ from typing import Any
 
 from dsv4cli import hardware
 from dsv4cli.home import dsv4_home
-from dsv4cli.kvcache import CSA_RATIO, attention_flops
+from dsv4cli.kvcache import CSA_RATIO, HCA_RATIO, attention_flops
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.model import Plan, PlanInputs, flash_attn
 from dsv4cli.units import gib, human_bytes
@@ -128,18 +128,29 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
 def network_per_token(plan: Plan) -> list[tuple[int, float, float]]:
     """(bytes, round-trip seconds, bytes/s) per RPC worker holding layers, for one decoded token.
 
-    Each worker's block of layers is one graph split: the client sends the residual stream in (f32, `hc` copies
-    of the hidden state for hyper-connections) and reads it back out, with one round trip for the read. Between
-    two workers the stream goes through the client (ggml-rpc copies tensors directly only within one server).
-    The per-token graph inputs (positions, masks) and the GRAPH_RECOMPUTE command ride along; `bench/rpc.py`
-    measures the total against this figure.
+    Each worker's block of layers is one graph split. Per token the client sends it the residual stream (f32,
+    `hc` copies of the hidden state) and reads the stream (or, on the head's worker, the logits) back, with one
+    round trip for the read; between two workers the stream goes through the client (ggml-rpc copies tensors
+    directly only within one server). The split's graph inputs go too, and for deepseek4 the large ones are the
+    K rotation matrices (head_dim² f32) of each cache kind its layers use: the raw window, and CSA (with its
+    indexer's) and HCA where present. Positions, masks and command headers are left out: `bench/rpc.py` measured
+    the total at 1.2x this figure on the tiny model.
     """
     dims = plan.source.dims
     stream = dims.hc * dims.hidden * 4
+    first = dims.n_layer + 1 - plan.n_gpu_layers
     workers: dict[str, list[float]] = {}
     for tier, n in zip(plan.tiers, plan.gpu_layer_counts, strict=False):
-        if tier.kind == "rpc" and n and tier.endpoint:
-            workers.setdefault(tier.endpoint, [0, tier.rtt_s, tier.net_gbs * 1e9])[0] += 2 * stream
+        layers = [i for i in range(first, first + n) if i < dims.n_layer]
+        first += n
+        if tier.kind != "rpc" or not n or not tier.endpoint:
+            continue
+        ratios = {dims.compress_ratios[i] for i in layers}
+        rotations = (dims.head_dim**2 if layers else 0) + (dims.head_dim**2 if HCA_RATIO in ratios else 0)
+        rotations += dims.head_dim**2 + dims.index_head_dim**2 if CSA_RATIO in ratios else 0
+        out = dims.vocab * 4 if dims.n_layer in range(first - n, first) else stream
+        entry = workers.setdefault(tier.endpoint, [0, tier.rtt_s, tier.net_gbs * 1e9])
+        entry[0] += stream + out + 4 * rotations
     return [(int(b), rtt, bw) for b, rtt, bw in workers.values()]
 
 

@@ -1,7 +1,8 @@
 """`dsv4 worker`'s work: llama.cpp's `ggml-rpc-server` behind the budget relay, on the address the client is given.
 
-The server (from `dsv4 engine build`) listens on a free loopback port only this machine can reach; the relay
-(`relay.py`) listens on `--host/--port` and enforces `--mem`. RPC has no authentication or encryption: anything
+With `--mem` the server (from `dsv4 engine build`) listens on a free loopback port only this machine can reach
+and the relay (`relay.py`) listens on `--host/--port` and enforces the budget; without, the server listens there
+itself. RPC has no authentication or encryption: anything
 but loopback needs `allow_remote`, and the caller prints the warning.
 """
 
@@ -44,7 +45,7 @@ class WorkerOptions:
 @dataclass
 class RunningWorker:
     process: ServerProcess
-    relay: BudgetRelay
+    relay: BudgetRelay | None  # None without --mem: clients talk to the server itself
     address: str
     budget: int | None
     devices: list[dict[str, object]] = field(default_factory=list)
@@ -69,7 +70,8 @@ class RunningWorker:
         raise RpcError(f"ggml-rpc-server exited with code {code} (log: {self.process.log}): {self.process.log_tail()}")
 
     def stop(self) -> None:
-        self.relay.close()
+        if self.relay is not None:
+            self.relay.close()
         self.process.stop(grace=3.0)
 
 
@@ -84,25 +86,31 @@ def check_worker_options(opts: WorkerOptions) -> None:
 
 
 def start_worker(opts: WorkerOptions, engine: Engine) -> RunningWorker:
-    """Start the server on a private port, wait until it answers HELLO, then open the relay on the public port."""
+    """Start the server and wait until it answers HELLO. With a budget it listens on a private loopback port and
+    the relay takes the public one; without, it listens on the public one itself (nothing in the path)."""
     check_worker_options(opts)
     if opts.port:
         check_port_free(opts.host, opts.port)
-    private = Endpoint("127.0.0.1", free_port())
-    argv = [str(engine.tool("ggml-rpc-server")), "--host", private.host, "--port", str(private.port)]
+    budget = int(opts.mem_gib * GIB) if opts.mem_gib is not None else None
+    if budget is None:
+        server = Endpoint(opts.host, opts.port or free_port(opts.host))
+    else:
+        server = Endpoint("127.0.0.1", free_port())
+    argv = [str(engine.tool("ggml-rpc-server")), "--host", server.host, "--port", str(server.port)]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
-    log = dsv4_home() / "logs" / f"rpc-server-{opts.port or private.port}.log"
+    log = dsv4_home() / "logs" / f"rpc-server-{opts.port or server.port}.log"
     process = ServerProcess(argv, log=log, base_url="")
+    relay = None
     try:
-        _wait_listening(process, private)
-        budget = int(opts.mem_gib * GIB) if opts.mem_gib is not None else None
-        relay = BudgetRelay(Endpoint(opts.host, opts.port), private, budget)
-        threading.Thread(target=relay.serve_forever, daemon=True).start()
+        _wait_listening(process, Endpoint("127.0.0.1", server.port) if server.host in ("0.0.0.0", "::") else server)
+        if budget is not None:
+            relay = BudgetRelay(Endpoint(opts.host, opts.port), server, budget)
+            threading.Thread(target=relay.serve_forever, daemon=True).start()
     except BaseException:
         process.stop(grace=3.0)
         raise
-    address = f"{_reachable_host(opts.host)}:{relay.port}"
+    address = f"{_reachable_host(opts.host)}:{relay.port if relay else server.port}"
     return RunningWorker(process, relay, address, budget, devices=read_devices(log))
 
 
