@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.rpc.protocol import (
     ALLOC_REPLY,
@@ -183,6 +184,9 @@ def test_plan_places_layers_on_both_workers(start_worker, tiny_gguf: Path) -> No
     args = plan.llama_args()
     assert args[:2] == ["--rpc", f"{one.address},{two.address}"]
     assert args[args.index("-ts") + 1] == ",".join(str(n) for n in plan.gpu_layer_counts)
+    data = plan.to_dict()
+    assert LoadParams.from_dict(data["llama"]).rpc == (one.address, two.address)  # a plan file keeps its workers
+    assert [t["endpoint"] for t in data["tiers"][:2]] == [one.address, two.address]
     est = plan.estimates
     dims = plan.source.dims
     # tiny: layers 0-1 (raw window only) on the first worker, 2-3 (CSA, HCA) and the head on the second; each gets
