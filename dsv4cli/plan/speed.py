@@ -10,7 +10,7 @@ from typing import Any
 
 from dsv4cli import hardware
 from dsv4cli.home import dsv4_home
-from dsv4cli.kvcache import CSA_RATIO, HCA_RATIO, attention_flops
+from dsv4cli.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.model import Plan, PlanInputs, flash_attn
 from dsv4cli.units import gib, human_bytes
@@ -131,13 +131,16 @@ def network_per_token(plan: Plan) -> list[tuple[int, float, float]]:
     Each worker's block of layers is one graph split. Per token the client sends it the residual stream (f32,
     `hc` copies of the hidden state) and reads the stream (or, on the head's worker, the logits) back, with one
     round trip for the read; between two workers the stream goes through the client (ggml-rpc copies tensors
-    directly only within one server). The split's graph inputs go too, and for deepseek4 the large ones are the
-    K rotation matrices (head_dim² f32) of each cache kind its layers use: the raw window, and CSA (with its
-    indexer's) and HCA where present. Positions, masks and command headers are left out: `bench/rpc.py` measured
-    the total at 1.2x this figure on the tiny model.
+    directly only within one server). The split's graph inputs go too; the large ones are the K cache's Hadamard
+    rotations, one per cache kind its layers use (raw window; CSA with its indexer; HCA), which llama.cpp builds
+    for a quantized K cache, and for deepseek4 also when the head size equals the indexer's (llama-kv-cache.cpp).
+    Positions, masks and command headers are left out: `bench/rpc.py` measured the total at 1.2x this figure on
+    the tiny model.
     """
     dims = plan.source.dims
     stream = dims.hc * dims.hidden * 4
+    rotating = plan.inputs.kv_type != DEFAULT_KV_TYPE or dims.head_dim == dims.index_head_dim
+    rot, index_rot = (_rotation_bytes(dims.head_dim), _rotation_bytes(dims.index_head_dim)) if rotating else (0, 0)
     first = dims.n_layer + 1 - plan.n_gpu_layers
     workers: dict[str, list[float]] = {}
     for tier, n in zip(plan.tiers, plan.gpu_layer_counts, strict=False):
@@ -146,12 +149,20 @@ def network_per_token(plan: Plan) -> list[tuple[int, float, float]]:
         if tier.kind != "rpc" or not n or not tier.endpoint:
             continue
         ratios = {dims.compress_ratios[i] for i in layers}
-        rotations = (dims.head_dim**2 if layers else 0) + (dims.head_dim**2 if HCA_RATIO in ratios else 0)
-        rotations += dims.head_dim**2 + dims.index_head_dim**2 if CSA_RATIO in ratios else 0
+        rotations = (rot if layers else 0) + (rot if HCA_RATIO in ratios else 0)
+        rotations += rot + index_rot if CSA_RATIO in ratios else 0
         out = dims.vocab * 4 if dims.n_layer in range(first - n, first) else stream
         entry = workers.setdefault(tier.endpoint, [0, tier.rtt_s, tier.net_gbs * 1e9])
-        entry[0] += stream + out + 4 * rotations
+        entry[0] += stream + out + rotations
     return [(int(b), rtt, bw) for b, rtt, bw in workers.values()]
+
+
+def _rotation_bytes(head_dim: int) -> int:
+    """An f32 Hadamard rotation of the largest power of two (at least 64) dividing the head size."""
+    n = 64
+    while head_dim % (n * 2) == 0:
+        n *= 2
+    return n * n * 4
 
 
 def _engram_rows_per_token(facts: dict[str, Any]) -> int:
