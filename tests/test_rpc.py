@@ -208,6 +208,13 @@ def test_chat_refuses_an_rpc_placement(tiny_gguf: Path) -> None:
     assert "dsv4 serve" in (e.value.hint or "")
 
 
+def test_chat_rpc_flag_points_at_serve(dsv4) -> None:
+    result = dsv4("chat", "tiny", "-p", "hi", "--rpc", "127.0.0.1:50052")
+    assert result.code == 1
+    assert "--rpc: chat runs llama.cpp in process" in result.stderr
+    assert "dsv4 serve MODEL --rpc 127.0.0.1:50052" in result.stderr
+
+
 def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False):
     """llama-server with the plan's flags; `local`: the same flags without the workers (one process)."""
     from dataclasses import replace

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, RamOpt, VramOpt, gib_list
+from dsv4cli.cli.options import JsonOpt, RamOpt, RpcOpt, VramOpt, gib_list
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, out, print_json
 
@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
         seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log on stderr.")] = False,
+        rpc: RpcOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
@@ -93,6 +94,11 @@ def register(app: typer.Typer) -> None:
 
         if plan and (vram is not None or ram is not None or ctx is not None):
             raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
+        if rpc:
+            raise UsageError(
+                "--rpc: chat runs llama.cpp in process, which does not load across machines",
+                hint=f"serve it across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
+            )
         if cpu and (vram is not None or plan):
             raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
         if prompt is None and not sys.stdin.isatty():
