@@ -28,12 +28,14 @@ from dsv4cli.rpc.protocol import (
 )
 
 CHUNK = 1 << 20
+# The requests the relay reads whole to act on, by their exact size.
+_INSPECTED = {Cmd.ALLOC_BUFFER: ALLOC_REQUEST.size, Cmd.FREE_BUFFER: U64.size, Cmd.HELLO: CAPS_SIZE}
 
 
 class BudgetRelay:
     """Accepts clients on `listen` and relays each over its own connection to the server at `upstream`."""
 
-    def __init__(self, listen: Endpoint, upstream: Endpoint, budget: int | None) -> None:
+    def __init__(self, listen: Endpoint, upstream: Endpoint, budget: int) -> None:
         self.upstream = upstream
         self.budget = budget
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
@@ -86,7 +88,7 @@ class BudgetRelay:
 
 
 class _Session:
-    def __init__(self, client: socket.socket, upstream: socket.socket, budget: int | None) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, budget: int) -> None:
         self.client, self.upstream, self.budget = client, upstream, budget
         self.buffers: dict[int, int] = {}  # remote_ptr -> size, for FREE_BUFFER
 
@@ -98,14 +100,14 @@ class _Session:
         while True:
             head = recv_exact(self.client, 1 + U64.size)
             cmd, (size,) = head[0], U64.unpack(head[1:])
-            if cmd in (Cmd.ALLOC_BUFFER, Cmd.FREE_BUFFER, Cmd.HELLO):
+            if _INSPECTED.get(cmd) == size:  # another size is the server's to refuse; it is streamed, not held
                 payload = recv_exact(self.client, size)
                 if cmd == Cmd.ALLOC_BUFFER and self._over_budget(payload):
                     self.client.sendall(U64.pack(ALLOC_REPLY.size) + ALLOC_REPLY.pack(0, 0))
                     continue
-                if cmd == Cmd.FREE_BUFFER and size == U64.size:
+                if cmd == Cmd.FREE_BUFFER:
                     self.buffers.pop(U64.unpack(payload)[0], None)
-                if cmd == Cmd.HELLO and size == CAPS_SIZE:
+                if cmd == Cmd.HELLO:
                     payload = bytes(CAPS_SIZE)
                 self.upstream.sendall(head + payload)
             else:
@@ -115,15 +117,13 @@ class _Session:
                 self._reply(cmd)
 
     def _over_budget(self, payload: bytes) -> bool:
-        if self.budget is None or len(payload) != ALLOC_REQUEST.size:
-            return False
         _, size = ALLOC_REQUEST.unpack(payload)
         return self.allocated + size > self.budget
 
     def _reply(self, cmd: int) -> None:
         head = recv_exact(self.upstream, U64.size)
         (size,) = U64.unpack(head)
-        if cmd == Cmd.GET_DEVICE_MEMORY and size == MEMORY_REPLY.size and self.budget is not None:
+        if cmd == Cmd.GET_DEVICE_MEMORY and size == MEMORY_REPLY.size:
             free, total = MEMORY_REPLY.unpack(recv_exact(self.upstream, size))
             left = max(self.budget - self.allocated, 0)
             self.client.sendall(head + MEMORY_REPLY.pack(min(free, left), min(total, self.budget)))
