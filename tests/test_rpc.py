@@ -238,6 +238,20 @@ def _complete(server, n: int = 24, stream: bool = False):
     return urllib.request.urlopen(req, timeout=60)
 
 
+def test_serve_names_an_unreachable_worker_before_starting(engine, tiny_gguf: Path, tmp_path: Path) -> None:
+    from dsv4cli.chat import Placement
+    from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.server.process import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    data = _plan(tiny_gguf).to_dict()
+    data["llama_args"] = ["--rpc", dead, *data["llama_args"]]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(RpcError, match=f"RPC worker {dead} is not reachable"):
+        start_server(str(tiny_gguf), Placement(plan_file=path), ServeOptions(port=0), engine, note=lambda _: None)
+
+
 def test_served_across_two_workers_matches_one_process(engine, start_worker, tiny_gguf: Path, tmp_path: Path) -> None:
     budget = _budget(tiny_gguf)
     workers = [start_worker(mem_gib=budget), start_worker(mem_gib=budget)]
