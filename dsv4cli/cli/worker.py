@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         running = start_worker(opts, engine)
         try:
-            if not running.relay_is_loopback:
+            if running.remote:
                 err.print(f"warning: {REMOTE_WARNING.format(address=running.address)}", markup=False)
             if json_output:
                 sys.stdout.write(json.dumps(running.info()) + "\n")

@@ -61,8 +61,9 @@ class RunningWorker:
         }
 
     @property
-    def relay_is_loopback(self) -> bool:
-        return is_loopback(self.address.rpartition(":")[0])
+    def remote(self) -> bool:
+        """Other machines can reach it: the warning about RPC's missing authentication applies."""
+        return not is_loopback(self.address.rpartition(":")[0].strip("[]"))
 
     def serve_forever(self) -> None:
         """Block while the server runs (the relay serves on its own thread); its exit is an error."""
