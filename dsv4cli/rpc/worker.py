@@ -29,7 +29,7 @@ START_TIMEOUT_S = 30.0
 _DEVICE_LINE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)$")
 REMOTE_WARNING = (
     "llama.cpp's RPC protocol has no authentication and no encryption: anyone who can reach {address} can run "
-    "code-like workloads and read what it computes. Use it on a trusted LAN or through an SSH tunnel only."
+    "graphs on this machine and read their data. Use it on a trusted LAN or through an SSH tunnel only."
 )
 
 
