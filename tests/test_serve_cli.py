@@ -23,6 +23,17 @@ def test_non_loopback_host_needs_a_key(dsv4) -> None:
     assert "refusing to serve without an API key" in result.stderr and "--api-key" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_placement_flags_are_checked_alike(dsv4, command: str, tmp_path: Path, isolated_env: Path) -> None:
+    """chat and serve share the placement flags and their refusals (cli/options.placement), before any work."""
+    plan = tmp_path / "plan.json"
+    result = dsv4(command, "tiny", "--plan", str(plan), "--ctx", "1024")
+    assert result.code == 1 and "--plan already fixes placement and context" in result.stderr
+    result = dsv4(command, "tiny", "--cpu", "--vram", "24")
+    assert result.code == 1 and "--cpu plans no GPU" in result.stderr
+    assert not (isolated_env / "gguf").exists()  # refused before the built-in model was prepared
+
+
 def test_loopback_hosts_need_no_key() -> None:
     from dsv4cli.server.process import is_loopback
 
