@@ -36,8 +36,12 @@ $(VENV)/.installed: pyproject.toml
 
 # llama-server and its tools from the llama.cpp that llama-cpp-python vendors (`dsv4 serve` runs it): about
 # 6 minutes on 2 cores the first time, instant afterwards (cached outside the clone, see `dsv4 engine build`).
+# The CPU build always (the tests serve with it); with GPU= also that backend's, which `dsv4 serve` prefers.
 engine: $(VENV)/.installed
 	$(DSV4) engine build
+ifneq ($(GPU),)
+	$(DSV4) engine build --gpu $(GPU)
+endif
 
 demo: setup
 	$(DSV4) pull tiny

@@ -77,16 +77,17 @@ def complete(base_url: str, tokens: int) -> dict:
 def serve(engine, gguf: Path, plan, folder: Path, name: str, rpc: tuple[str, ...]):
     """llama-server with the plan's flags on the given workers, or with none (one process, same flags)."""
     from dsv4cli.chat import Placement
+    from dsv4cli.model_ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
 
     data = plan.to_dict()
     params = plan.load_params()
     local = replace(params, rpc=(), tensor_split=(), n_gpu_layers=0)
-    data["llama_args"] = (replace(params, rpc=rpc) if rpc else local).cli_args(str(gguf))
+    data["llama"] = (replace(params, rpc=rpc) if rpc else local).to_dict()
     path = folder / f"{name}.json"
     path.write_text(json.dumps(data))
     opts = ServeOptions(port=0, mtp=False, parallel=1, health_timeout=120)
-    return start_server(str(gguf), Placement(plan_file=path), opts, engine, note=lambda _: None)
+    return start_server(resolve_model(str(gguf)), Placement(plan_file=path), opts, engine, note=lambda _: None)
 
 
 def main() -> None:
@@ -98,12 +99,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from dsv4cli.chat import resolve_gguf
+    from dsv4cli.engine.build import find_engine
     from dsv4cli.model_ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan
     from dsv4cli.plan.source import read_gguf
     from dsv4cli.rpc.protocol import Endpoint
     from dsv4cli.rpc.worker import WorkerOptions, start_worker
-    from dsv4cli.server.build import find_engine
 
     engine = find_engine()
     gguf = args.gguf or resolve_gguf(resolve_model("tiny"), note=print)

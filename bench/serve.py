@@ -47,12 +47,12 @@ def api_decode(client, alias: str, tokens: int) -> dict:
     return {"tokens": n, "tps": (n - 1) / (last - first), "timings": timings or {}}
 
 
-def chat_decode(runtime, renderer, tokens: int) -> float:
+def chat_decode(engine, renderer, tokens: int) -> float:
     from dsv4cli.chat import ChatSession
-    from dsv4cli.runtime import SampleOptions
+    from dsv4cli.engine import SampleOptions
 
-    runtime.reset()
-    session = ChatSession(runtime, renderer, options=SampleOptions(max_tokens=tokens, temp=0))
+    engine.reset()
+    session = ChatSession(engine, renderer, options=SampleOptions(max_tokens=tokens, temp=0))
     list(session.send(PROMPT))
     return session.last.stats.decode_tps
 
@@ -91,30 +91,32 @@ def growing_conversation(client, alias: str, turns: int, first_tokens: int = 150
 
 
 def serve(gguf: Path, placement, *, mtp: bool = True):
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
+    from dsv4cli.model_ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
 
     engine = build_engine("cpu").engine
     opts = ServeOptions(port=0, alias="bench", mtp=mtp)
-    return start_server(str(gguf), placement, opts, engine, note=lambda m: print(m, file=sys.stderr))
+    return start_server(resolve_model(str(gguf)), placement, opts, engine, note=lambda m: print(m, file=sys.stderr))
 
 
 def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
     import openai
 
     from dsv4cli.chat import Placement, open_chat
+    from dsv4cli.model_ref import resolve_model
 
     server = serve(gguf, Placement(ctx=args.ctx))
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
-        loaded = open_chat(str(gguf), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
+        loaded = open_chat(resolve_model(str(gguf)), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
         api_decode(client, "bench", 16)  # warm-up both paths
-        chat_decode(loaded.runtime, loaded.renderer, 16)
+        chat_decode(loaded.engine, loaded.renderer, 16)
         api, chat = [], []
         for _ in range(args.repeats):
             api.append(api_decode(client, "bench", args.tokens)["tps"])
-            chat.append(chat_decode(loaded.runtime, loaded.renderer, args.tokens))
-        loaded.runtime.close()
+            chat.append(chat_decode(loaded.engine, loaded.renderer, args.tokens))
+        loaded.engine.close()
         ratio = statistics.median(api) / statistics.median(chat)
         print(
             f"decode: dsv4 serve (OpenAI API, streamed) {statistics.median(api):.1f} tok/s vs in-process dsv4 chat "
@@ -123,7 +125,7 @@ def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
         )
         rows = growing_conversation(client, "bench", args.turns)
     finally:
-        server.process.stop()
+        server.stop()
     for row in rows:
         print(
             f"  turn {row['turn']}: TTFT {row['ttft_s'] * 1000:.0f} ms, prompt {row['prompt_tokens']} tokens, "
@@ -141,10 +143,11 @@ def bench_mtp(args: argparse.Namespace) -> None:
 
     from dsv4cli.chat import Placement, resolve_gguf
     from dsv4cli.home import models_dir
+    from dsv4cli.model_ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from quant.convert import QuantOptions, quantize_checkpoint
 
-    tiny = resolve_gguf("tiny", note=lambda m: None)
+    tiny = resolve_gguf(resolve_model("tiny"), note=lambda m: None)
     mtp_gguf = tiny.with_name("tiny-mtp-bench.gguf")
     if not mtp_gguf.exists():
         quantize_checkpoint(models_dir() / "tiny", mtp_gguf, QuantOptions(mtp=True))
@@ -161,7 +164,7 @@ def bench_mtp(args: argparse.Namespace) -> None:
             api_decode(client, "bench", 16)
             results[drafting] = [api_decode(client, "bench", args.tokens) for _ in range(args.repeats)]
         finally:
-            server.process.stop()
+            server.stop()
     off = statistics.median(r["tps"] for r in results[False])
     on = statistics.median(r["tps"] for r in results[True])
     drafted = sum(r["timings"].get("draft_n", 0) for r in results[True])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.server import build
+from dsv4cli.engine import build
 
 FAKE_SERVER = r"""
 #include <stdio.h>

@@ -18,6 +18,7 @@ import pytest
 
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
+from dsv4cli.model_ref import resolve_model
 from dsv4cli.rpc.protocol import (
     ALLOC_REPLY,
     ALLOC_REQUEST,
@@ -39,7 +40,7 @@ CTX, UBATCH = 1024, 64
 
 @pytest.fixture(scope="module")
 def engine():
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
 
     return build_engine("cpu").engine
 
@@ -224,12 +225,11 @@ def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False
 
     data = plan.to_dict()
     if local:
-        params = replace(plan.load_params(), rpc=(), tensor_split=(), n_gpu_layers=0)
-        data["llama_args"] = params.cli_args(str(tiny_gguf))
+        data["llama"] = replace(plan.load_params(), rpc=(), tensor_split=(), n_gpu_layers=0).to_dict()
     path = tmp_path / f"plan-{'local' if local else 'rpc'}.json"
     path.write_text(json.dumps(data))
     opts = ServeOptions(port=0, mtp=False, parallel=1, health_timeout=60)
-    return start_server(str(tiny_gguf), Placement(plan_file=path), opts, engine, note=lambda _: None)
+    return start_server(resolve_model(str(tiny_gguf)), Placement(plan_file=path), opts, engine, note=lambda _: None)
 
 
 def _complete(server, n: int = 24, stream: bool = False):
@@ -245,11 +245,12 @@ def test_serve_names_an_unreachable_worker_before_starting(engine, tiny_gguf: Pa
 
     dead = f"127.0.0.1:{free_port()}"
     data = _plan(tiny_gguf).to_dict()
-    data["llama_args"] = ["--rpc", dead, *data["llama_args"]]
+    data["llama"]["rpc"] = [dead]
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
+    ref = resolve_model(str(tiny_gguf))
     with pytest.raises(RpcError, match=f"RPC worker {dead} is not reachable"):
-        start_server(str(tiny_gguf), Placement(plan_file=path), ServeOptions(port=0), engine, note=lambda _: None)
+        start_server(ref, Placement(plan_file=path), ServeOptions(port=0), engine, note=lambda _: None)
 
 
 def test_served_across_two_workers_matches_one_process(engine, start_worker, tiny_gguf: Path, tmp_path: Path) -> None:

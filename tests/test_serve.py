@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dsv4cli.model_ref import resolve_model
+
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
@@ -35,7 +37,7 @@ WEATHER_TOOL = {
 
 @pytest.fixture(scope="module")
 def engine():
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
 
     return build_engine("cpu").engine
 
@@ -48,11 +50,11 @@ def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("serve-home")))
         opts = ServeOptions(port=0, api_key=KEY, alias=ALIAS, health_timeout=120)
-        running = start_server(str(tiny_gguf), Placement(ctx=4096), opts, engine, note=lambda _: None)
+        running = start_server(resolve_model(str(tiny_gguf)), Placement(ctx=4096), opts, engine, note=lambda _: None)
         try:
             yield running
         finally:
-            running.process.stop()
+            running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,24 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dsv4cli.model_ref import resolve_model
+
 
 def test_non_loopback_host_needs_a_key(dsv4) -> None:
     result = dsv4("serve", "tiny", "--host", "0.0.0.0")
     assert result.code == 1
     assert "refusing to serve without an API key" in result.stderr and "--api-key" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_placement_flags_are_checked_alike(dsv4, command: str, tmp_path: Path, isolated_env: Path) -> None:
+    """chat and serve share the placement flags and their refusals (cli/options.placement), before any work."""
+    plan = tmp_path / "plan.json"
+    result = dsv4(command, "tiny", "--plan", str(plan), "--ctx", "1024")
+    assert result.code == 1 and "--plan already fixes placement and context" in result.stderr
+    result = dsv4(command, "tiny", "--cpu", "--vram", "24")
+    assert result.code == 1 and "--cpu plans no GPU" in result.stderr
+    assert not (isolated_env / "gguf").exists()  # refused before the built-in model was prepared
 
 
 def test_loopback_hosts_need_no_key() -> None:
@@ -29,7 +42,7 @@ def test_loopback_hosts_need_no_key() -> None:
 
 
 def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
 
     build_engine("cpu")
     with socket.socket() as taken:
@@ -43,7 +56,7 @@ def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
 
 def _start(python: str, gguf: Path, home: Path) -> tuple[subprocess.Popen, dict]:
     """`dsv4 serve --json` in its own process; returns it and its first stdout line (base_url, pid)."""
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
 
     build_engine("cpu")
     proc = subprocess.Popen(
@@ -76,14 +89,24 @@ def _gone(pid: int, timeout: float = 15) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_stopping_dsv4_leaves_no_server(python: str, tiny_gguf: Path, tmp_path: Path, sig: signal.Signals) -> None:
+def test_stopping_dsv4_leaves_no_server(
+    python: str, tiny_gguf: Path, tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsv4cli.server.records import running_servers
+
     proc, info = _start(python, tiny_gguf, tmp_path / "home")
     server = psutil.Process(info["pid"])
     assert server.is_running() and "llama-server" in server.name()
     assert info["base_url"].startswith("http://127.0.0.1:") and info["model"] == str(tiny_gguf)
+    monkeypatch.setenv("DSV4_HOME", str(tmp_path / "home"))
+    (record,) = running_servers()  # what `dsv4 rm` checks before deleting a model
+    assert record["pid"] == proc.pid and record["files"] == [str(tiny_gguf.resolve())]
+    assert record["url"] == info["base_url"] + "/v1" and record["model"] == str(tiny_gguf)
     proc.send_signal(sig)  # SIGKILL: dsv4 cannot clean up; the kernel's parent-death signal stops the server
     proc.wait(30)
     assert _gone(info["pid"]), f"llama-server {info['pid']} outlived dsv4 ({sig.name})"
+    assert running_servers() == []  # removed on a clean stop; after SIGKILL left behind but stale (pid dead)
+    assert len(list((tmp_path / "home" / "run").glob("serve-*.json"))) == (sig == signal.SIGKILL)
     if sig != signal.SIGKILL:
         assert proc.returncode in (0, 143)
 
@@ -103,12 +126,12 @@ def test_server_that_fails_to_start_reports_its_log(dsv4, tiny_gguf: Path, tmp_p
 
 def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
     from dsv4cli.chat import Placement
-    from dsv4cli.server.build import Engine
+    from dsv4cli.engine.build import ServerBinary
     from dsv4cli.server.launch import ServeOptions, server_argv
     from dsv4cli.server.model import plan_model
 
-    planned = plan_model(str(tiny_gguf), Placement(ctx=1024), note=lambda _: None)
-    engine = Engine(server=Path("/opt/llama-server"), version="test", gpu="cpu")
+    planned = plan_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
+    engine = ServerBinary(server=Path("/opt/llama-server"), version="test", gpu="cpu")
     argv = server_argv(engine, planned, ServeOptions(api_key="s3cret", think=True), alias="tiny", port=9)
     assert argv[0] == "/opt/llama-server" and argv[1:3] == ["-m", str(tiny_gguf)]
     assert argv[argv.index("-c") + 1] == "1024"  # the plan's own flags, in this llama-server's spelling

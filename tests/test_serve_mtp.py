@@ -7,25 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from dsv4cli.model_ref import resolve_model
+
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    from quant.convert import QuantOptions, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("tiny-mtp") / "tiny-mtp.gguf"
-    quantize_checkpoint(tiny_checkpoint, out, QuantOptions(mtp=True))
-    return out
-
-
-@pytest.fixture(scope="module")
 def sibling_plan(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plan of the same model without the MTP block (`--plan FILE`: serve re-points its `-m`).
-
-    `make_plan` cannot yet place a GGUF with the block (the MTP layer's trunk tensors index past block_count -
-    nextn in plan._group), so the MTP server is placed with its sibling's plan.
-    """
+    """The plan of the same model without the MTP block: it places the MTP file alike (the block is skipped,
+    tests/test_plan.py), and `--plan FILE` naming another GGUF checks that serve re-points its `-m`."""
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
 
     path = tmp_path_factory.mktemp("mtp-plan") / "plan.json"
@@ -36,37 +26,39 @@ def sibling_plan(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from dsv4cli.chat import Placement
-    from dsv4cli.server.build import build_engine
+    from dsv4cli.engine.build import build_engine
     from dsv4cli.server.launch import ServeOptions, start_server
 
     engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("serve-mtp-home")))
         opts = ServeOptions(port=0, alias="tiny-mtp", health_timeout=120)
-        running = start_server(str(mtp_gguf), Placement(plan_file=sibling_plan), opts, engine, note=lambda _: None)
+        running = start_server(
+            resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), opts, engine, note=lambda _: None
+        )
         try:
             yield running
         finally:
-            running.process.stop()
+            running.stop()
 
 
 def test_nextn_block_is_detected(mtp_gguf: Path, tiny_gguf: Path, sibling_plan: Path) -> None:
     from dsv4cli.chat import Placement
     from dsv4cli.server.model import plan_model
 
-    planned = plan_model(str(mtp_gguf), Placement(plan_file=sibling_plan), note=lambda _: None)
+    planned = plan_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
     assert planned.has_mtp and planned.llama_args[:2] == ["-m", str(mtp_gguf)]
-    assert not plan_model(str(tiny_gguf), Placement(ctx=1024), note=lambda _: None).has_mtp
+    assert not plan_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None).has_mtp
 
 
 def test_no_mtp_flag_turns_drafting_off(mtp_gguf: Path, sibling_plan: Path) -> None:
     from dsv4cli.chat import Placement
-    from dsv4cli.server.build import Engine
+    from dsv4cli.engine.build import ServerBinary
     from dsv4cli.server.launch import ServeOptions, server_argv
     from dsv4cli.server.model import plan_model
 
-    planned = plan_model(str(mtp_gguf), Placement(plan_file=sibling_plan), note=lambda _: None)
-    engine = Engine(server=Path("llama-server"), version="test", gpu="cpu")
+    planned = plan_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
+    engine = ServerBinary(server=Path("llama-server"), version="test", gpu="cpu")
     on = server_argv(engine, planned, ServeOptions(), alias="m", port=1)
     off = server_argv(engine, planned, ServeOptions(mtp=False), alias="m", port=1)
     assert on[on.index("--spec-type") + 1] == "draft-mtp"

@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, ModelArg, RpcOpt
-from dsv4cli.errors import UsageError
-from dsv4cli.ui import err, out
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
+from dsv4cli.ui import note, out
 
 if TYPE_CHECKING:
     from dsv4cli.server.launch import RunningServer
@@ -23,10 +22,6 @@ Examples:
   dsv4 serve deepseek-v4-flash --vram 24 --ram 128 --ctx 32768 --port 8000
   dsv4 serve model.gguf --plan plan.json --host 0.0.0.0 --api-key-file ~/.dsv4-key
   dsv4 serve tiny --port 0 --json                  # any free port; one JSON line with base_url and pid"""
-
-
-def _note(message: str) -> None:
-    err.print(message, markup=False)
 
 
 def _snippet(server: RunningServer, keyed: bool) -> str:
@@ -61,10 +56,11 @@ def register(app: typer.Typer) -> None:
         parallel: Annotated[
             int | None, typer.Option("--parallel", min=1, help="Request slots (default: llama-server's, 4).")
         ] = None,
-        plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")] = None,
-        vram: Annotated[float | None, typer.Option("--vram", help="GPU memory budget in GiB.")] = None,
-        ram: Annotated[float | None, typer.Option("--ram", help="Host RAM budget in GiB.")] = None,
-        ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens (all slots).")] = None,
+        plan: PlanFileOpt = None,
+        vram: VramOpt = None,
+        ram: RamOpt = None,
+        cpu: CpuOpt = False,
+        ctx: CtxOpt = None,
         engine_bin: Annotated[
             Path | None, typer.Option("--engine-bin", help="llama-server to run (default: `dsv4 engine build`'s).")
         ] = None,
@@ -72,17 +68,13 @@ def register(app: typer.Typer) -> None:
         json_output: JsonOpt = False,
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
-        from dsv4cli.chat import Placement
+        from dsv4cli.engine.build import find_engine
+        from dsv4cli.model_ref import resolve_model
         from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
-        from dsv4cli.rpc.protocol import parse_endpoints
-        from dsv4cli.server.build import find_engine
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError
 
-        if plan and (vram is not None or ram is not None or ctx is not None):
-            raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
-        if plan and rpc:
-            raise UsageError("--plan already names its RPC workers; drop --rpc or the plan")
+        where = placement(plan, vram, ram, ctx, cpu, rpc)
         opts = ServeOptions(
             host=host,
             port=port,
@@ -95,13 +87,11 @@ def register(app: typer.Typer) -> None:
         )
         check_access(opts)  # before the engine and the model: the cheapest refusal first
         engine = find_engine(engine_bin)
-        vram_gib = None if vram is None else (vram,)
-        endpoints = parse_endpoints(rpc) if rpc else ()
-        placement = Placement(plan_file=plan, vram_gib=vram_gib, ram_gib=ram, ctx=ctx, rpc=endpoints)
+        ref = resolve_model(model)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C: the server stops
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it (`&`)
-        _note(f"starting llama-server {engine.version} ...")
-        server = start_server(model, placement, opts, engine, note=_note)
+        note(f"starting llama-server {engine.version} ...")
+        server = start_server(ref, where, opts, engine, note=note)
         try:
             if json_output:
                 sys.stdout.write(json.dumps(server.info()) + "\n")
@@ -109,20 +99,20 @@ def register(app: typer.Typer) -> None:
             else:
                 _announce(server, keyed=bool(api_key or api_key_file))
             code = server.process.wait()
-            rpc = rpc_endpoints(server.argv)
-            if rpc and (lost := lost_worker_error(server.process.log, rpc)):
+            workers = rpc_endpoints(server.argv)
+            if workers and (lost := lost_worker_error(server.process.log, workers)):
                 raise lost
             raise ServerError(
                 f"llama-server exited with code {code} (log: {server.process.log}): {server.process.log_tail()}"
             )
         except KeyboardInterrupt:
-            _note("stopping llama-server")
+            note("stopping llama-server")
         finally:
-            server.process.stop()
+            server.stop()
 
 
 def _announce(server: RunningServer, *, keyed: bool) -> None:
     mtp = ", MTP drafting" if server.info()["mtp"] else ""
     out.print(f"serving {server.alias} ({server.model.gguf.name}{mtp}) at {server.base_url}/v1", markup=False)
     out.print(_snippet(server, keyed), markup=False)
-    _note(f"llama-server pid {server.process.pid}, log {server.process.log}; Ctrl-C to stop")
+    note(f"llama-server pid {server.process.pid}, log {server.process.log}; Ctrl-C to stop")

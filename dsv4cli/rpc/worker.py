@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv4cli.engine.build import ServerBinary
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.rpc.protocol import Endpoint, RpcError, probe
 from dsv4cli.rpc.relay import BudgetRelay
-from dsv4cli.server.build import Engine
 from dsv4cli.server.process import ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.units import GIB
 
@@ -86,7 +86,7 @@ def check_worker_options(opts: WorkerOptions) -> None:
         )
 
 
-def start_worker(opts: WorkerOptions, engine: Engine) -> RunningWorker:
+def start_worker(opts: WorkerOptions, engine: ServerBinary) -> RunningWorker:
     """Start the server and wait until it answers HELLO. With a budget it listens on a private loopback port and
     the relay takes the public one; without, it listens on the public one itself (nothing in the path)."""
     check_worker_options(opts)

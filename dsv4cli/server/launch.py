@@ -12,11 +12,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dsv4cli.chat import Placement
+from dsv4cli.engine.build import ServerBinary, tool_template
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
-from dsv4cli.server.build import Engine, cpu_signature, tool_template
+from dsv4cli.model_ref import ModelRef
 from dsv4cli.server.model import PlannedModel, plan_model
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
+from dsv4cli.server.records import remove_record, write_record
+from quant.gguf_set import complete_split_set
 
 # The marker of a template that renders OpenAI `tools` and parses V4 tool calls (llama.cpp common/chat.cpp
 # picks its DeepSeek V3.2/V4 handler on it).
@@ -43,6 +46,12 @@ class RunningServer:
     alias: str
     base_url: str
     argv: list[str]
+    record: Path  # what `dsv4 rm` reads to keep this model (`records.py`)
+
+    def stop(self) -> None:
+        """Stop llama-server, then drop the record: the files are free once no process maps them."""
+        self.process.stop()
+        remove_record(self.record)
 
     def info(self) -> dict[str, object]:
         """What scripts need: where to connect and which process to watch."""
@@ -69,12 +78,7 @@ def check_access(opts: ServeOptions) -> None:
         )
 
 
-def repack_args() -> list[str]:
-    """`--no-repack` where llama.cpp's CPU weight repacking breaks deepseek4 tensors (AMX CPUs), else nothing."""
-    return ["--no-repack"] if "amx_tile" in cpu_signature().split() else []
-
-
-def server_argv(engine: Engine, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int) -> list[str]:
+def server_argv(engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int) -> list[str]:
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
     argv += ["--jinja", "--reasoning-format", "deepseek", "--reasoning", "on" if opts.think else "off"]
@@ -88,11 +92,11 @@ def server_argv(engine: Engine, model: PlannedModel, opts: ServeOptions, *, alia
         argv += ["--parallel", str(opts.parallel)]
     if opts.api_key_file is not None:
         argv += ["--api-key-file", str(opts.api_key_file)]
-    return argv + repack_args()
+    return argv
 
 
 def start_server(
-    model: str, placement: Placement, opts: ServeOptions, engine: Engine, *, note: Callable[[str], None]
+    ref: ModelRef, placement: Placement, opts: ServeOptions, engine: ServerBinary, *, note: Callable[[str], None]
 ) -> RunningServer:
     """Check access and port, plan the model, start llama-server and return once it answers /health.
 
@@ -102,23 +106,31 @@ def start_server(
     check_access(opts)
     port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
     check_port_free(opts.host, port)
-    planned = plan_model(model, placement, note=note)
-    alias = opts.alias or model
+    planned = plan_model(ref, placement, note=note)
+    alias = opts.alias or ref.text
     url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     url_host = f"[{url_host}]" if ":" in url_host else url_host
     base_url = f"http://{url_host}:{port}"
+    record = write_record(complete_split_set(planned.gguf), url=f"{base_url}/v1", model=alias)
     try:
-        return _launch(engine, planned, opts, alias=alias, port=port, base_url=base_url)
-    except ServerError as e:
-        if not (opts.mtp and planned.has_mtp):
-            raise
-        note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
-        return _launch(engine, planned, replace(opts, mtp=False), alias=alias, port=port, base_url=base_url)
+        try:
+            process, argv = _launch(engine, planned, opts, port=port, base_url=base_url, alias=alias)
+        except ServerError as e:
+            if not (opts.mtp and planned.has_mtp):
+                raise
+            note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
+            process, argv = _launch(
+                engine, planned, replace(opts, mtp=False), port=port, base_url=base_url, alias=alias
+            )
+    except BaseException:
+        remove_record(record)
+        raise
+    return RunningServer(process=process, model=planned, alias=alias, base_url=base_url, argv=argv, record=record)
 
 
 def _launch(
-    engine: Engine, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
-) -> RunningServer:
+    engine: ServerBinary, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
+) -> tuple[ServerProcess, list[str]]:
     argv = server_argv(engine, planned, opts, alias=alias, port=port)
     env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
@@ -128,4 +140,4 @@ def _launch(
     except BaseException:
         process.stop()
         raise
-    return RunningServer(process=process, model=planned, alias=alias, base_url=base_url, argv=argv)
+    return process, argv

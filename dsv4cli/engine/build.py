@@ -20,16 +20,16 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
+from dsv4cli.engine.logs import log_tail
 from dsv4cli.errors import Dsv4Error
-from dsv4cli.server.logs import log_tail
+from dsv4cli.hardware import cpu_flags
+from dsv4cli.safe_paths import folder_lock
 
 PACKAGE = "llama-cpp-python"
 TARGETS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-perplexity")
@@ -65,7 +65,7 @@ class EngineError(Dsv4Error, RuntimeError):
 
 
 @dataclass(frozen=True)
-class Engine:
+class ServerBinary:
     """A usable llama-server: where it is and what it says about itself."""
 
     server: Path
@@ -95,13 +95,8 @@ def llama_cpp_python_version() -> str:
 
 def cpu_signature() -> str:
     """The CPU's feature flags: a native build uses them, so another CPU needs another build."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()} {platform.processor()}"
+    flags = cpu_flags()
+    return " ".join(sorted(flags)) if flags else f"{platform.system()} {platform.machine()} {platform.processor()}"
 
 
 def cmake_flags(gpu: str) -> list[str]:
@@ -119,17 +114,17 @@ def build_key(gpu: str) -> str:
     return f"llama.cpp-py{llama_cpp_python_version()}-{gpu}-{digest}"
 
 
-def installed_engine(gpu: str | None = None) -> Engine | None:
+def installed_engine(gpu: str | None = None) -> ServerBinary | None:
     """The cached build for `gpu` (or the preferred one among those cached), or None when none is built."""
     for name in [gpu] if gpu else GPU_PREFERENCE:
         manifest = engine_cache() / build_key(name) / "engine.json"
         if manifest.is_file():
             info = json.loads(manifest.read_text())
-            return Engine(server=manifest.parent / "bin" / SERVER, version=info["version"], gpu=name)
+            return ServerBinary(server=manifest.parent / "bin" / SERVER, version=info["version"], gpu=name)
     return None
 
 
-def check_binary(path: Path) -> Engine:
+def check_binary(path: Path) -> ServerBinary:
     """Accept a user-supplied llama-server once `--version` says it is one (a fork or a GPU build they have)."""
     path = path.expanduser()
     if not path.is_file() or not os.access(path, os.X_OK):
@@ -145,10 +140,10 @@ def check_binary(path: Path) -> Engine:
             f"{path} does not look like llama-server (`--version` said: {text.strip()[-200:] or 'nothing'})",
             hint="pass a llama.cpp llama-server binary, or unset DSV4_ENGINE_BIN to use `dsv4 engine build`'s",
         )
-    return Engine(server=path, version=found.group(1).strip(), gpu=None)
+    return ServerBinary(server=path, version=found.group(1).strip(), gpu=None)
 
 
-def find_engine(engine_bin: Path | None = None, gpu: str | None = None) -> Engine:
+def find_engine(engine_bin: Path | None = None, gpu: str | None = None) -> ServerBinary:
     """The llama-server to run: `--engine-bin`, else `$DSV4_ENGINE_BIN`, else the cached build."""
     explicit = engine_bin or (Path(os.environ["DSV4_ENGINE_BIN"]) if os.environ.get("DSV4_ENGINE_BIN") else None)
     if explicit is not None:
@@ -273,7 +268,7 @@ def _ninja(cmd: list[str], log: Path, on_step: Callable[[int, int], None]) -> No
 
 @dataclass(frozen=True)
 class BuildResult:
-    engine: Engine
+    engine: ServerBinary
     path: Path
     seconds: float
     cached: bool
@@ -293,7 +288,7 @@ def build_engine(
     key = build_key(gpu)
     final = cache / key
     (cache / "locks").mkdir(parents=True, exist_ok=True)
-    with _locked(cache / "locks" / f"{key}.lock", on_stage):
+    with _locked(cache / "locks", f"{key}.lock", on_stage):
         engine = installed_engine(gpu)
         if engine is not None:
             return BuildResult(engine, final, time.monotonic() - start, cached=True)
@@ -304,7 +299,7 @@ def build_engine(
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
         on_stage("fetching the llama-cpp-python sdist")
-        with _locked(cache / "locks" / "source.lock", on_stage):  # shared by the builds of every backend
+        with _locked(cache / "locks", "source.lock", on_stage):  # shared by the builds of every backend
             source = unpack_sdist(fetch_sdist(cache, log), cache)
         build = cache / "build" / key
         if not (build / "build.ninja").is_file():
@@ -317,22 +312,12 @@ def build_engine(
     return BuildResult(engine, final, time.monotonic() - start, cached=False)
 
 
-@contextmanager
-def _locked(path: Path, on_stage: Callable[[str], None]) -> Iterator[None]:
-    """Hold `path`'s lock, saying so when another dsv4 process has it (two builds never write the same folder)."""
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        on_stage("waiting for another dsv4 engine build")
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+def _locked(folder: Path, name: str, on_stage: Callable[[str], None]) -> AbstractContextManager[None]:
+    """Hold folder/name's lock, saying so when another dsv4 process has it (two builds never write one folder)."""
+    return folder_lock(folder, name, what="dsv4 engine build", on_wait=on_stage)
 
 
-def _install(build: Path, final: Path, gpu: str, flags: list[str]) -> Engine:
+def _install(build: Path, final: Path, gpu: str, flags: list[str]) -> ServerBinary:
     """Copy the binaries into a temporary folder, check the server runs, write the manifest, rename into place."""
     _clear_stale(final.parent, f".{final.name}.tmp-*")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -349,4 +334,4 @@ def _install(build: Path, final: Path, gpu: str, flags: list[str]) -> Engine:
     (tmp / "engine.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return Engine(server=final / "bin" / SERVER, version=engine.version, gpu=gpu)
+    return ServerBinary(server=final / "bin" / SERVER, version=engine.version, gpu=gpu)
