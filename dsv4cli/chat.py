@@ -285,13 +285,15 @@ def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
     return Path(quantize(ref, output=None, options=QuantOptions()).outputs[0])
 
 
-def load_params(gguf: Path, placement: Placement) -> LoadParams:
-    """The load parameters from a plan file, or from a plan made now for the given budgets."""
+def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None] | None = None) -> LoadParams:
+    """The load parameters from a plan file (checked; `note` hears of values adapted to this machine), or from a
+    plan made now for the given budgets."""
     from dsv4cli.model_ref import ModelRef
-    from dsv4cli.plan import PlanInputs, load_plan, make_plan
+    from dsv4cli.plan import PlanInputs, make_plan
+    from dsv4cli.plan.schema import load_plan_params
 
     if placement.plan_file:
-        return LoadParams.from_dict(load_plan(placement.plan_file)["llama"])
+        return load_plan_params(placement.plan_file, note=note)
     vram = () if placement.cpu else placement.vram_gib
     inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
     return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
@@ -311,5 +313,5 @@ def open_chat(ref: ModelRef | None, placement: Placement, *, verbose: bool, note
 
     gguf = resolve_gguf(ref, note=note)
     renderer = prompt_renderer(gguf)
-    engine = LlamaEngine(gguf, load_params(gguf, placement), verbose=verbose)
+    engine = LlamaEngine(gguf, load_params(gguf, placement, note=note), verbose=verbose)
     return LoadedChat(engine=engine, renderer=renderer, gguf=gguf)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, RamOpt, VramOpt, gib_list
+from dsv4cli.cli.options import CtxOpt, JsonOpt, RamOpt, VramOpt, gib_list
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, out, print_json
 
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         vram: VramOpt = None,
         ram: RamOpt = None,
         cpu: Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")] = False,
-        ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")] = None,
+        ctx: CtxOpt = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
         temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
