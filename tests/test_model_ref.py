@@ -57,9 +57,9 @@ def test_load_params_round_trip_and_cli_args() -> None:
     assert LoadParams.from_dict({}).use_extra_bufts is None  # decided at load (llama_lib.use_extra_bufts)
     with pytest.raises(UsageError, match="use_extra_bufts"):
         LoadParams.from_dict({"use_extra_bufts": "no"})
-    with pytest.raises(UsageError, match="type_k and llama.type_v must be equal"):
+    with pytest.raises(UsageError, match=r"type_k and llama\.type_v must be equal"):
         LoadParams.from_dict({"type_k": "f16", "type_v": "q8_0"})
-    with pytest.raises(UsageError, match="llama.type_k is q4; expected one of f16, q8_0"):
+    with pytest.raises(UsageError, match=r"llama\.type_k is q4; expected one of f16, q8_0"):
         LoadParams.from_dict({"type_k": "q4", "type_v": "q4"})
 
 
