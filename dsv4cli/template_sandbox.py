@@ -44,6 +44,7 @@ class TemplateSandbox:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal interrupts the chat, not the template's process
         )
         self._call({"template": self.template}, "compile")
 
@@ -65,6 +66,9 @@ class TemplateSandbox:
             if isinstance(e, TimeoutError):
                 raise TemplateFailure(f"{what} took longer than {self.seconds:g} s") from e
             raise TemplateFailure(f"{what} failed: the template process ended (out of memory?)") from e
+        except BaseException:  # Ctrl-C while waiting: its late reply must not answer the next request
+            self.close()
+            raise
         if reply is None:
             self.close()
             raise TemplateFailure(f"{what} failed: the template process ended (out of memory?)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -30,10 +29,11 @@ class TerminalUI:
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
 
+        from dsv4cli.chat import load_history
+
         self._readline = readline
         self._history = history_file
-        with contextlib.suppress(OSError):
-            readline.read_history_file(history_file)
+        load_history(readline, history_file)
 
     def read_line(self) -> str:
         return input("> ")
@@ -54,10 +54,9 @@ class TerminalUI:
         _note(message)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._history.parent.mkdir(parents=True, exist_ok=True)
-            self._readline.set_history_length(1000)
-            self._readline.write_history_file(self._history)
+        from dsv4cli.chat import save_history
+
+        save_history(self._readline, self._history)
 
 
 def _note(message: str) -> None:
