@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 RECIPE_KEYS = {"experts": "dsv4.experts", "dense": "dsv4.dense"}
 SOURCE_KEY = "dsv4.source"
 TOKENIZER_PREFIX = "tokenizer."
+HINT = "the GGUF is damaged or not DeepSeek V4; download it again or re-create it with `dsv4 quantize`"
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,31 @@ def read_recipe(path: Path) -> dict[str, str] | None:
     except QuantError:
         return None
     return recipe_of(header.fields)
+
+
+def check_facts(facts: dict[str, Any], keys: dict[str, str], path: Path) -> None:
+    """Architecture facts read from a GGUF (under their config.json names; `keys` maps them back to GGUF keys for
+    messages) within the bounds a config.json gets (`quant.config.INTS`), before any of them sizes a plan.
+
+    Raises PlanError naming the file and the GGUF key.
+    """
+    from quant.config import INT_LISTS, INTS
+    from quant.files import shown
+
+    def bad(name: str, what: str) -> PlanError:
+        key = keys.get(name, name)
+        return PlanError(f"{path}: {key} must be {what}, got {shown(facts[name], 60)}", hint=HINT)
+
+    for name, value in facts.items():
+        if name in INTS:
+            low, high = INTS[name]
+            if type(value) is not int or not low <= value <= high:
+                raise bad(name, f"an integer in [{low}, {high}]")
+        elif name in INT_LISTS:
+            ok = isinstance(value, list) and len(value) <= (1 << 10)
+            if not ok or not all(type(v) is int and 0 <= v < (1 << 16) for v in value):
+                raise bad(name, "a list of small non-negative integers")
+    if facts.get("num_experts_per_tok", 0) > facts.get("n_routed_experts", 1 << 30):
+        raise bad("num_experts_per_tok", "at most the expert count")
+    if len(facts.get("compress_ratios", [])) < facts.get("num_hidden_layers", 0):
+        raise bad("compress_ratios", "an array with an entry per layer")

@@ -65,6 +65,8 @@ class PromptRenderer:
             )
         except TemplateFailure as e:
             raise self._error(e) from e
+        if not text:  # llama.cpp asserts on a prompt of no tokens
+            raise self._error(TemplateFailure("it rendered an empty prompt"))
         fork_at = len(text) - len(THINK_OPEN) if thinking and text.endswith(THINK_OPEN) else None
         return ChatPrompt(text=text, fork_at=fork_at)
 

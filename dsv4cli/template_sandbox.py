@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 RENDER_SECONDS = 10.0
-MEMORY_BYTES = 2 << 30
-MAX_OUTPUT_CHARS = 16 << 20  # a prompt longer than this cannot fit any context llama.cpp runs
+MEMORY_BYTES = 1 << 30
+MAX_OUTPUT_CHARS = 8 << 20  # about 2M tokens: twice the longest context of DeepSeek V4
 RECURSION_LIMIT = 1000
 
 
@@ -149,7 +149,7 @@ def _serve() -> None:
             else:
                 reply = {"text": _render(template, request["variables"])}
         except MemoryError:
-            reply = {"error": f"it needs more than {MEMORY_BYTES >> 30} GiB of memory", "fatal": True}
+            reply = {"error": f"it needs more than {MEMORY_BYTES >> 20} MiB of memory", "fatal": True}
         except RecursionError:
             reply = {"error": "it recurses too deeply"}
         except Exception as e:  # any failure of a stranger's template is reported, never raised
