@@ -30,12 +30,17 @@ class TemplateFailure(Exception):
 
 
 class TemplateSandbox:
-    """A compiled template in its child process; `render(**variables)` returns the text or raises TemplateFailure."""
+    """A template compiled in its child process; `render(**variables)` returns the text or raises TemplateFailure.
+
+    The child starts and compiles while the caller goes on (loading the model), so its start costs no latency;
+    a compile error is reported by the first render.
+    """
 
     def __init__(self, template: str, *, seconds: float = RENDER_SECONDS) -> None:
         self.template = template
         self.seconds = seconds
         self._proc: subprocess.Popen[bytes] | None = None
+        self._compiled = False
         self._start()
 
     def _start(self) -> None:
@@ -46,26 +51,34 @@ class TemplateSandbox:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal interrupts the chat, not the template's process
         )
-        self._call({"template": self.template}, "compile")
+        self._compiled = False
+        self._send({"template": self.template}, "compile")
 
     def render(self, **variables: Any) -> str:
         if self._proc is None:
             self._start()
-        return self._call({"variables": variables}, "render")
+        if not self._compiled:
+            self._receive("compile")
+            self._compiled = True
+        self._send({"variables": variables}, "render")
+        return self._receive("render")
 
-    def _call(self, request: dict[str, Any], what: str) -> str:
-        proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
-            raise TemplateFailure(f"{what} failed: the template process is closed")
+    def _send(self, request: dict[str, Any], what: str) -> None:
         try:
-            proc.stdin.write(json.dumps(request).encode() + b"\n")  # ASCII JSON: lone surrogates survive
-            proc.stdin.flush()
-            reply = _read_line(proc.stdout.fileno(), time.monotonic() + self.seconds)
-        except (OSError, TimeoutError) as e:
+            assert self._proc is not None and self._proc.stdin is not None
+            self._proc.stdin.write(json.dumps(request).encode() + b"\n")  # ASCII JSON: lone surrogates survive
+            self._proc.stdin.flush()
+        except OSError as e:
             self.close()
-            if isinstance(e, TimeoutError):
-                raise TemplateFailure(f"{what} took longer than {self.seconds:g} s") from e
             raise TemplateFailure(f"{what} failed: the template process ended (out of memory?)") from e
+
+    def _receive(self, what: str) -> str:
+        try:
+            assert self._proc is not None and self._proc.stdout is not None
+            reply = _read_line(self._proc.stdout.fileno(), time.monotonic() + self.seconds)
+        except TimeoutError as e:
+            self.close()
+            raise TemplateFailure(f"{what} took longer than {self.seconds:g} s") from e
         except BaseException:  # Ctrl-C while waiting: its late reply must not answer the next request
             self.close()
             raise
@@ -74,8 +87,7 @@ class TemplateSandbox:
             raise TemplateFailure(f"{what} failed: the template process ended (out of memory?)")
         answer = json.loads(reply)
         if "error" in answer:
-            if answer.get("fatal"):
-                self.close()
+            self.close()
             raise TemplateFailure(f"{what} failed: {answer['error']}")
         return answer["text"]
 
@@ -149,7 +161,7 @@ def _serve() -> None:
             else:
                 reply = {"text": _render(template, request["variables"])}
         except MemoryError:
-            reply = {"error": f"it needs more than {MEMORY_BYTES >> 20} MiB of memory", "fatal": True}
+            reply = {"error": f"it needs more than {MEMORY_BYTES >> 20} MiB of memory"}
         except RecursionError:
             reply = {"error": "it recurses too deeply"}
         except Exception as e:  # any failure of a stranger's template is reported, never raised
