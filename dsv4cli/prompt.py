@@ -67,6 +67,7 @@ class PromptRenderer:
             raise self._error(e) from e
         if not text:  # llama.cpp asserts on a prompt of no tokens
             raise self._error(TemplateFailure("it rendered an empty prompt"))
+        text = text.encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates (undecodable argv bytes)
         fork_at = len(text) - len(THINK_OPEN) if thinking and text.endswith(THINK_OPEN) else None
         return ChatPrompt(text=text, fork_at=fork_at)
 

@@ -301,3 +301,18 @@ def test_dsv4_home_that_is_a_file(dsv4, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("DSV4_HOME", str(tmp_path / "file"))
     res = dsv4("doctor")
     assert res.code == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_stdin_prompt_is_bounded_and_any_bytes_are_text(tiny_gguf: Path, python: str) -> None:
+    import subprocess
+
+    def chat(data: bytes, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        cmd = [python, "-m", "dsv4cli", "chat", str(tiny_gguf), "--max-tokens", "1", *argv]
+        return subprocess.run(cmd, input=data, capture_output=True, timeout=120)
+
+    res = chat(b"\xff\xfe not UTF-8 \xc3")
+    assert res.returncode == 0, res.stderr
+    res = chat(b"x" * ((8 << 20) + 1))
+    assert res.returncode == 1 and res.stderr.decode().startswith("error: the prompt on stdin is longer than")
+    res = chat(b"", "-p", "\udcff\udcfe hi")  # undecodable argv bytes arrive as lone surrogates
+    assert res.returncode == 0 and b"Traceback" not in res.stderr

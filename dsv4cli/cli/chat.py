@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         if cpu and (vram is not None or plan):
             raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
         if prompt is None and not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = _read_stdin_prompt()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
@@ -111,6 +111,17 @@ def register(app: typer.Typer) -> None:
                 _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
         finally:
             loaded.engine.close()
+
+
+def _read_stdin_prompt() -> str:
+    """The piped prompt, at most MAX_PROMPT_BYTES (`cat /dev/zero | dsv4 chat` must not fill memory); bytes that are
+    not UTF-8 become U+FFFD."""
+    from dsv4cli.template_sandbox import MAX_OUTPUT_CHARS
+
+    data = sys.stdin.buffer.read(MAX_OUTPUT_CHARS + 1)
+    if len(data) > MAX_OUTPUT_CHARS:
+        raise UsageError(f"the prompt on stdin is longer than {MAX_OUTPUT_CHARS} bytes", hint="pipe a shorter prompt")
+    return data.decode("utf-8", errors="replace")
 
 
 def _interactive(session: ChatSession, gguf: Path) -> None:
