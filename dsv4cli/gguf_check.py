@@ -55,7 +55,7 @@ def check_gguf(path: Path) -> GgufInfo:
             dedicated message for V4.1), or a key/tensor that would make llama.cpp fail or abort.
             Also a split GGUF given by a later shard, with a shard missing or with shards of different conversions.
     """
-    if not path.is_file():
+    if not path.exists():  # a folder, FIFO or device is refused by the reader, by name
         raise RuntimeLoadError(
             f"GGUF file not found: {path}", hint="give a .gguf path or a model name from `dsv4 models`"
         )

@@ -102,7 +102,8 @@ class TemplateSandbox:
                     stream.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the child also ends on its closed stdin
+            self.close()
 
 
 def _read_line(fd: int, deadline: float) -> bytes | None:
@@ -148,7 +149,9 @@ def _serve() -> None:
 
     from quant.files import shown
 
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(MEMORY_BYTES, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     sys.setrecursionlimit(RECURSION_LIMIT)
     env = _environment()
     template = None

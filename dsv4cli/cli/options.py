@@ -146,7 +146,6 @@ KvTypeOpt = Annotated[
 ]
 PlanFileOpt = Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")]
-CtxOpt = Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")]
 
 
 def placement(plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool) -> Placement:

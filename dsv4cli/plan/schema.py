@@ -115,7 +115,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 def save_plan(plan: Plan, path: Path) -> None:
     """Write the JSON plan atomically (unique temp name, then rename)."""
-    write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    try:
+        write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise PlanError(f"cannot write the plan to {path}: {e.strerror or e}", hint="choose a writable -o path") from e
 
 
 def load_plan(path: Path) -> dict[str, Any]:
