@@ -18,6 +18,7 @@ from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
 from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
 
 if TYPE_CHECKING:
+    from dsv4cli.gguf_check import GgufInfo
     from dsv4cli.model_ref import ModelRef
 
 DEFAULT_MODEL = "tiny"
@@ -357,19 +358,23 @@ def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None]
     return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
 
 
-def prompt_renderer(gguf: Path) -> PromptRenderer:
-    """Check the header (llama.cpp aborts on some bad values) and build the renderer from its chat template."""
+def prompt_renderer(gguf: Path, info: GgufInfo | None = None) -> PromptRenderer:
+    """Check the header (llama.cpp aborts on some bad values; skipped when its `info` is given) and build the
+    renderer from its chat template."""
     from dsv4cli.engine.preflight import check_model_file
 
-    info = check_model_file(gguf)
+    info = info or check_model_file(gguf)
     return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
 
 
 def open_chat(ref: ModelRef | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
     """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
     from dsv4cli.engine.inprocess import LlamaEngine
+    from dsv4cli.engine.preflight import check_model_file
 
     gguf = resolve_gguf(ref, note=note)
-    renderer = prompt_renderer(gguf)
-    engine = LlamaEngine(gguf, load_params(gguf, placement, note=note), verbose=verbose)
+    info = check_model_file(gguf)
+    params = load_params(gguf, placement, note=note)  # a bad plan fails before the template's process starts
+    renderer = prompt_renderer(gguf, info)  # the template compiles while the model loads
+    engine = LlamaEngine(gguf, params, verbose=verbose)
     return LoadedChat(engine=engine, renderer=renderer, gguf=gguf)
