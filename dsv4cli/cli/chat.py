@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -30,10 +29,11 @@ class TerminalUI:
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
 
+        from dsv4cli.chat import load_history
+
         self._readline = readline
         self._history = history_file
-        with contextlib.suppress(OSError):
-            readline.read_history_file(history_file)
+        load_history(readline, history_file)
 
     def read_line(self) -> str:
         return input("> ")
@@ -54,10 +54,9 @@ class TerminalUI:
         note(message)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._history.parent.mkdir(parents=True, exist_ok=True)
-            self._readline.set_history_length(1000)
-            self._readline.write_history_file(self._history)
+        from dsv4cli.chat import save_history
+
+        save_history(self._readline, self._history)
 
 
 def register(app: typer.Typer) -> None:
@@ -94,7 +93,7 @@ def register(app: typer.Typer) -> None:
             )
         where = placement(plan, vram, ram, ctx, cpu)
         if prompt is None and not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = _read_stdin_prompt()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
@@ -109,6 +108,17 @@ def register(app: typer.Typer) -> None:
                 _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
         finally:
             loaded.engine.close()
+
+
+def _read_stdin_prompt() -> str:
+    """The piped prompt, at most MAX_PROMPT_BYTES (`cat /dev/zero | dsv4 chat` must not fill memory); bytes that are
+    not UTF-8 become U+FFFD."""
+    from dsv4cli.template_sandbox import MAX_OUTPUT_CHARS
+
+    data = sys.stdin.buffer.read(MAX_OUTPUT_CHARS + 1)
+    if len(data) > MAX_OUTPUT_CHARS:
+        raise UsageError(f"the prompt on stdin is longer than {MAX_OUTPUT_CHARS} bytes", hint="pipe a shorter prompt")
+    return data.decode("utf-8", errors="replace")
 
 
 def _interactive(session: ChatSession, gguf: Path) -> None:

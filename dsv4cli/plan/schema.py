@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsv4cli.atomic import write_text_atomic
+from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import PlanError
 from dsv4cli.units import GIB
 
 if TYPE_CHECKING:
     from dsv4cli.plan.model import Plan
 
+MAX_PLAN_BYTES = 64 << 20  # a plan lists every tensor: about 200 kB for DeepSeek V4 Pro
+WRITE_HINT = "write one with `dsv4 plan MODEL -o plan.json`"
 SCHEMA = """\
 {
   "schema": "dsv4.plan/1",
@@ -117,18 +122,28 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def save_plan(plan: Plan, path: Path) -> None:
-    """Write the JSON plan atomically (temp name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write the JSON plan atomically (unique temp name, then rename)."""
+    try:
+        write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise PlanError(f"cannot write the plan to {path}: {e.strerror or e}", hint="choose a writable -o path") from e
 
 
 def load_plan(path: Path) -> dict[str, Any]:
-    """A plan written by `dsv4 plan -o`, for `dsv4 chat --plan`; checks the schema and the llama section."""
+    """A plan written by `dsv4 plan -o`, for `dsv4 chat --plan`: size-capped, regular file, JSON with the schema tag
+    and a llama section (whose values `LoadParams.from_dict` checks)."""
+    from quant.errors import QuantError
+    from quant.files import load_json
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PlanError(f"{path}: cannot read plan ({e})", hint="write one with `dsv4 plan MODEL -o plan.json`") from e
+        data = load_json(Path(path), "plan", limit=MAX_PLAN_BYTES)
+    except QuantError as e:
+        raise PlanError(str(e), hint=WRITE_HINT) from e
     if not isinstance(data, dict) or data.get("schema") != "dsv4.plan/1" or not isinstance(data.get("llama"), dict):
-        raise PlanError(f"{path}: not a dsv4 plan", hint="write one with `dsv4 plan MODEL -o plan.json`")
+        raise PlanError(f"{path}: not a dsv4 plan (no schema dsv4.plan/1 and llama section)", hint=WRITE_HINT)
     return data
+
+
+def load_plan_params(path: Path, *, note: Callable[[str], None] | None = None) -> LoadParams:
+    """The checked load parameters of a plan file (errors name the file and the key)."""
+    return LoadParams.from_dict(load_plan(path)["llama"], source=str(path), note=note)
