@@ -288,10 +288,12 @@ def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
 def load_params(gguf: Path, placement: Placement) -> LoadParams:
     """The load parameters from a plan file, or from a plan made now for the given budgets."""
     from dsv4cli.model_ref import ModelRef
-    from dsv4cli.plan import PlanInputs, load_plan, make_plan
+    from dsv4cli.plan import PlanInputs, check_plan_model, load_plan, make_plan
 
     if placement.plan_file:
-        return LoadParams.from_dict(load_plan(placement.plan_file)["llama"])
+        data = load_plan(placement.plan_file)
+        check_plan_model(data, gguf, plan_path=placement.plan_file)
+        return LoadParams.from_dict(data["llama"])
     vram = () if placement.cpu else placement.vram_gib
     inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
     return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()

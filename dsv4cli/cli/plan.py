@@ -35,7 +35,21 @@ def plan(
     disk_bw: Annotated[float | None, typer.Option(help="Disk read GB/s.")] = None,
     pcie_bw: Annotated[float | None, typer.Option(help="Host-to-GPU GB/s.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")] = None,
-    measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here first.")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here again.")] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate",
+            help="Measure this machine again: bandwidths and llama.cpp's kernels for this recipe (cached).",
+        ),
+    ] = False,
+    cpu_gbs: Annotated[
+        float | None,
+        typer.Option(help="GEMV GB/s per CPU thread (planning for another machine; skips calibration)."),
+    ] = None,
+    reserve: Annotated[
+        float | None, typer.Option(help="GiB of host RAM kept for the OS (default: max(2, 10 % of RAM)).")
+    ] = None,
     llama_args: Annotated[bool, typer.Option("--llama-args", help="Print the equivalent llama-server flags.")] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the plan JSON (for chat --plan).")
@@ -62,6 +76,9 @@ def plan(
         pcie_bw=pcie_bw,
         measure=measure,
         threads=threads,
+        calibrate=calibrate,
+        cpu_gbs=cpu_gbs,
+        reserve_gib=reserve,
     )
     result = make_plan(resolve_model(model), inputs)
     if output is not None:
@@ -105,11 +122,24 @@ def _render(result: Plan) -> None:
         budget.add_column(column)
     for tier in result.tiers:
         limit = human_bytes(tier.budget) if tier.budget is not None else "-"
-        budget.add_row(tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:g}")
+        budget.add_row(tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}")
     out.print(budget)
+    figures = Table(title="assumptions", box=box.SIMPLE_HEAD)
+    for column in ("figure", "value", "source"):
+        figures.add_column(column)
+    for name, figure in result.assumptions.items():
+        value = figure["value"]
+        text = ("on" if value else "off") if isinstance(value, bool) else f"{value} {figure['unit']}".strip()
+        figures.add_row(name.replace("_", " "), text, figure["source"])
+    out.print(figures)
     for warning in result.warnings:
         err.print(f"warning: {warning}")
+    if result.machine:
+        for note in result.machine.notes:
+            err.print(f"note: {note}")
     out.print(result.verdict)
+    for hint in result.hints:
+        out.print(f"  to fit: {hint}")
 
 
 def register(app: typer.Typer) -> None:

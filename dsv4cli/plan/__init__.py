@@ -32,7 +32,7 @@ computes the chunk — plus a compute term 2·active_params·ub / FLOPS.
 
 from dsv4cli.plan.make import make_plan
 from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier
-from dsv4cli.plan.schema import SCHEMA, load_plan, save_plan
+from dsv4cli.plan.schema import SCHEMA, check_plan_model, load_plan, save_plan
 from dsv4cli.plan.source import ModelSource, load_source
 from dsv4cli.units import GIB
 
@@ -44,6 +44,7 @@ __all__ = [
     "Plan",
     "PlanInputs",
     "Tier",
+    "check_plan_model",
     "load_plan",
     "load_source",
     "make_plan",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,7 @@ from dsv4cli.units import GIB
 
 if TYPE_CHECKING:
     from dsv4cli.plan.model import Plan
+    from dsv4cli.plan.source import ModelSource
 
 SCHEMA = """\
 {
@@ -36,7 +39,16 @@ SCHEMA = """\
   "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier: int},
                 "decode_seconds_per_token": {tier: float}, "prefill_tok_s": float, "prefill_bottleneck": str,
                 "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead": float}},
-  "warnings": [str], "verdict": str,
+  "warnings": [str], "verdict": str (starts "fits:" or "streams from disk:"),
+  "hints": [str] (what would keep every weight in memory; empty when it fits),
+  "reserve_bytes": int (host RAM kept for the OS),
+  "assumptions": {name: {"value": number | str | bool, "unit": str,
+                         "source": "measured" | "flag" | "default..." | "assumed" | "detected" | ...}}
+      names: threads, ram_bw, disk_bw, cpu_dense_gemv, cpu_expert_gemv, cpu_layer_cost, ctx, kv_type,
+             flash_attn, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
+  "model": {"name": str, "files": [{"name": str, "bytes": int}] (empty for an estimate),
+            "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every tensor)}
+      (`dsv4 chat --plan` refuses a GGUF whose tensor table differs: check_plan_model),
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
             "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int,
@@ -103,6 +115,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "estimates": plan.estimates,
         "warnings": plan.warnings,
         "verdict": plan.verdict,
+        "hints": plan.hints,
+        "reserve_bytes": plan.reserve,
+        "assumptions": plan.assumptions,
+        "model": model_binding(plan.source),
         "llama": plan.load_params().to_dict(),
         "llama_args": plan.llama_args(),
     }
@@ -124,3 +140,37 @@ def load_plan(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != "dsv4.plan/1" or not isinstance(data.get("llama"), dict):
         raise PlanError(f"{path}: not a dsv4 plan", hint="write one with `dsv4 plan MODEL -o plan.json`")
     return data
+
+
+def tensor_table_digest(tensors: Sequence[Any]) -> str:
+    """sha256 of every tensor's name, type and shape: what a placement depends on, equal for a registry estimate
+    and the GGUF `dsv4 quantize` writes from it."""
+    digest = hashlib.sha256()
+    for spec in tensors:
+        digest.update(f"{spec.name}|{spec.ggml_type}|{','.join(map(str, spec.ne))}\n".encode())
+    return digest.hexdigest()
+
+
+def model_binding(src: ModelSource) -> dict[str, Any]:
+    """The model a plan was made for (its `model` section)."""
+    return {
+        "name": src.name,
+        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in src.files],
+        "tensor_bytes": sum(s.nbytes for s in src.tensors),
+        "tensor_table_sha256": tensor_table_digest(src.tensors),
+    }
+
+
+def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> None:
+    """Refuse to apply a plan to a GGUF other than the one it was made for (plans without a `model` section
+    predate the binding and are applied as before)."""
+    from dsv4cli.plan.source import read_gguf
+
+    bound = data.get("model")
+    if not isinstance(bound, dict) or not isinstance(bound.get("tensor_table_sha256"), str):
+        return
+    if tensor_table_digest(read_gguf(gguf).tensors) != bound["tensor_table_sha256"]:
+        raise PlanError(
+            f"{plan_path}: made for {bound.get('name')!r}, not {gguf.name} (their tensors differ)",
+            hint=f"make a plan for this file: dsv4 plan {gguf} -o {plan_path}",
+        )

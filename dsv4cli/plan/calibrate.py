@@ -1,0 +1,194 @@
+"""Calibration: what llama.cpp's own kernels do on this machine, measured instead of assumed.
+
+Three small generated deepseek4 models in the recipe being planned decode a few tokens each, in a child process
+(an abort there cannot take the plan down), with the thread count the plan uses:
+
+* `overhead`: the tiny widths, where weights are negligible — seconds per layer per token, the cost of running a
+  layer's ~170 graph nodes (thread barriers, small ops, hyper-connections);
+* `dense`: wide dense projections and tiny experts — seconds per byte of dense weights (the `dense` recipe's GEMV);
+* `experts`: wide experts and narrow dense projections — seconds per byte of active expert weights.
+
+Each is solved in that order, subtracting the terms already known, so no fit can go negative. The figures are
+cached in `$DSV4_HOME/machine.json` (next to `dsv4 doctor`'s bandwidths) under a key naming the CPU, its flags,
+the llama.cpp build, the recipe and the threads: another CPU, an upgraded llama-cpp-python or another recipe
+measures again. The generated models stay in `$DSV4_HOME/calibration/` so a re-measure only decodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dsv4cli import hardware
+from dsv4cli.errors import PlanError
+
+DECODE_TOKENS = 24
+CHUNKS = 4  # the best chunk counts: other processes only ever slow a chunk down
+CHILD_TIMEOUT_S = 300
+# Widths of the generated models (config.json names); the rest comes from the tiny model's config.
+WIDE = {
+    "hidden_size": 2048,
+    "num_attention_heads": 16,
+    "head_dim": 512,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 1024,
+    "o_lora_rank": 1024,
+    "o_groups": 4,
+    "index_n_heads": 16,
+    "index_head_dim": 128,
+    "sliding_window": 128,
+    "index_topk": 64,
+}
+SHAPES = {
+    "overhead": {},
+    "dense": {**WIDE, "num_hidden_layers": 2, "moe_intermediate_size": 64, "n_routed_experts": 8,
+              "num_experts_per_tok": 2, "compress_ratios": [0, 4, 0]},
+    "experts": {**WIDE, "num_attention_heads": 4, "num_hidden_layers": 2, "moe_intermediate_size": 2048,
+                "n_routed_experts": 8, "num_experts_per_tok": 6, "compress_ratios": [0, 4, 0]},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-token costs of llama.cpp's CPU kernels here, at `threads` threads, for one recipe."""
+
+    layer_s: float  # seconds per layer per token beyond its weight reads (graph nodes, small ops)
+    dense_gbs: float  # GB/s of dense weights through the dense recipe's GEMV
+    expert_gbs: float  # GB/s of active expert weights through the expert recipe's GEMV
+    threads: int
+    experts: str
+    dense: str
+    key: str
+    measured_at: float
+
+
+def cache_key(*, experts: str, dense: str, threads: int) -> str:
+    """CPU model and flags, llama.cpp build, recipe and threads: anything that changes the kernels' speed."""
+    from dsv4cli import llama_lib
+    from dsv4cli.doctor import cpu_flags
+
+    build = llama_lib.build_info()
+    cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(cpu_flags()))}".encode()).hexdigest()[:16]
+    return f"cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
+
+
+def calibration(folder: Path, *, experts: str, dense: str, threads: int, remeasure: bool = False) -> Calibration:
+    """The cached calibration for this machine, build, recipe and thread count, measured first if missing."""
+    key = cache_key(experts=experts, dense=dense, threads=threads)
+    cached = hardware.read_machine_cache(folder).get("calibration", {})
+    if not remeasure and isinstance(cached.get(key), dict):
+        try:
+            return Calibration(**cached[key])
+        except TypeError:
+            pass
+    result = measure(folder, experts=experts, dense=dense, threads=threads, key=key)
+    latest = hardware.read_machine_cache(folder).get("calibration", {})
+    hardware.update_machine_cache(folder, {"calibration": {**latest, key: asdict(result)}})
+    return result
+
+
+def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -> Calibration:
+    """Decode the three calibration models and solve for the per-layer, dense and expert costs."""
+    from dsv4cli.plan.groups import tensor_class
+    from dsv4cli.plan.source import read_gguf
+
+    runs = {}
+    for name in SHAPES:
+        path = calibration_model(folder, name, experts=experts, dense=dense)
+        src = read_gguf(path)
+        n_active = src.dims.n_expert_used / src.dims.n_expert
+        dense_b = expert_b = 0.0
+        for spec in src.tensors:
+            cls = tensor_class(spec.name)
+            if cls == "routed_experts":
+                expert_b += spec.nbytes * n_active
+            elif cls not in ("token_embd", "mtp"):
+                dense_b += spec.nbytes
+        runs[name] = (_decode_seconds(path, threads), src.dims.n_layer, dense_b, expert_b)
+    t, n_layer, _, _ = runs["overhead"]
+    layer_s = t / n_layer
+    t, n_layer, dense_b, expert_b = runs["dense"]
+    dense_s = max(t - n_layer * layer_s, t * 0.1) / dense_b
+    t, n_layer, dense_b, expert_b = runs["experts"]
+    expert_s = max(t - n_layer * layer_s - dense_b * dense_s, t * 0.1) / expert_b
+    return Calibration(
+        layer_s=layer_s,
+        dense_gbs=1e-9 / dense_s,
+        expert_gbs=1e-9 / expert_s,
+        threads=threads,
+        experts=experts,
+        dense=dense,
+        key=key,
+        measured_at=time.time(),
+    )
+
+
+def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> Path:
+    """A generated calibration GGUF, written once under `folder`/calibration (a temp name, then renamed)."""
+    from dsv4cli.registry import ModelSpec, get_model
+    from dsv4cli.tiny import write_tiny_checkpoint
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    out = folder / "calibration" / f"{name}-{experts}-{dense}.gguf"
+    if out.is_file():
+        return out
+    tiny = get_model("tiny")
+    spec = ModelSpec(name=f"calibration-{name}", builtin=True, config={**tiny.config, **SHAPES[name]})
+    checkpoint = folder / "calibration" / f".{name}-{experts}-{dense}.checkpoint"
+    write_tiny_checkpoint(spec, checkpoint)
+    try:
+        quantize_checkpoint(checkpoint, out, QuantOptions(experts=experts, dense=dense))
+    finally:
+        import shutil
+
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    for report in out.parent.glob(f"{out.stem}*.json"):
+        report.unlink(missing_ok=True)
+    return out
+
+
+def _decode_seconds(path: Path, threads: int) -> float:
+    """Seconds per decoded token, the best of CHUNKS timed chunks, from a child process."""
+    argv = [sys.executable, "-m", "dsv4cli.plan.calibrate", str(path), str(threads)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, errors="replace")
+    except subprocess.TimeoutExpired as e:
+        raise PlanError(f"calibration: decoding {path.name} took over {CHILD_TIMEOUT_S} s") from e
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SECONDS_PER_TOKEN ")]
+    if proc.returncode or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise PlanError(
+            f"calibration: llama.cpp could not decode {path} ({tail[0]})",
+            hint="run `dsv4 doctor`, or plan with --cpu-gbs to skip the measurement",
+        )
+    value = float(lines[-1].split()[1])
+    if not math.isfinite(value) or value <= 0:
+        raise PlanError(f"calibration: a nonsensical time from {path.name}: {value}")
+    return value
+
+
+def _child(path: str, threads: int) -> None:
+    from llama_cpp import Llama
+
+    from dsv4cli.llama_lib import apply_to_llama_class
+
+    apply_to_llama_class()
+    llm = Llama(path, n_ctx=512, n_batch=64, n_ubatch=64, n_threads=threads, verbose=False, swa_full=False)
+    llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
+    llm.eval([llm.sample(temp=0.0)])  # warm: first-touch page faults, repacking
+    times = []
+    for _ in range(CHUNKS):
+        start = time.perf_counter()
+        for _ in range(DECODE_TOKENS // CHUNKS):
+            llm.eval([llm.sample(temp=0.0)])
+        times.append((time.perf_counter() - start) / (DECODE_TOKENS // CHUNKS))
+    print(f"SECONDS_PER_TOKEN {min(times)}", flush=True)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], int(sys.argv[2]))
