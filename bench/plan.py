@@ -26,7 +26,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MIB = 2**20
@@ -65,15 +64,12 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     from llama_cpp import Llama
 
     from dsv4cli.llama_lib import apply_to_llama_class
+    from dsv4cli.plan.calibrate import decode_seconds
 
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
     if n_decode:
-        llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
-        start = time.perf_counter()
-        for _ in range(n_decode):
-            llm.eval([llm.sample(temp=0.0)])
-        print(f"DECODE_TOK_S {n_decode / (time.perf_counter() - start)}", file=sys.stderr)
+        print(f"DECODE_TOK_S {1 / decode_seconds(llm, n_decode, threads=THREADS)}", file=sys.stderr)
 
 
 def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[str, float]:

@@ -23,12 +23,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 
 DECODE_TOKENS = 24
-CHUNKS = 4  # the best chunk counts: other processes only ever slow a chunk down
+CHUNKS = 4
 CHILD_TIMEOUT_S = 300
 # Widths of the generated models (config.json names); the rest comes from the tiny model's config.
 WIDE = {
@@ -172,22 +173,33 @@ def _decode_seconds(path: Path, threads: int) -> float:
     return value
 
 
+def decode_seconds(llm: Any, n_tokens: int = DECODE_TOKENS, *, threads: int = 1) -> float:
+    """Steady-state seconds per decoded token of a loaded `llama_cpp.Llama`: a short prompt and one warm-up token
+    (first-touch page faults, repacking), then the best of CHUNKS timed chunks. On one thread the clock is the
+    process's CPU time, so other processes sharing the cores do not count (on an idle machine it equals wall
+    time); with more threads it is wall time. `bench/plan.py` measures the same way, so prediction and check
+    agree on what a token costs."""
+    clock = time.process_time if threads == 1 else time.perf_counter
+    llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
+    llm.eval([llm.sample(temp=0.0)])
+    per_chunk = max(1, n_tokens // CHUNKS)
+    times = []
+    for _ in range(CHUNKS):
+        start = clock()
+        for _ in range(per_chunk):
+            llm.eval([llm.sample(temp=0.0)])
+        times.append((clock() - start) / per_chunk)
+    return min(times)
+
+
 def _child(path: str, threads: int) -> None:
     from llama_cpp import Llama
 
     from dsv4cli.llama_lib import apply_to_llama_class
 
     apply_to_llama_class()
-    llm = Llama(path, n_ctx=512, n_batch=64, n_ubatch=64, n_threads=threads, verbose=False, swa_full=False)
-    llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
-    llm.eval([llm.sample(temp=0.0)])  # warm: first-touch page faults, repacking
-    times = []
-    for _ in range(CHUNKS):
-        start = time.perf_counter()
-        for _ in range(DECODE_TOKENS // CHUNKS):
-            llm.eval([llm.sample(temp=0.0)])
-        times.append((time.perf_counter() - start) / (DECODE_TOKENS // CHUNKS))
-    print(f"SECONDS_PER_TOKEN {min(times)}", flush=True)
+    llm = Llama(path, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False, swa_full=False)
+    print(f"SECONDS_PER_TOKEN {decode_seconds(llm, threads=threads)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dsv4cli.plan.model import PlanInputs
 DEFAULT_CPU_GBS = 4.0
 DEFAULT_LAYER_S = 170 * 1.6e-6
 # GPU decode: a kernel launch per graph node, CUDA-graph replay (assumed: no GPU was measured).
-GPU_NODE_S = 1.5e-6
+GPU_NODE_S = 1e-6
 NODES_PER_LAYER = 170
 # Prefill GEMMs are compute bound; not calibrated (decode is): typical effective figures.
 CPU_PREFILL_GFLOPS_PER_THREAD = 30.0
