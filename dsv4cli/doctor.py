@@ -41,6 +41,7 @@ class Report:
     disk: dict[str, Any]
     bandwidth: dict[str, Any] | None
     problems: list[Problem] = field(default_factory=list)
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # dsv4cli.plan.calibrate, cached entries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,4 +127,7 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
         disk={"home": str(home), "free_bytes": int(usage.free)},
         bandwidth=bandwidth,
         problems=problems,
+        calibration=[
+            c for c in hardware.read_machine_cache(home).get("calibration", {}).values() if isinstance(c, dict)
+        ],
     )

@@ -8,7 +8,9 @@ Three small generated deepseek4 models in the recipe being planned decode a few 
 * `dense`: wide dense projections and tiny experts — seconds per byte of dense weights (the `dense` recipe's GEMV);
 * `experts`: wide experts and narrow dense projections — seconds per byte of active expert weights.
 
-Each is solved in that order, subtracting the terms already known, so no fit can go negative. The figures are
+Each run's time is layers·(seconds per layer) + dense bytes·(seconds per byte) + expert bytes·(seconds per byte);
+the three runs give the three terms (`solve`). On one thread the clock is CPU time, so a shared machine's other
+processes do not inflate the figures (`decode_seconds`). The figures are
 cached in `$DSV4_HOME/machine.json` (next to `dsv4 doctor`'s bandwidths) under a key naming the CPU, its flags,
 the llama.cpp build, the recipe and the threads: another CPU, an upgraded llama-cpp-python or another recipe
 measures again. The generated models stay in `$DSV4_HOME/calibration/` so a re-measure only decodes.
@@ -29,7 +31,7 @@ from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 
 DECODE_TOKENS = 24
-CHUNKS = 4
+CHUNKS = 6
 CHILD_TIMEOUT_S = 300
 # Widths of the generated models (config.json names); the rest comes from the tiny model's config.
 WIDE = {
@@ -99,7 +101,7 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
     from dsv4cli.plan.source import read_gguf
 
     runs = {}
-    for name in SHAPES:
+    for name in [*SHAPES, *SHAPES]:  # two rounds, interleaved: a busy moment spoils one run of each, not the fit
         path = calibration_model(folder, name, experts=experts, dense=dense)
         src = read_gguf(path)
         n_active = src.dims.n_expert_used / src.dims.n_expert
@@ -110,13 +112,9 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
                 expert_b += spec.nbytes * n_active
             elif cls not in ("token_embd", "mtp"):
                 dense_b += spec.nbytes
-        runs[name] = (_decode_seconds(path, threads), src.dims.n_layer, dense_b, expert_b)
-    t, n_layer, _, _ = runs["overhead"]
-    layer_s = t / n_layer
-    t, n_layer, dense_b, expert_b = runs["dense"]
-    dense_s = max(t - n_layer * layer_s, t * 0.1) / dense_b
-    t, n_layer, dense_b, expert_b = runs["experts"]
-    expert_s = max(t - n_layer * layer_s - dense_b * dense_s, t * 0.1) / expert_b
+        seconds = min(_decode_seconds(path, threads), runs[name][0] if name in runs else float("inf"))
+        runs[name] = (seconds, src.dims.n_layer, dense_b, expert_b)
+    layer_s, dense_s, expert_s = solve([runs[name] for name in SHAPES])
     return Calibration(
         layer_s=layer_s,
         dense_gbs=1e-9 / dense_s,
@@ -127,6 +125,27 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
         key=key,
         measured_at=time.time(),
     )
+
+
+def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, float]:
+    """Seconds per layer, per dense byte and per expert byte from (seconds, layers, dense bytes, expert bytes) of
+    the overhead, dense and experts runs: the exact 3x3 solution, or where noise makes a term non-positive, each
+    run in turn with the terms before it subtracted (at least a tenth of its time left to its own term)."""
+    import numpy as np
+
+    a = np.array([[n, d, e] for _, n, d, e in runs], dtype=np.float64)
+    t = np.array([r[0] for r in runs], dtype=np.float64)
+    try:
+        exact = np.linalg.solve(a, t)
+    except np.linalg.LinAlgError:
+        exact = np.zeros(3)
+    if (exact > 0).all():
+        return float(exact[0]), float(exact[1]), float(exact[2])
+    (t_o, n_o, _, _), (t_d, n_d, d_d, _), (t_e, n_e, d_e, e_e) = runs
+    layer_s = t_o / n_o
+    dense_s = max(t_d - n_d * layer_s, t_d * 0.1) / d_d
+    expert_s = max(t_e - n_e * layer_s - d_e * dense_s, t_e * 0.1) / e_e
+    return layer_s, dense_s, expert_s
 
 
 def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> Path:

@@ -101,7 +101,9 @@ def resolve_machine(inputs: PlanInputs, recipe: tuple[str, str], *, threads_sour
         threads=Figure(threads, "", threads_source),
         ram_gbs=_pick(inputs.ram_bw, cached.get("ram_gbs"), hardware.DEFAULT_RAM_BW, "GB/s"),
         disk_gbs=_pick(inputs.disk_bw, cached.get("disk_gbs"), hardware.DEFAULT_DISK_BW, "GB/s"),
-        pcie_gbs=_pick(inputs.pcie_bw, None, hardware.DEFAULT_PCIE_BW, "GB/s"),
+        pcie_gbs=Figure(inputs.pcie_bw, "GB/s", "flag")
+        if inputs.pcie_bw
+        else Figure(hardware.DEFAULT_PCIE_BW, "GB/s", "assumed"),
         cpu_dense_gbs=dense,
         cpu_expert_gbs=expert,
         cpu_layer_s=Figure(cal.layer_s, "s", "measured") if cal else Figure(DEFAULT_LAYER_S, "s", "default"),
