@@ -116,6 +116,7 @@ def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int) -> dict[str, f
         row[f"{key}_planned"] = value
         row[f"{key}_reported"] = got[key]
         row[f"{key}_ratio"] = value / got[key]
+    row["total_ratio"] = sum(planned.values()) / sum(got[k] for k in planned)
     if n_decode:
         row["decode_predicted"] = plan.estimates["decode_tok_s"]
         row["decode_measured"] = got["decode_tok_s"]

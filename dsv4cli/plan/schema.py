@@ -93,7 +93,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "kv_bytes": t.kv,
                 "compute_bytes": t.compute,
                 "margin_bytes": t.margin,
-                "bandwidth_gbs": t.bandwidth_gbs,
+                "bandwidth_gbs": round(t.bandwidth_gbs, 1),
             }
             for t in plan.tiers
         ],
