@@ -14,7 +14,7 @@ import pytest
 from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 from dsv4cli.plan import GIB, PlanInputs, check_plan_model, load_plan, make_plan
-from dsv4cli.plan.calibrate import cache_key
+from dsv4cli.plan.calibrate import cache_key, solve
 from dsv4cli.plan.verdict import recipe_bytes
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
@@ -147,3 +147,14 @@ def test_plan_is_bound_to_its_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> No
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "made for 'deepseek-v4-flash'" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_calibration_solve_recovers_the_terms() -> None:
+    """Three runs made from known costs give those costs back; noise that would make a term negative falls back
+    to subtracting the known terms run by run, never a negative or zero figure."""
+    layer_s, dense_s, expert_s = 4e-4, 1 / 8e9, 1 / 5e9
+    shapes = [(4, 9e6, 1e6), (2, 80e6, 2e6), (2, 40e6, 90e6)]
+    runs = [(n * layer_s + d * dense_s + e * expert_s, n, d, e) for n, d, e in shapes]
+    assert solve(runs) == pytest.approx((layer_s, dense_s, expert_s), rel=1e-9)
+    noisy = [runs[0], runs[1], (runs[2][0] * 0.3, *runs[2][1:])]  # the experts run "faster" than its dense part
+    assert all(term > 0 for term in solve(noisy))

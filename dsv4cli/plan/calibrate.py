@@ -52,7 +52,7 @@ SHAPES = {
     "dense": {**WIDE, "num_hidden_layers": 2, "moe_intermediate_size": 64, "n_routed_experts": 8,
               "num_experts_per_tok": 2, "compress_ratios": [0, 4, 0]},
     "experts": {**WIDE, "num_attention_heads": 4, "num_hidden_layers": 2, "moe_intermediate_size": 2048,
-                "n_routed_experts": 8, "num_experts_per_tok": 6, "compress_ratios": [0, 4, 0]},
+                "n_routed_experts": 8, "num_experts_per_tok": 7, "compress_ratios": [0, 4, 0]},
 }  # fmt: skip
 
 
@@ -174,7 +174,8 @@ def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> P
 
 def _decode_seconds(path: Path, threads: int) -> float:
     """Seconds per decoded token, the best of CHUNKS timed chunks, from a child process."""
-    argv = [sys.executable, "-m", "dsv4cli.plan.calibrate", str(path), str(threads)]
+    code = "import sys; from dsv4cli.plan.calibrate import child; child(sys.argv[1], int(sys.argv[2]))"
+    argv = [sys.executable, "-c", code, str(path), str(threads)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, errors="replace")
     except subprocess.TimeoutExpired as e:
@@ -211,7 +212,8 @@ def decode_seconds(llm: Any, n_tokens: int = DECODE_TOKENS, *, threads: int = 1)
     return min(times)
 
 
-def _child(path: str, threads: int) -> None:
+def child(path: str, threads: int) -> None:
+    """The calibration child: load `path` and print its steady-state seconds per token."""
     from llama_cpp import Llama
 
     from dsv4cli.llama_lib import apply_to_llama_class
@@ -219,7 +221,3 @@ def _child(path: str, threads: int) -> None:
     apply_to_llama_class()
     llm = Llama(path, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False, swa_full=False)
     print(f"SECONDS_PER_TOKEN {decode_seconds(llm, threads=threads)}", flush=True)
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]))
