@@ -73,7 +73,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         raise PlanError(
             f"does not fit: host RAM needs {gib(ram.used)} for the embedding, host layers, KV and compute buffer "
             f"but has {gib(ram.budget)} (short by {gib(ram.used - ram.budget)})",
-            hint="use a shorter --ctx, a smaller recipe (--dense q4_k / --experts q4_0), more --vram, or more RAM",
+            hint="use a shorter --ctx, a smaller dense recipe (--dense q4_k), more --vram, or more RAM",
         )
 
     # 3. Routed experts left on the host, then Engram tables, into RAM; the rest is memory-mapped from disk.
