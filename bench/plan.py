@@ -15,7 +15,7 @@ file with llama-cpp-python (verbose, swa_full off, CPU, flash attention off as t
 
 Goals: bytes within 5 % (an underestimate is an OOM), decode within +-25 %.
 
-    .venv/bin/python bench/plan.py [--models DIR] [--ctx 4096,32768] [--decode 16] [--gguf F.gguf] [--json]
+    .venv/bin/python bench/plan.py [--models DIR] [--ctx 4096,32768] [--decode 0] [--gguf F.gguf] [--json]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
     if n_decode:
-        print(f"DECODE_TOK_S {1 / decode_seconds(llm, n_decode, threads=THREADS)}", file=sys.stderr)
+        print(f"DECODE_TOK_S {1 / decode_seconds(llm, threads=THREADS)}", file=sys.stderr)
 
 
 def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[str, float]:
@@ -96,7 +96,8 @@ def calibrate() -> None:
     cal = calibration(home, experts="mxfp4", dense="q8_0", threads=THREADS, remeasure=True)
     print(
         f"calibration: RAM {bw.ram_gbs:.1f} GB/s, disk {bw.disk_gbs:.1f} GB/s, dense GEMV {cal.dense_gbs:.1f} GB/s, "
-        f"expert GEMV {cal.expert_gbs:.1f} GB/s, {cal.layer_s * 1e3:.2f} ms per layer ({THREADS} thread)",
+        f"expert GEMV {cal.expert_gbs:.1f} GB/s, {cal.layer_s * 1e3:.2f} ms per layer, {cal.token_s * 1e3:.2f} ms per "
+        f"token ({THREADS} thread)",
         file=sys.stderr,
     )
 
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="keep the generated models here (default: a temp folder)")
     parser.add_argument("--ctx", default="4096,32768")
     parser.add_argument("--ubatch", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=16, help="tokens to generate for the speed check (0: none)")
+    parser.add_argument("--decode", type=int, default=1, help="1: calibrate and check decode speed; 0: bytes only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []

@@ -62,7 +62,7 @@ def test_calibration_cache_is_keyed_and_reused(isolated_env: Path) -> None:
     """A cached calibration for this CPU, build, recipe and thread count is used as measured; nothing is
     generated or decoded. Another thread count (another key) falls back to defaults and says so."""
     key = cache_key(experts="mxfp4", dense="q8_0", threads=1)
-    entry = {"layer_s": 0.002, "dense_gbs": 3.0, "expert_gbs": 1.5, "threads": 1, "experts": "mxfp4",
+    entry = {"token_s": 0.001, "layer_s": 0.002, "dense_gbs": 3.0, "expert_gbs": 1.5, "threads": 1, "experts": "mxfp4",
              "dense": "q8_0", "key": key, "measured_at": 1.0}  # fmt: skip
     hardware.update_machine_cache(isolated_env, {"calibration": {key: entry}, "ram_gbs": 12.0, "disk_gbs": 0.9})
     plan = make_plan("tiny", PlanInputs(vram_gib=(), ram_gib=8, threads=1)).to_dict()
@@ -152,9 +152,9 @@ def test_plan_is_bound_to_its_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> No
 def test_calibration_solve_recovers_the_terms() -> None:
     """Three runs made from known costs give those costs back; noise that would make a term negative falls back
     to subtracting the known terms run by run, never a negative or zero figure."""
-    layer_s, dense_s, expert_s = 4e-4, 1 / 8e9, 1 / 5e9
-    shapes = [(4, 9e6, 1e6), (2, 80e6, 2e6), (2, 40e6, 90e6)]
-    runs = [(n * layer_s + d * dense_s + e * expert_s, n, d, e) for n, d, e in shapes]
-    assert solve(runs) == pytest.approx((layer_s, dense_s, expert_s), rel=1e-9)
-    noisy = [runs[0], runs[1], (runs[2][0] * 0.3, *runs[2][1:])]  # the experts run "faster" than its dense part
+    token_s, layer_s, dense_s, expert_s = 3e-4, 4e-4, 1 / 8e9, 1 / 5e9
+    shapes = [(4, 9e6, 1e6), (2, 5e6, 0.5e6), (2, 80e6, 2e6), (2, 40e6, 90e6)]
+    runs = [(token_s + n * layer_s + d * dense_s + e * expert_s, n, d, e) for n, d, e in shapes]
+    assert solve(runs) == pytest.approx((token_s, layer_s, dense_s, expert_s), rel=1e-9)
+    noisy = [*runs[:3], (runs[3][0] * 0.3, *runs[3][1:])]  # the experts run "faster" than its dense part
     assert all(term > 0 for term in solve(noisy))

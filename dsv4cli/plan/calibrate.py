@@ -1,15 +1,16 @@
 """Calibration: what llama.cpp's own kernels do on this machine, measured instead of assumed.
 
-Three small generated deepseek4 models in the recipe being planned decode a few tokens each, in a child process
+Four small generated deepseek4 models in the recipe being planned decode a few tokens each, in a child process
 (an abort there cannot take the plan down), with the thread count the plan uses:
 
-* `overhead`: the tiny widths, where weights are negligible — seconds per layer per token, the cost of running a
-  layer's ~170 graph nodes (thread barriers, small ops, hyper-connections);
+* `overhead` and `short`: the tiny widths at 4 and 2 layers, where weights are negligible — seconds per layer
+  (a layer's ~170 graph nodes: thread barriers, small ops, hyper-connections) and seconds per token outside the
+  layers (sampling, logits, the Python binding);
 * `dense`: wide dense projections and tiny experts — seconds per byte of dense weights (the `dense` recipe's GEMV);
 * `experts`: wide experts and narrow dense projections — seconds per byte of active expert weights.
 
-Each run's time is layers·(seconds per layer) + dense bytes·(seconds per byte) + expert bytes·(seconds per byte);
-the three runs give the three terms (`solve`). On one thread the clock is CPU time, so a shared machine's other
+Each run's time is per token + layers·(per layer) + dense bytes·(per byte) + expert bytes·(per byte); the four
+runs give the four terms (`solve`). On one thread the clock is CPU time, so a shared machine's other
 processes do not inflate the figures (`decode_seconds`). The figures are
 cached in `$DSV4_HOME/machine.json` (next to `dsv4 doctor`'s bandwidths) under a key naming the CPU, its flags,
 the llama.cpp build, the recipe and the threads: another CPU, an upgraded llama-cpp-python or another recipe
@@ -30,8 +31,8 @@ from typing import Any
 from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 
-DECODE_TOKENS = 24
 CHUNKS = 6
+CHUNK_S = 0.05
 CHILD_TIMEOUT_S = 300
 # Widths of the generated models (config.json names); the rest comes from the tiny model's config.
 WIDE = {
@@ -49,6 +50,7 @@ WIDE = {
 }
 SHAPES = {
     "overhead": {},
+    "short": {"num_hidden_layers": 2, "compress_ratios": [0, 4, 0]},
     "dense": {**WIDE, "num_hidden_layers": 2, "moe_intermediate_size": 64, "n_routed_experts": 8,
               "num_experts_per_tok": 2, "compress_ratios": [0, 4, 0]},
     "experts": {**WIDE, "num_attention_heads": 4, "num_hidden_layers": 2, "moe_intermediate_size": 2048,
@@ -60,6 +62,7 @@ SHAPES = {
 class Calibration:
     """Per-token costs of llama.cpp's CPU kernels here, at `threads` threads, for one recipe."""
 
+    token_s: float  # seconds per token outside the layers (sampling, logits, the Python binding)
     layer_s: float  # seconds per layer per token beyond its weight reads (graph nodes, small ops)
     dense_gbs: float  # GB/s of dense weights through the dense recipe's GEMV
     expert_gbs: float  # GB/s of active expert weights through the expert recipe's GEMV
@@ -77,7 +80,7 @@ def cache_key(*, experts: str, dense: str, threads: int) -> str:
 
     build = llama_lib.build_info()
     cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(cpu_flags()))}".encode()).hexdigest()[:16]
-    return f"cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
+    return f"v2|cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
 
 
 def calibration(folder: Path, *, experts: str, dense: str, threads: int, remeasure: bool = False) -> Calibration:
@@ -114,8 +117,9 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
                 dense_b += spec.nbytes
         seconds = min(_decode_seconds(path, threads), runs[name][0] if name in runs else float("inf"))
         runs[name] = (seconds, src.dims.n_layer, dense_b, expert_b)
-    layer_s, dense_s, expert_s = solve([runs[name] for name in SHAPES])
+    token_s, layer_s, dense_s, expert_s = solve([runs[name] for name in SHAPES])
     return Calibration(
+        token_s=token_s,
         layer_s=layer_s,
         dense_gbs=1e-9 / dense_s,
         expert_gbs=1e-9 / expert_s,
@@ -127,25 +131,27 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
     )
 
 
-def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, float]:
-    """Seconds per layer, per dense byte and per expert byte from (seconds, layers, dense bytes, expert bytes) of
-    the overhead, dense and experts runs: the exact 3x3 solution, or where noise makes a term non-positive, each
-    run in turn with the terms before it subtracted (at least a tenth of its time left to its own term)."""
+def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, float, float]:
+    """Seconds per token, per layer, per dense byte and per expert byte from (seconds, layers, dense bytes, expert
+    bytes) of the overhead, short, dense and experts runs: the exact 4x4 solution, or where noise makes a term
+    non-positive, the runs in turn with the terms before them subtracted (each keeps at least a tenth of its
+    time for its own term)."""
     import numpy as np
 
-    a = np.array([[n, d, e] for _, n, d, e in runs], dtype=np.float64)
+    a = np.array([[1.0, n, d, e] for _, n, d, e in runs], dtype=np.float64)
     t = np.array([r[0] for r in runs], dtype=np.float64)
     try:
         exact = np.linalg.solve(a, t)
     except np.linalg.LinAlgError:
-        exact = np.zeros(3)
+        exact = np.zeros(4)
     if (exact > 0).all():
-        return float(exact[0]), float(exact[1]), float(exact[2])
-    (t_o, n_o, _, _), (t_d, n_d, d_d, _), (t_e, n_e, d_e, e_e) = runs
-    layer_s = t_o / n_o
-    dense_s = max(t_d - n_d * layer_s, t_d * 0.1) / d_d
-    expert_s = max(t_e - n_e * layer_s - d_e * dense_s, t_e * 0.1) / e_e
-    return layer_s, dense_s, expert_s
+        return float(exact[0]), float(exact[1]), float(exact[2]), float(exact[3])
+    (t_o, n_o, _, _), (t_s, n_s, _, _), (t_d, n_d, d_d, _), (t_e, n_e, d_e, e_e) = runs
+    layer_s = max(t_o - t_s, t_o * 0.1) / max(n_o - n_s, 1)
+    token_s = max(t_s - n_s * layer_s, t_s * 0.1)
+    dense_s = max(t_d - token_s - n_d * layer_s, t_d * 0.1) / d_d
+    expert_s = max(t_e - token_s - n_e * layer_s - d_e * dense_s, t_e * 0.1) / e_e
+    return token_s, layer_s, dense_s, expert_s
 
 
 def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> Path:
@@ -193,22 +199,22 @@ def _decode_seconds(path: Path, threads: int) -> float:
     return value
 
 
-def decode_seconds(llm: Any, n_tokens: int = DECODE_TOKENS, *, threads: int = 1) -> float:
+def decode_seconds(llm: Any, *, threads: int = 1) -> float:
     """Steady-state seconds per decoded token of a loaded `llama_cpp.Llama`: a short prompt and one warm-up token
-    (first-touch page faults, repacking), then the best of CHUNKS timed chunks. On one thread the clock is the
-    process's CPU time, so other processes sharing the cores do not count (on an idle machine it equals wall
-    time); with more threads it is wall time. `bench/plan.py` measures the same way, so prediction and check
-    agree on what a token costs."""
+    (first-touch page faults, repacking), then the best of CHUNKS chunks of at least CHUNK_S each. On one thread
+    the clock is the process's CPU time, so other processes sharing the cores do not count (on an idle machine it
+    equals wall time); with more threads it is wall time. `bench/plan.py` measures the same way, so prediction
+    and check agree on what a token costs."""
     clock = time.process_time if threads == 1 else time.perf_counter
     llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
     llm.eval([llm.sample(temp=0.0)])
-    per_chunk = max(1, n_tokens // CHUNKS)
     times = []
     for _ in range(CHUNKS):
-        start = clock()
-        for _ in range(per_chunk):
+        start, n = clock(), 0
+        while n < 2 or clock() - start < CHUNK_S:
             llm.eval([llm.sample(temp=0.0)])
-        times.append((clock() - start) / per_chunk)
+            n += 1
+        times.append((clock() - start) / n)
     return min(times)
 
 

@@ -22,6 +22,7 @@ from dsv4cli.plan.model import PlanInputs
 # the per-layer graph cost (~170 nodes at ~1.6 µs each on one thread). Replaced by `dsv4 plan --calibrate`.
 DEFAULT_CPU_GBS = 4.0
 DEFAULT_LAYER_S = 170 * 1.6e-6
+DEFAULT_TOKEN_S = 3e-4
 # GPU decode: a kernel launch per graph node, CUDA-graph replay (assumed: no GPU was measured).
 GPU_NODE_S = 1e-6
 NODES_PER_LAYER = 170
@@ -52,6 +53,7 @@ class Machine:
     cpu_dense_gbs: Figure  # dense weights through the dense recipe's GEMV, all threads
     cpu_expert_gbs: Figure  # active expert weights through the expert recipe's GEMV, all threads
     cpu_layer_s: Figure  # per layer per token beyond the weight reads
+    cpu_token_s: Figure  # per token outside the layers (sampling, logits, the Python binding)
     gpu_node_s: Figure
     notes: tuple[str, ...] = ()
 
@@ -107,6 +109,7 @@ def resolve_machine(inputs: PlanInputs, recipe: tuple[str, str], *, threads_sour
         cpu_dense_gbs=dense,
         cpu_expert_gbs=expert,
         cpu_layer_s=Figure(cal.layer_s, "s", "measured") if cal else Figure(DEFAULT_LAYER_S, "s", "default"),
+        cpu_token_s=Figure(cal.token_s, "s", "measured") if cal else Figure(DEFAULT_TOKEN_S, "s", "default"),
         gpu_node_s=Figure(GPU_NODE_S, "s", "assumed"),
         notes=tuple(notes),
     )
@@ -128,6 +131,7 @@ def assumptions(machine: Machine, *, gpus: list[tuple[str, float, str]], context
         "cpu_dense_gemv": _round(machine.cpu_dense_gbs),
         "cpu_expert_gemv": _round(machine.cpu_expert_gbs),
         "cpu_layer_cost": Figure(round(machine.cpu_layer_s.value * 1e3, 2), "ms", machine.cpu_layer_s.source),
+        "token_cost": Figure(round(machine.cpu_token_s.value * 1e3, 2), "ms", machine.cpu_token_s.source),
     }
     if gpus:
         figures["pcie_bw"] = _round(machine.pcie_gbs)

@@ -74,8 +74,10 @@ def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
     decode_s["cpu_compute"] = host_dense / (machine.cpu_dense_gbs.value * 1e9) + host_experts / (
         machine.cpu_expert_gbs.value * 1e9
     )
-    decode_s["overhead"] = host_layers * machine.cpu_layer_s.value + (
-        gpu_layers * NODES_PER_LAYER * machine.gpu_node_s.value
+    decode_s["overhead"] = (
+        machine.cpu_token_s.value
+        + host_layers * machine.cpu_layer_s.value
+        + (gpu_layers * NODES_PER_LAYER * machine.gpu_node_s.value)
     )
     total = sum(v for k, v in decode_s.items() if k not in ("ram", "cpu_compute"))
     total += max(decode_s.get("ram", 0.0), decode_s["cpu_compute"])
