@@ -4,9 +4,10 @@ Models: the tiny model (its context limit raised to 64k) and a generated deepsee
 (hidden 4096, 64 heads x 512, q/o LoRA 1024, 8 output groups, expert width 2048; 3 layers, 8 experts; ~760 MB),
 both converted by `dsv4 quantize`'s converter with the default recipe (MXFP4 experts, Q8_0 dense). `--models DIR`
 keeps them between runs. First the plan's machine terms are measured as `dsv4 plan --calibrate` does (RAM and disk
-bandwidth, llama.cpp's kernels on three small models). Then for each model and context a child process loads the
-file with llama-cpp-python (verbose, swa_full off, CPU, flash attention off as the CPU plan chooses), decodes
-`--decode` tokens, and the parent parses the buffer sizes llama.cpp logs:
+bandwidth, llama.cpp's kernels on four small models; skipped with `--decode 0`). Then for each model and context a
+child process loads the file with llama-cpp-python (verbose, swa_full off, CPU, flash attention off as the CPU plan
+chooses), decodes as the calibration does (`calibrate.decode_seconds`: best chunk, CPU time on one thread), and the
+parent parses the buffer sizes llama.cpp logs:
 
     model   = "CPU_Mapped model buffer size" (whole file, mmap) vs the plan's file bytes
     kv      = every "KV buffer size" + "DSV4 ... state buffer size" vs the plan's KV bytes

@@ -3,7 +3,7 @@
 Four small generated deepseek4 models in the recipe being planned decode a few tokens each, in a child process
 (an abort there cannot take the plan down), with the thread count the plan uses:
 
-* `overhead` and `short`: the tiny widths at 4 and 2 layers, where weights are negligible — seconds per layer
+* `overhead` and `short`: the tiny widths at 6 and 3 layers, where weights are negligible — seconds per layer
   (a layer's ~170 graph nodes: thread barriers, small ops, hyper-connections) and seconds per token outside the
   layers (sampling, logits, the Python binding);
 * `dense`: wide dense projections and tiny experts — seconds per byte of dense weights (the `dense` recipe's GEMV);
@@ -49,8 +49,8 @@ WIDE = {
     "index_topk": 64,
 }
 SHAPES = {
-    "overhead": {},
-    "short": {"num_hidden_layers": 2, "compress_ratios": [0, 4, 0]},
+    "overhead": {"num_hidden_layers": 6, "compress_ratios": [0, 0, 4, 128, 4, 128, 0]},
+    "short": {"num_hidden_layers": 3, "compress_ratios": [0, 4, 128, 0]},
     "dense": {**WIDE, "num_hidden_layers": 2, "moe_intermediate_size": 64, "n_routed_experts": 8,
               "num_experts_per_tok": 2, "compress_ratios": [0, 4, 0]},
     "experts": {**WIDE, "num_attention_heads": 4, "num_hidden_layers": 2, "moe_intermediate_size": 2048,
@@ -134,8 +134,8 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
 def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, float, float]:
     """Seconds per token, per layer, per dense byte and per expert byte from (seconds, layers, dense bytes, expert
     bytes) of the overhead, short, dense and experts runs: the exact 4x4 solution, or where noise makes a term
-    non-positive, the runs in turn with the terms before them subtracted (each keeps at least a tenth of its
-    time for its own term)."""
+    non-positive, the runs in turn with the terms before them subtracted (each rate keeps at least a tenth of
+    its run's time; the per-token term may be zero)."""
     import numpy as np
 
     a = np.array([[1.0, n, d, e] for _, n, d, e in runs], dtype=np.float64)
@@ -144,11 +144,11 @@ def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, fl
         exact = np.linalg.solve(a, t)
     except np.linalg.LinAlgError:
         exact = np.zeros(4)
-    if (exact > 0).all():
+    if exact[0] >= 0 and (exact[1:] > 0).all():
         return float(exact[0]), float(exact[1]), float(exact[2]), float(exact[3])
     (t_o, n_o, _, _), (t_s, n_s, _, _), (t_d, n_d, d_d, _), (t_e, n_e, d_e, e_e) = runs
     layer_s = max(t_o - t_s, t_o * 0.1) / max(n_o - n_s, 1)
-    token_s = max(t_s - n_s * layer_s, t_s * 0.1)
+    token_s = max(t_s - n_s * layer_s, 0.0)
     dense_s = max(t_d - token_s - n_d * layer_s, t_d * 0.1) / d_d
     expert_s = max(t_e - token_s - n_e * layer_s - d_e * dense_s, t_e * 0.1) / e_e
     return token_s, layer_s, dense_s, expert_s
