@@ -28,8 +28,9 @@ def _kv_read_per_token(plan: Plan) -> int:
 def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
     """Seconds per token (and per prefill chunk) by term.
 
-    Host side per token: the layers' graph cost, then the weights — the slower of llama.cpp's GEMV kernels (timed
-    here by calibration, per recipe) and the RAM they stream from — then what is read from disk. GPU side:
+    Host side per token: a fixed cost and the layers' graph cost, then the weights — llama.cpp's GEMV kernels as
+    timed here by calibration (per recipe; bounded by RAM bandwidth when the rates were not measured at these
+    threads) — then what is read from disk. GPU side:
     bandwidth, plus an assumed launch cost per graph node. `decode_tok_s` is at the start of a conversation;
     `decode_tok_s_full_ctx` adds reading a full cache and attending over it.
     """
@@ -80,7 +81,10 @@ def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
         + (gpu_layers * NODES_PER_LAYER * machine.gpu_node_s.value)
     )
     total = sum(v for k, v in decode_s.items() if k not in ("ram", "cpu_compute"))
-    total += max(decode_s.get("ram", 0.0), decode_s["cpu_compute"])
+    # Kernel rates measured here at these threads already stream their weights from this RAM; the RAM roofline
+    # bounds only figures that were not (defaults, flags, rates scaled to more threads, a given --ram-bw).
+    streamed = machine.cpu_dense_gbs.source == "measured" and machine.ram_gbs.source != "flag"
+    total += decode_s["cpu_compute"] if streamed else max(decode_s.get("ram", 0.0), decode_s["cpu_compute"])
 
     # A full cache: its bytes from the KV tier, and attention over every cell (FLOPs at the prefill rate).
     attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=gpu))
