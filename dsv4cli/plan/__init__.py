@@ -20,10 +20,10 @@ Placement (issue 4):
    `no_disk` that is an error saying by how much RAM is short.
 
 Speed (`speed`, figures from `machine`): per decoded token, the host layers cost
-    n_host_layers·layer_s + max(host dense bytes / dense GEMV GB/s + active host expert bytes / expert GEMV GB/s,
-                                 host bytes / RAM GB/s) + disk bytes / disk GB/s
-where layer_s and the two GEMV rates are measured on this machine by `calibrate` (llama.cpp's own kernels, the
-model's recipe, the plan's threads; cached), and each GPU adds its bytes / its bandwidth plus an assumed launch
+    token_s + n_host_layers·layer_s + host dense bytes / dense GEMV GB/s + active host expert bytes / expert
+    GEMV GB/s (at least host bytes / RAM GB/s for rates not measured at these threads) + disk bytes / disk GB/s
+where token_s, layer_s and the two GEMV rates are measured on this machine by `calibrate` (llama.cpp's own
+kernels, the model's recipe, the plan's threads; cached), and each GPU adds its bytes / its bandwidth plus an assumed launch
 cost per graph node. Per token: every dense byte, k/E of each tier's expert bytes, one embedding row, Engram rows
 (a 4 KiB page each from disk). `decode_tok_s` is at the start of a conversation (what bench/plan.py measures);
 `decode_tok_s_full_ctx` adds the full cache's reads and attention FLOPs. Prefill per n_ubatch chunk: dense bytes
