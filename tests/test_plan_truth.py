@@ -158,3 +158,7 @@ def test_calibration_solve_recovers_the_terms() -> None:
     assert solve(runs) == pytest.approx((token_s, layer_s, dense_s, expert_s), rel=1e-9)
     noisy = [*runs[:3], (runs[3][0] * 0.3, *runs[3][1:])]  # the experts run "faster" than its dense part
     assert all(term > 0 for term in solve(noisy))
+    # a per-token cost lost in the noise (a slightly negative exact term): zero, and the rest by least squares
+    no_token = [(t - token_s + (1e-6 if i == 0 else 0.0), n, d, e) for i, (t, n, d, e) in enumerate(runs)]
+    got = solve(no_token)
+    assert got[0] == 0.0 and got[1:] == pytest.approx((layer_s, dense_s, expert_s), rel=0.05)

@@ -23,12 +23,13 @@ Speed (`speed`, figures from `machine`): per decoded token, the host layers cost
     token_s + n_host_layers·layer_s + host dense bytes / dense GEMV GB/s + active host expert bytes / expert
     GEMV GB/s (at least host bytes / RAM GB/s for rates not measured at these threads) + disk bytes / disk GB/s
 where token_s, layer_s and the two GEMV rates are measured on this machine by `calibrate` (llama.cpp's own
-kernels, the model's recipe, the plan's threads; cached), and each GPU adds its bytes / its bandwidth plus an assumed launch
-cost per graph node. Per token: every dense byte, k/E of each tier's expert bytes, one embedding row, Engram rows
-(a 4 KiB page each from disk). `decode_tok_s` is at the start of a conversation (what bench/plan.py measures);
-`decode_tok_s_full_ctx` adds the full cache's reads and attention FLOPs. Prefill per n_ubatch chunk: dense bytes
-once, the fraction of experts a chunk touches (1 − (1 − k/E)^ub) once — over PCIe when a GPU computes the chunk —
-plus a compute term 2·active_params·ub / FLOPS (typical figures: prefill is not calibrated).
+kernels, the model's recipe, the plan's threads; cached), and each GPU adds its bytes / its bandwidth plus an
+assumed launch cost per graph node. Per token: every dense byte, k/E of each tier's expert bytes, one embedding
+row, Engram rows (a 4 KiB page each from disk). `decode_tok_s` is at the start of a conversation (what
+bench/plan.py measures); `decode_tok_s_full_ctx` adds the full cache's reads and attention FLOPs. Prefill per
+n_ubatch chunk: dense bytes once, the fraction of experts a chunk touches (1 − (1 − k/E)^ub) once — over PCIe
+when a GPU computes the chunk — plus a compute term 2·active_params·ub / FLOPS (typical figures: prefill is not
+calibrated).
 
 Verdict (`verdict`): "fits" only when every weight is in RAM or VRAM, with a RAM reserve for the OS kept free;
 a plan that memory-maps weights says "streams from disk" first, with hints that name only real options.

@@ -31,7 +31,7 @@ from typing import Any
 from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 
-CHUNKS = 6
+CHUNKS = 10
 CHUNK_S = 0.05
 CHILD_TIMEOUT_S = 300
 # Widths of the generated models (config.json names); the rest comes from the tiny model's config.
@@ -133,9 +133,9 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
 
 def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, float, float]:
     """Seconds per token, per layer, per dense byte and per expert byte from (seconds, layers, dense bytes, expert
-    bytes) of the overhead, short, dense and experts runs: the exact 4x4 solution, or where noise makes a term
-    non-positive, the runs in turn with the terms before them subtracted (each rate keeps at least a tenth of
-    its run's time; the per-token term may be zero)."""
+    bytes) of the overhead, short, dense and experts runs: the exact 4x4 solution; with a negative per-token term,
+    none and least squares for the rest; where noise still makes a term non-positive, the runs in turn with the
+    terms before them subtracted (each rate keeps at least a tenth of its run's time)."""
     import numpy as np
 
     a = np.array([[1.0, n, d, e] for _, n, d, e in runs], dtype=np.float64)
@@ -146,6 +146,10 @@ def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, fl
         exact = np.zeros(4)
     if exact[0] >= 0 and (exact[1:] > 0).all():
         return float(exact[0]), float(exact[1]), float(exact[2]), float(exact[3])
+    # a per-token cost below the noise: no such term, least squares for the other three
+    rest = np.linalg.lstsq(a[:, 1:], t, rcond=None)[0]
+    if (rest > 0).all():
+        return 0.0, float(rest[0]), float(rest[1]), float(rest[2])
     (t_o, n_o, _, _), (t_s, n_s, _, _), (t_d, n_d, d_d, _), (t_e, n_e, d_e, e_e) = runs
     layer_s = max(t_o - t_s, t_o * 0.1) / max(n_o - n_s, 1)
     token_s = max(t_s - n_s * layer_s, 0.0)
