@@ -113,7 +113,7 @@ def test_disk_streaming_verdict_and_hints_name_real_options(dsv4) -> None:
 def test_recipe_bytes_match_the_converter(tiny_gguf: Path) -> None:
     """Retyping the tiny GGUF's tensors gives exactly the bytes `dsv4 quantize` would write in each recipe."""
     exact = make_plan(str(tiny_gguf), PlanInputs(vram_gib=(), ram_gib=8, threads=1))
-    sizes = recipe_bytes(exact.source.tensors, exact.source.recipe)
+    sizes = recipe_bytes(exact.source.tensors, exact.source.recipe, exact.source.dims.n_layer)
     for experts, dense in ((e, d) for e in EXPERT_RECIPES for d in DENSE_RECIPES):
         estimate = make_plan("tiny", PlanInputs(vram_gib=(), ram_gib=8, threads=1, experts=experts, dense=dense))
         assert sizes[(experts, dense)] == sum(s.nbytes for s in estimate.source.tensors), (experts, dense)

@@ -76,10 +76,9 @@ class Calibration:
 def cache_key(*, experts: str, dense: str, threads: int) -> str:
     """CPU model and flags, llama.cpp build, recipe and threads: anything that changes the kernels' speed."""
     from dsv4cli import llama_lib
-    from dsv4cli.doctor import cpu_flags
 
     build = llama_lib.build_info()
-    cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(cpu_flags()))}".encode()).hexdigest()[:16]
+    cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(hardware.cpu_flags()))}".encode()).hexdigest()[:16]
     return f"v2|cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
 
 
@@ -110,7 +109,7 @@ def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -
         n_active = src.dims.n_expert_used / src.dims.n_expert
         dense_b = expert_b = 0.0
         for spec in src.tensors:
-            cls = tensor_class(spec.name)
+            cls = tensor_class(spec.name, src.dims.n_layer)
             if cls == "routed_experts":
                 expert_b += spec.nbytes * n_active
             elif cls not in ("token_embd", "mtp"):

@@ -18,7 +18,7 @@ from quant.mapping import fit_type, nbytes_of
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 
-def recipe_bytes(tensors: Sequence[Any], recipe: dict[str, str]) -> dict[tuple[str, str], int]:
+def recipe_bytes(tensors: Sequence[Any], recipe: dict[str, str], n_layer: int) -> dict[tuple[str, str], int]:
     """Total tensor bytes of the same model in every recipe: experts and dense projections retyped."""
     old_experts, old_dense = int(EXPERT_RECIPES[recipe["experts"]]), int(DENSE_RECIPES[recipe["dense"]])
     totals = {}
@@ -26,7 +26,7 @@ def recipe_bytes(tensors: Sequence[Any], recipe: dict[str, str]) -> dict[tuple[s
         for d_name, d_type in DENSE_RECIPES.items():
             total = 0
             for spec in tensors:
-                routed = tensor_class(spec.name) == "routed_experts"
+                routed = tensor_class(spec.name, n_layer) == "routed_experts"
                 if routed and spec.ggml_type == old_experts:
                     total += nbytes_of(spec.ne, fit_type(e_type, spec.ne[0]))
                 elif not routed and spec.ggml_type == old_dense:
@@ -46,7 +46,7 @@ def disk_hints(plan: Plan, reserve_gib: float | None) -> list[str]:
     hints = [f"{gib(total)} of RAM would hold every weight (--ram {math.ceil(total / GIB)}, reserve included)"]
     recipe = plan.source.recipe or {"experts": plan.inputs.experts, "dense": plan.inputs.dense}
     if recipe.get("experts") in EXPERT_RECIPES and recipe.get("dense") in DENSE_RECIPES:
-        sizes = recipe_bytes(plan.source.tensors, recipe)
+        sizes = recipe_bytes(plan.source.tensors, recipe, plan.source.dims.n_layer)
         now = sizes[(recipe["experts"], recipe["dense"])]
         smaller = sorted((size, r) for r, size in sizes.items() if size < now)
         if smaller:
