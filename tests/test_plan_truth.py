@@ -162,3 +162,16 @@ def test_calibration_solve_recovers_the_terms() -> None:
     no_token = [(t - token_s + (1e-6 if i == 0 else 0.0), n, d, e) for i, (t, n, d, e) in enumerate(runs)]
     got = solve(no_token)
     assert got[0] == 0.0 and got[1:] == pytest.approx((layer_s, dense_s, expert_s), rel=0.05)
+
+
+def test_serve_refuses_a_plan_for_another_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
+    """`dsv4 serve --plan` places the model through the same check as chat (`server.model.plan_model`)."""
+    from dsv4cli.chat import Placement
+    from dsv4cli.model_ref import ModelRef
+    from dsv4cli.server.model import plan_model
+
+    flash = tmp_path / "flash.json"
+    assert dsv4("plan", "deepseek-v4-flash", "--vram", "24", "--ram", "256", "-o", str(flash)).code == 0
+    ref = ModelRef(str(tiny_gguf), "gguf", path=tiny_gguf)
+    with pytest.raises(PlanError, match="made for 'deepseek-v4-flash'"):
+        plan_model(ref, Placement(plan_file=flash), note=lambda _: None)
