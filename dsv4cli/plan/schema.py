@@ -47,7 +47,7 @@ SCHEMA = """\
       names: threads, ram_bw, disk_bw, cpu_dense_gemv, cpu_expert_gemv, cpu_layer_cost, ctx, kv_type,
              flash_attn, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
   "model": {"name": str, "files": [{"name": str, "bytes": int}] (empty for an estimate),
-            "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every tensor)}
+            "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every placed tensor)}
       (`dsv4 chat --plan` refuses a GGUF whose tensor table differs: check_plan_model),
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
@@ -142,12 +142,15 @@ def load_plan(path: Path) -> dict[str, Any]:
     return data
 
 
-def tensor_table_digest(tensors: Sequence[Any]) -> str:
-    """sha256 of every tensor's name, type and shape: what a placement depends on, equal for a registry estimate
-    and the GGUF `dsv4 quantize` writes from it."""
+def tensor_table_digest(tensors: Sequence[Any], n_layer: int) -> str:
+    """sha256 of the name, type and shape of every tensor a placement covers: equal for a registry estimate and
+    the GGUF `dsv4 quantize` writes from it, and for that GGUF with or without its MTP block (never placed)."""
+    from dsv4cli.plan.groups import tensor_class
+
     digest = hashlib.sha256()
     for spec in tensors:
-        digest.update(f"{spec.name}|{spec.ggml_type}|{','.join(map(str, spec.ne))}\n".encode())
+        if tensor_class(spec.name, n_layer) != "mtp":
+            digest.update(f"{spec.name}|{spec.ggml_type}|{','.join(map(str, spec.ne))}\n".encode())
     return digest.hexdigest()
 
 
@@ -157,7 +160,7 @@ def model_binding(src: ModelSource) -> dict[str, Any]:
         "name": src.name,
         "files": [{"name": f.name, "bytes": f.stat().st_size} for f in src.files],
         "tensor_bytes": sum(s.nbytes for s in src.tensors),
-        "tensor_table_sha256": tensor_table_digest(src.tensors),
+        "tensor_table_sha256": tensor_table_digest(src.tensors, src.dims.n_layer),
     }
 
 
@@ -169,7 +172,8 @@ def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> No
     bound = data.get("model")
     if not isinstance(bound, dict) or not isinstance(bound.get("tensor_table_sha256"), str):
         return
-    if tensor_table_digest(read_gguf(gguf).tensors) != bound["tensor_table_sha256"]:
+    src = read_gguf(gguf)
+    if tensor_table_digest(src.tensors, src.dims.n_layer) != bound["tensor_table_sha256"]:
         raise PlanError(
             f"{plan_path}: made for {bound.get('name')!r}, not {gguf.name} (their tensors differ)",
             hint=f"make a plan for this file: dsv4 plan {gguf} -o {plan_path}",
