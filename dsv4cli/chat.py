@@ -19,6 +19,8 @@ from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitte
 
 if TYPE_CHECKING:
     from dsv4cli.model_ref import ModelRef
+    from dsv4cli.plan import PlanInputs
+    from dsv4cli.rpc.protocol import Endpoint
 
 DEFAULT_MODEL = "tiny"
 TINY_NOTE = (
@@ -238,6 +240,14 @@ class Placement:
     ram_gib: float | None = None
     ctx: int | None = None
     cpu: bool = False  # no GPU even where one is found (`--cpu`)
+    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers (`dsv4 serve --rpc`; the in-process engine refuses them)
+
+    def plan_inputs(self) -> PlanInputs:
+        """The budgets as plan inputs, for a plan made now (no `--plan` file)."""
+        from dsv4cli.plan import PlanInputs
+
+        vram = () if self.cpu else self.vram_gib
+        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc)
 
 
 @dataclass
@@ -288,15 +298,13 @@ def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
 def load_params(gguf: Path, placement: Placement) -> LoadParams:
     """The load parameters from a plan file, or from a plan made now for the given budgets."""
     from dsv4cli.model_ref import ModelRef
-    from dsv4cli.plan import PlanInputs, check_plan_model, load_plan, make_plan
+    from dsv4cli.plan import check_plan_model, load_plan, make_plan
 
     if placement.plan_file:
         data = load_plan(placement.plan_file)
         check_plan_model(data, gguf, plan_path=placement.plan_file)
         return LoadParams.from_dict(data["llama"])
-    vram = () if placement.cpu else placement.vram_gib
-    inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
-    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
+    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs()).load_params()
 
 
 def prompt_renderer(gguf: Path) -> PromptRenderer:

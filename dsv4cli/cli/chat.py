@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, VramOpt, placement
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, note, out, print_json
 
@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
         seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log on stderr.")] = False,
+        rpc: RpcOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
@@ -86,6 +87,11 @@ def register(app: typer.Typer) -> None:
         from dsv4cli.engine import SampleOptions
         from dsv4cli.model_ref import resolve_model
 
+        if rpc:
+            raise UsageError(
+                "--rpc: chat runs llama.cpp in process, which does not load across machines",
+                hint=f"serve it across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
+            )
         where = placement(plan, vram, ram, ctx, cpu)
         if prompt is None and not sys.stdin.isatty():
             prompt = sys.stdin.read()

@@ -78,12 +78,36 @@ CpuOpt = Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even w
 CtxOpt = Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")]
 
 
-def placement(plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool) -> Placement:
+def placement(
+    plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool, rpc: str | None = None
+) -> Placement:
     """The placement flags of the commands that load a model (chat, serve), checked the same way for both."""
     from dsv4cli.chat import Placement
+    from dsv4cli.rpc.protocol import parse_endpoints
 
     if plan and (vram is not None or ram is not None or ctx is not None):
         raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
     if cpu and (vram is not None or plan):
         raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
-    return Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu)
+    if plan and rpc:
+        raise UsageError("--plan already names its RPC workers; drop --rpc or the plan")
+    endpoints = parse_endpoints(rpc) if rpc else ()
+    return Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu, rpc=endpoints)
+
+
+def _check_rpc(value: str | None) -> str | None:
+    if value is not None:
+        from dsv4cli.rpc.protocol import parse_endpoints
+
+        parse_endpoints(value)
+    return value
+
+
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        callback=_check_rpc,
+        help="llama.cpp RPC workers HOST:PORT,HOST:PORT (started with `dsv4 worker`) that hold part of the model.",
+    ),
+]

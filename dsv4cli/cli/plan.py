@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, KvTypeOpt, ModelArg, RamOpt, VramOpt, gib_list
+from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, KvTypeOpt, ModelArg, RamOpt, RpcOpt, VramOpt, gib_list
 from dsv4cli.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
@@ -35,6 +35,8 @@ def plan(
     disk_bw: Annotated[float | None, typer.Option(help="Disk read GB/s.")] = None,
     pcie_bw: Annotated[float | None, typer.Option(help="Host-to-GPU GB/s.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")] = None,
+    rpc: RpcOpt = None,
+    rpc_bw: Annotated[float | None, typer.Option(help="RPC workers' memory GB/s (default: the RAM default).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here again.")] = False,
     calibrate: Annotated[
         bool,
@@ -59,6 +61,7 @@ def plan(
     """Plan GPU / RAM / disk placement for a GGUF, a checkpoint folder or a registry name, with predicted speed."""
     from dsv4cli.model_ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
+    from dsv4cli.rpc.protocol import parse_endpoints
 
     inputs = PlanInputs(
         vram_gib=gib_list(vram),
@@ -79,6 +82,8 @@ def plan(
         calibrate=calibrate,
         cpu_gbs=cpu_gbs,
         reserve_gib=reserve,
+        rpc_bw=rpc_bw,
+        rpc=parse_endpoints(rpc) if rpc else (),
     )
     result = make_plan(resolve_model(model), inputs)
     if output is not None:
@@ -118,11 +123,15 @@ def _render(result: Plan) -> None:
             table.add_row(tier.name, "context", "", parts)
     out.print(table)
     budget = Table(box=box.SIMPLE_HEAD)
-    for column in ("tier", "device", "used", "budget", "GB/s"):
+    rpc = any(t.kind == "rpc" for t in result.tiers)
+    for column in ("tier", "device", "used", "budget", "GB/s", *(("network",) if rpc else ())):
         budget.add_column(column)
     for tier in result.tiers:
         limit = human_bytes(tier.budget) if tier.budget is not None else "-"
-        budget.add_row(tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}")
+        row = [tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}"]
+        if rpc:
+            row.append(f"{tier.rtt_s * 1e3:.2f} ms, {tier.net_gbs:.2f} GB/s" if tier.kind == "rpc" else "")
+        budget.add_row(*row)
     out.print(budget)
     figures = Table(title="assumptions", box=box.SIMPLE_HEAD)
     for column in ("figure", "value", "source"):

@@ -39,6 +39,7 @@ class LoadParams:
     # Weight repacking into ggml-cpu's extra buffer types (llama-server --repack/--no-repack); None: decided
     # when used, by `llama_lib.use_extra_bufts` (off on AMX builds, $DSV4_REPACK). `repack()` is the answer.
     use_extra_bufts: bool | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers HOST:PORT (`--rpc`); their devices come first in tensor_split
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
@@ -72,6 +73,7 @@ class LoadParams:
             "n_threads": self.n_threads,
             "tensor_split": list(self.tensor_split) or None,
             "use_extra_bufts": self.use_extra_bufts,
+            "rpc": list(self.rpc),
         }
 
     @classmethod
@@ -100,11 +102,13 @@ class LoadParams:
             kv_type=str(llama.get("type_k", DEFAULT_KV_TYPE)),
             n_threads=int(llama.get("n_threads") or cpu_threads()),
             use_extra_bufts=repack,
+            rpc=tuple(str(e) for e in llama.get("rpc") or ()),
         )
 
     def cli_args(self, model: str) -> list[str]:
         """The same settings as llama.cpp command-line flags (`llama-server -m MODEL ...`), without the binary."""
-        args = ["-m", model, "-ngl", str(self.n_gpu_layers), "-c", str(self.n_ctx), "-b", str(self.n_batch)]
+        args = ["--rpc", ",".join(self.rpc)] if self.rpc else []
+        args += ["-m", model, "-ngl", str(self.n_gpu_layers), "-c", str(self.n_ctx), "-b", str(self.n_batch)]
         args += ["-ub", str(self.n_ubatch), "-ctk", self.kv_type, "-ctv", self.kv_type, "-t", str(self.n_threads)]
         args += ["-fa", "on" if self.flash_attn else "off"]
         for pattern in self.host_tensors:

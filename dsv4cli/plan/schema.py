@@ -25,10 +25,11 @@ SCHEMA = """\
   "inputs": {"ctx": int (requested), "n_ctx": int (padded to 256 as llama.cpp does), "n_ubatch": int,
              "kv_type": "f16" | "q8_0", "margin_bytes": int (per GPU), "no_disk": bool,
              "vram_source": "flag" | "nvml" | "nvidia-smi" | "rocm-smi" | "none", "ram_source": "flag" | "available"},
-  "tiers": [{"name": "gpu0".. | "ram" | "disk", "kind": "gpu" | "ram" | "disk", "device": str,
+  "tiers": [{"name": "rpc0".. | "gpu0".. | "ram" | "disk", "kind": "rpc" | "gpu" | "ram" | "disk", "device": str,
              "budget_bytes": int | null (disk: no budget), "used_bytes": int,
              "weights_bytes": int, "kv_bytes": int, "compute_bytes": int, "margin_bytes": int,
-             "bandwidth_gbs": float}],
+             "bandwidth_gbs": float,
+             rpc only: "endpoint": "host:port", "rtt_ms": float, "net_gbs": float (measured at plan time)}],
   "classes": [{"tier": str, "class": str, "count": int, "bytes": int}],
       classes: token_embd, output_head, attention, norm, router, shared_expert, hyper_connection,
                routed_experts, engram, mtp (skipped: llama.cpp does not load it)
@@ -36,9 +37,11 @@ SCHEMA = """\
   "kv": {"n_ctx", "raw_cells", "csa_cells", "hca_cells", "raw_bytes", "csa_bytes", "hca_bytes",
          "indexer_bytes", "state_bytes", "total_bytes"},
   "compute_bytes": {"gpu": int (each GPU), "host": int},
-  "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier: int},
-                "decode_seconds_per_token": {tier: float}, "prefill_tok_s": float, "prefill_bottleneck": str,
-                "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead": float}},
+  "estimates": {"decode_tok_s": float, "decode_tok_s_full_ctx": float, "decode_bottleneck": tier,
+                "decode_bytes_per_token": {tier | "network": int},
+                "decode_seconds_per_token": {tier | "network": float}, "prefill_tok_s": float,
+                "prefill_bottleneck": str,
+                "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead" | "network": float}},
   "warnings": [str], "verdict": str (starts "fits:" or "streams from disk:"),
   "hints": [str] (what would keep every weight in memory; empty when it fits),
   "reserve_bytes": int (host RAM kept for the OS),
@@ -53,7 +56,8 @@ SCHEMA = """\
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
             "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int,
             "tensor_split": [float] (layers per GPU) | null,
-            "use_extra_bufts": bool (weight repacking; false: llama-server --no-repack) | null (decided at load)},
+            "use_extra_bufts": bool (weight repacking; false: llama-server --no-repack) | null (decided at load),
+            "rpc": ["host:port"] (llama-server --rpc; their devices come first in tensor_split)},
   "llama_args": [str] (llama-server flags)
 }"""
 
@@ -94,6 +98,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "compute_bytes": t.compute,
                 "margin_bytes": t.margin,
                 "bandwidth_gbs": round(t.bandwidth_gbs, 1),
+                **(
+                    {"endpoint": t.endpoint, "rtt_ms": round(t.rtt_s * 1e3, 3), "net_gbs": round(t.net_gbs, 3)}
+                    if t.kind == "rpc"
+                    else {}
+                ),
             }
             for t in plan.tiers
         ],

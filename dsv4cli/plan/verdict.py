@@ -2,7 +2,7 @@
 
 "fits" means every weight is in RAM or VRAM. A plan that memory-maps weights from disk says so first, with its
 speed, and names only things that exist: the RAM it would need, a recipe whose real byte total (every tensor's
-size recomputed in that recipe's types) is smaller, or more VRAM.
+size recomputed in that recipe's types) is smaller, more VRAM, or an RPC worker on a second machine.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.model import Plan
-from dsv4cli.units import GIB, gib
+from dsv4cli.units import GIB, gib, human_bytes
 from quant.mapping import fit_type, nbytes_of
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
@@ -54,13 +54,23 @@ def disk_hints(plan: Plan, reserve_gib: float | None) -> list[str]:
             fits = "fits in RAM" if now - size >= spill else f"still streams {gib(spill - (now - size))}"
             hints.append(f"--experts {experts} --dense {dense} is {gib(now - size)} smaller ({fits})")
     hints.append("more VRAM takes experts off the host (--vram GiB per GPU, e.g. --vram 24,24)")
+    hints.append("a second machine's memory: run `dsv4 worker` there and plan with --rpc HOST:PORT")
     return hints
 
 
 def verdict(plan: Plan) -> str:
     est = plan.estimates
-    n_gpus = sum(1 for n in plan.gpu_layer_counts if n)
-    where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {n_gpus} GPU(s)" if n_gpus else "CPU only"
+    counts = list(zip(plan.tiers, plan.gpu_layer_counts, strict=False))
+    n_gpus = sum(1 for t, n in counts if n and t.kind == "gpu")
+    n_rpc = len({t.endpoint for t, n in counts if n and t.kind == "rpc"})
+    devices = " + ".join(
+        part for part in (f"{n_rpc} RPC worker(s)" if n_rpc else "", f"{n_gpus} GPU(s)" if n_gpus else "") if part
+    )
+    where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {devices}" if devices else "CPU only"
+    network = est["decode_seconds_per_token"].get("network")
+    if network is not None:
+        sent = human_bytes(est["decode_bytes_per_token"]["network"])
+        where += f" (network: {sent} and {network * 1e3:.2f} ms per token)"
     speed = (
         f"~{est['decode_tok_s']:.1f} tok/s decode (~{est['decode_tok_s_full_ctx']:.1f} at a full {plan.kv.n_ctx}"
         f"-token context; bound by {est['decode_bottleneck']}), ~{est['prefill_tok_s']:.0f} tok/s prefill"
