@@ -1,18 +1,22 @@
 """How close `dsv4 plan` is to what llama.cpp really allocates and how fast it really decodes, on this machine.
 
-For each GGUF (default: the tiny model, quantized into a temp folder; `--big` adds a ~1.5 GB generated deepseek4
-model) and each context length, a child process loads the file with llama-cpp-python (verbose, swa_full off,
-CPU) and the parent parses the buffer sizes llama.cpp logs:
+Models: the tiny model (its context limit raised to 64k) and a generated deepseek4 model at V4-Flash's real widths
+(hidden 4096, 64 heads x 512, q/o LoRA 1024, 8 output groups, expert width 2048; 3 layers, 8 experts; ~760 MB),
+both converted by `dsv4 quantize`'s converter with the default recipe (MXFP4 experts, Q8_0 dense). `--models DIR`
+keeps them between runs. First the plan's machine terms are measured as `dsv4 plan --calibrate` does (RAM and disk
+bandwidth, llama.cpp's kernels on four small models; skipped with `--decode 0`). Then for each model and context a
+child process loads the file with llama-cpp-python (verbose, swa_full off, CPU, flash attention off as the CPU plan
+chooses), decodes as the calibration does (`calibrate.decode_seconds`: best chunk, CPU time on one thread), and the
+parent parses the buffer sizes llama.cpp logs:
 
     model   = "CPU_Mapped model buffer size" (whole file, mmap) vs the plan's file bytes
     kv      = every "KV buffer size" + "DSV4 ... state buffer size" vs the plan's KV bytes
     compute = "CPU compute buffer size" vs the plan's compute estimate
+    decode  = tokens/s of the child's decode vs the plan's decode_tok_s (a short context, as measured)
 
-and prints planned / reported. With `--decode N` the child also generates N tokens; the parent measures host RAM
-bandwidth right before (same machine, same moment) and compares the plan's predicted decode tok/s. Goals: bytes
-within 2 % (fail above 5 %), decode within ±30 %.
+Goals: bytes within 5 % (an underestimate is an OOM), decode within +-25 %.
 
-    .venv/bin/python bench/plan.py [--big] [--ctx 1024,4096] [--decode 32] [--json]
+    .venv/bin/python bench/plan.py [--models DIR] [--ctx 4096,32768] [--decode 0] [--gguf F.gguf] [--json]
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MIB = 2**20
@@ -33,26 +36,27 @@ BUFFER_RE = {
     "kv": re.compile(r"(?:KV buffer size|state buffer size) =\s*([\d.]+) MiB"),
     "compute": re.compile(r"CPU compute buffer size =\s*([\d.]+) MiB"),
 }
-BIG_CONFIG = {
-    "hidden_size": 2048,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 16,
-    "head_dim": 256,
+# V4-Flash's real widths (docs/formats.md), 3 layers and 8 experts: ~0.5 GB, the memory and speed of one real layer.
+REAL_CONFIG = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 64,
+    "head_dim": 512,
     "qk_rope_head_dim": 64,
-    "q_lora_rank": 512,
-    "o_lora_rank": 512,
-    "o_groups": 4,
-    "moe_intermediate_size": 1024,
-    "n_routed_experts": 48,
+    "q_lora_rank": 1024,
+    "o_lora_rank": 1024,
+    "o_groups": 8,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 8,
     "num_experts_per_tok": 6,
     "vocab_size": 512,
-    "index_n_heads": 8,
+    "index_n_heads": 64,
     "index_head_dim": 128,
-    "index_topk": 64,
+    "index_topk": 512,
     "sliding_window": 128,
-    "num_hash_layers": 2,
+    "num_hash_layers": 1,
     "max_position_embeddings": 65536,
-    "compress_ratios": [0, 0, 4, 128, 4, 128, 4, 128, 0],
+    "compress_ratios": [0, 4, 128, 0],
 }
 
 
@@ -61,15 +65,12 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     from llama_cpp import Llama
 
     from dsv4cli.llama_lib import apply_to_llama_class
+    from dsv4cli.plan.calibrate import decode_seconds
 
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
     if n_decode:
-        llm.eval(llm.tokenize(b"The quick brown fox", add_bos=False))
-        start = time.perf_counter()
-        for _ in range(n_decode):
-            llm.eval([llm.sample(temp=0.0)])
-        print(f"DECODE_TOK_S {n_decode / (time.perf_counter() - start)}", file=sys.stderr)
+        print(f"DECODE_TOK_S {1 / decode_seconds(llm, threads=THREADS)}", file=sys.stderr)
 
 
 def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[str, float]:
@@ -85,14 +86,27 @@ def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[s
     return result
 
 
+def calibrate() -> None:
+    """Measure the machine terms once for this run (bandwidths and kernels, at the bench's thread count)."""
+    from dsv4cli.hardware import measured_bandwidths
+    from dsv4cli.home import dsv4_home
+    from dsv4cli.plan.calibrate import calibration
+
+    home = dsv4_home()
+    bw = measured_bandwidths(home, remeasure=True)
+    cal = calibration(home, experts="mxfp4", dense="q8_0", threads=THREADS, remeasure=True)
+    print(
+        f"calibration: RAM {bw.ram_gbs:.1f} GB/s, disk {bw.disk_gbs:.1f} GB/s, dense GEMV {cal.dense_gbs:.1f} GB/s, "
+        f"expert GEMV {cal.expert_gbs:.1f} GB/s, {cal.layer_s * 1e3:.2f} ms per layer, {cal.token_s * 1e3:.2f} ms per "
+        f"token ({THREADS} thread)",
+        file=sys.stderr,
+    )
+
+
 def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int) -> dict[str, float]:
-    from dsv4cli.hardware import measure_ram_bandwidth
     from dsv4cli.plan import PlanInputs, make_plan
 
-    ram_bw = measure_ram_bandwidth() if n_decode else None
-    plan = make_plan(
-        str(path), PlanInputs(vram_gib=(), ram_gib=64, ctx=n_ctx, ubatch=n_ubatch, ram_bw=ram_bw, threads=THREADS)
-    )
+    plan = make_plan(str(path), PlanInputs(vram_gib=(), ram_gib=64, ctx=n_ctx, ubatch=n_ubatch, threads=THREADS))
     got = reported(path, n_ctx, n_ubatch, n_decode)
     planned = {
         "model": sum(s.nbytes for s in plan.source.tensors),
@@ -104,37 +118,36 @@ def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int) -> dict[str, f
         row[f"{key}_planned"] = value
         row[f"{key}_reported"] = got[key]
         row[f"{key}_ratio"] = value / got[key]
-    total_planned, total_reported = sum(planned.values()), sum(got[k] for k in planned)
-    row["total_ratio"] = total_planned / total_reported
+    row["total_ratio"] = sum(planned.values()) / sum(got[k] for k in planned)
     if n_decode:
-        row["ram_bw_gbs"] = ram_bw
         row["decode_predicted"] = plan.estimates["decode_tok_s"]
         row["decode_measured"] = got["decode_tok_s"]
         row["decode_ratio"] = plan.estimates["decode_tok_s"] / got["decode_tok_s"]
     return row
 
 
-def make_gguf(folder: Path, name: str, config: dict | None) -> Path:
-    """The tiny model (or a bigger generated one) written as a checkpoint and quantized with the default recipe."""
-    from dsv4cli.registry import ModelSpec, get_model
+def make_gguf(folder: Path, name: str, config: dict) -> Path:
+    """A generated checkpoint with `config`, converted with the default recipe (kept in `folder` once written)."""
+    from dsv4cli.registry import ModelSpec
     from dsv4cli.tiny import write_tiny_checkpoint
     from quant.convert import QuantOptions, quantize_checkpoint
 
-    spec = get_model("tiny") if config is None else ModelSpec(name=name, builtin=True, config=config)
     out = folder / f"{name}.gguf"
-    write_tiny_checkpoint(spec, folder / name)
+    if out.is_file():
+        return out
+    write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), folder / name)
     quantize_checkpoint(folder / name, out, QuantOptions())
     return out
 
 
-def bench_models(folder: Path, given: list[Path], *, big: bool) -> list[Path]:
-    """The files to measure: those given, else the tiny model (and with `big` a generated ~1.5 GB one)."""
+def bench_models(folder: Path, given: list[Path]) -> list[Path]:
+    """The files to measure: those given, else the tiny model and the real-width one."""
+    from dsv4cli.registry import get_model
+
     if given:
         return list(given)
-    files = [make_gguf(folder, "tiny", None)]
-    if big:
-        files.append(make_gguf(folder, "bench-big", BIG_CONFIG))
-    return files
+    tiny = {**get_model("tiny").config, "max_position_embeddings": 65536}
+    return [make_gguf(folder, "bench-tiny", tiny), make_gguf(folder, "bench-real", REAL_CONFIG)]
 
 
 def main() -> None:
@@ -143,32 +156,36 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, action="append", default=[], help="plan these files instead")
-    parser.add_argument("--big", action="store_true", help="also generate and check a ~1.5 GB model")
-    parser.add_argument("--ctx", default="1024,4096")
+    parser.add_argument("--models", type=Path, help="keep the generated models here (default: a temp folder)")
+    parser.add_argument("--ctx", default="4096,32768")
     parser.add_argument("--ubatch", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=0, help="tokens to generate for the speed check")
+    parser.add_argument("--decode", type=int, default=1, help="1: calibrate and check decode speed; 0: bytes only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-plan-") as tmp:
-        for path in bench_models(Path(tmp), args.gguf, big=args.big):
+        folder = args.models or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = bench_models(folder, args.gguf)
+        if args.decode:
+            calibrate()
+        for path in files:
             for n_ctx in (int(c) for c in args.ctx.split(",")):
                 rows.append(compare(path, n_ctx, args.ubatch, args.decode))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
+    print("| model | ctx | decode tok/s planned / measured | compute MiB | KV MiB | model MiB |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        figures = "  ".join(
-            f"{k} {row[f'{k}_planned'] / MIB:.2f}/{row[f'{k}_reported'] / MIB:.2f} MiB ({row[f'{k}_ratio']:.3f})"
-            for k in ("model", "kv", "compute")
-        )
-        line = f"{row['file']} ctx {row['n_ctx']}: {figures}  total {row['total_ratio']:.3f}"
+        cells = [
+            f"{row[f'{k}_planned'] / MIB:.1f} / {row[f'{k}_reported'] / MIB:.1f} ({row[f'{k}_ratio']:.3f})"
+            for k in ("compute", "kv", "model")
+        ]
+        decode = "-"
         if "decode_ratio" in row:
-            line += (
-                f"  decode {row['decode_predicted']:.1f} predicted / {row['decode_measured']:.1f} measured tok/s "
-                f"({row['decode_ratio']:.2f}, RAM {row['ram_bw_gbs']:.1f} GB/s)"
-            )
-        print(line)
+            decode = f"{row['decode_predicted']:.1f} / {row['decode_measured']:.1f} ({row['decode_ratio']:.2f})"
+        print(f"| {row['file']} | {row['n_ctx']} | {decode} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -362,7 +362,7 @@ def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None]
     from dsv4cli.plan.schema import load_plan_params
 
     if placement.plan_file:
-        return load_plan_params(placement.plan_file, note=note)
+        return load_plan_params(placement.plan_file, gguf, note=note)
     return make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs()).load_params()
 
 

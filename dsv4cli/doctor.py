@@ -41,6 +41,7 @@ class Report:
     bandwidth: dict[str, Any] | None
     engine: dict[str, Any]  # the llama-server `dsv4 serve` runs: ServerBinary.to_json(), or {"error": why not}
     problems: list[Problem] = field(default_factory=list)
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # dsv4cli.plan.calibrate, cached entries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,4 +128,7 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
         bandwidth=bandwidth,
         engine=engine,
         problems=problems,
+        calibration=[
+            c for c in hardware.read_machine_cache(home).get("calibration", {}).values() if isinstance(c, dict)
+        ],
     )

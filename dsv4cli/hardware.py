@@ -13,8 +13,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 GB = 1e9
 
@@ -126,6 +127,12 @@ def available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def total_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
@@ -204,31 +211,58 @@ def machine_id() -> str:
     return f"{platform.node()}-{platform.machine()}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (e.g. "AMD EPYC 9B14"), part of the calibration cache key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_machine_cache(folder: Path) -> dict[str, Any]:
+    """`folder`/machine.json when it was written on this machine for this folder, else {}."""
+    try:
+        data = json.loads((folder / "machine.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("machine") != machine_id() or data.get("folder") != str(folder):
+        return {}
+    return data
+
+
+def update_machine_cache(folder: Path, entries: dict[str, Any]) -> None:
+    """Merge `entries` into `folder`/machine.json: a temporary name, then a rename, so no reader sees a torn file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {**read_machine_cache(folder), **entries, "machine": machine_id(), "folder": str(folder)}
+    cache = folder / "machine.json"
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(cache)
+
+
 def measured_bandwidths(folder: Path, *, remeasure: bool = False) -> Bandwidths:
     """RAM and disk read GB/s, measured once per machine and disk folder and cached in `folder`/machine.json.
 
-    Takes a few seconds the first time (or with `remeasure`); the cache is written to a temporary name and
-    renamed, so concurrent runs never leave a torn file.
+    Takes a few seconds the first time (or with `remeasure`); the cache also holds the plan's calibration
+    (`dsv4cli.plan.calibrate`), which this keeps.
     """
-    cache = folder / "machine.json"
-    key = machine_id()
-    if not remeasure:
+    data = read_machine_cache(folder)
+    names = [f.name for f in fields(Bandwidths) if f.name != "cached"]
+    if not remeasure and all(name in data for name in names):
         try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("machine") == key and data.get("folder") == str(folder):
-                return Bandwidths(**{**data, "cached": True})
-        except (OSError, ValueError, TypeError):
+            return Bandwidths(**{name: data[name] for name in names}, cached=True)
+        except TypeError:
             pass
     folder.mkdir(parents=True, exist_ok=True)
     result = Bandwidths(
         ram_gbs=round(measure_ram_bandwidth(), 2),
         disk_gbs=round(measure_disk_bandwidth(folder), 2),
         folder=str(folder),
-        machine=key,
+        machine=machine_id(),
         measured_at=time.time(),
     )
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    fields = {k: v for k, v in result.__dict__.items() if k != "cached"}
-    tmp.write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(cache)
+    update_machine_cache(folder, {name: getattr(result, name) for name in names})
     return result

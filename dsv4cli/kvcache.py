@@ -16,21 +16,25 @@ our engine; its cache is our best guess from the checkpoint layout (docs/formats
 layer, a compressed cache on each KV-source layer and an indexer cache on each index-source layer, at that layer's
 ratio.
 
-The compute buffer is llama.cpp's graph-allocator peak, which has no closed form. It is modelled as a weighted sum
-of the largest per-ubatch intermediates and calibrated (least squares on relative error, non-negative weights)
-against the CPU compute buffer llama.cpp 0.3.36 reports for three generated deepseek4 models (hidden 256–2048, 4–16
-heads, vocab 512–32768) at n_ctx 4k–64k and n_ubatch 128–1024 (bench/plan.py re-measures it):
+The compute buffer is the peak of llama.cpp's graph allocator (ggml-alloc: tensors freed after their last use,
+element-wise ops in place). Without flash attention the peak is inside the attention of a CSA layer
+(`build_csa_lid_attention` → `build_attn_mha` in src/models/deepseek4.cpp and src/llama-graph.cpp), with
+n_kv = raw window + CSA cells and n_t = n_ubatch tokens. Live at that point:
 
-    scores = n_ubatch · n_head · (raw_cells + csa_cells) · 4      attention scores of a CSA layer
-    mask   = n_ubatch · (raw_cells + csa_cells) · 4               its KQ mask
-    logits = n_ubatch · vocab · 4
-    stream = n_ubatch · hc · hidden · 4                           the hyper-connection residual stream
-    compute = 1.12·scores + 2.11·mask + 2.78·stream                    flash attention off (worst 5.9 %)
-    compute = 0.018·scores + 1.80·mask + 0.425·logits + 3.09·stream    flash attention on (worst 14 %)
-    and at least logits + 2·stream (the output stage; it only binds for a large vocab at a short context)
+    scores = n_t · n_head · n_kv · 4          kq, soft-maxed in place
+    q      = n_t · n_head · head_dim · 4      the queries and the kqv product, both that size
+    stream = n_t · hc · hidden · 4            the hyper-connection residual, its input and output
+    x      = n_t · hidden · 4                 the layer input
+    per KV cell: the f32 mask rows (raw+CSA concatenated, the top-k mask, the indexer scores: 2.5 · n_t · 4
+                 on average) and the concatenated K row (head_dim · 2)
+    compute = scores + 2·q + 2·stream + x + n_kv · (2.5 · n_t · 4 + head_dim · 2)
 
-The CPU fit includes a vocab-512 twin of the vocab-32768 model: both report the same buffer, so the logits do not
-set the peak there.
+This is within +3 % (never under) of llama.cpp 0.3.36's CPU compute buffer at n_ctx 1k–32k for the tiny model and
+a generated model at V4-Flash's widths (bench/plan.py checks it). The output stage needs logits + 2·stream, which
+binds only for a large vocab at a short context. With flash attention (GPUs, a quantized cache) there is no scores
+tensor; that case keeps a weighted sum calibrated against generated models (hidden 256–2048, worst 14 %):
+
+    compute_fa = 0.018·scores + 1.80·mask + 0.425·logits + 3.09·stream     (mask = n_t · n_kv · 4)
 
 GPU backends allocate their own compute buffer per device; the same formula is used for them (unverified here: no
 GPU on the calibration machine).
@@ -63,9 +67,9 @@ class KvType:
 KV_TYPES = {"f16": KvType(1, 1, 2), "q8_0": KvType(8, 32, 34)}
 DEFAULT_KV_TYPE = "f16"  # llama.cpp's default cache type
 
-# Weights of (scores, mask, logits, stream); see the module docstring.
-COMPUTE_WEIGHTS = (1.1186, 2.1068, 0.0, 2.7769)
+# Flash attention on: weights of (scores, mask, logits, stream); see the module docstring.
 COMPUTE_WEIGHTS_FA = (0.0179, 1.7981, 0.4249, 3.0885)
+MASK_ROWS = 2.5  # f32 mask rows per KV cell live at the attention peak (see the module docstring)
 
 
 def pad(n: int, to: int = CELL_PAD) -> int:
@@ -184,18 +188,21 @@ def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = DEFAU
 
 
 def compute_buffer_bytes(dims: ModelDims, *, n_ctx: int, n_ubatch: int, flash_attn: bool = False) -> int:
-    """Calibrated estimate of llama.cpp's compute buffer for one device (see the module docstring)."""
+    """llama.cpp's compute buffer for one device (see the module docstring): the attention peak, or the output."""
     cache = kv_cache(dims, n_ctx=n_ctx, n_ubatch=n_ubatch)
     n_kv = cache.raw_cells + (cache.csa_cells if CSA_RATIO in dims.compress_ratios else cache.hca_cells)
-    features = (
-        n_ubatch * dims.n_head * n_kv * 4,
-        n_ubatch * n_kv * 4,
-        n_ubatch * dims.vocab * 4,
-        n_ubatch * dims.hc * dims.hidden * 4,
-    )
-    weights = COMPUTE_WEIGHTS_FA if flash_attn else COMPUTE_WEIGHTS
-    fitted = sum(w * f for w, f in zip(weights, features, strict=True))
-    return int(max(fitted, features[2] + 2 * features[3]))
+    scores = n_ubatch * dims.n_head * n_kv * 4
+    mask = n_ubatch * n_kv * 4
+    logits = n_ubatch * dims.vocab * 4
+    stream = n_ubatch * dims.hc * dims.hidden * 4
+    if flash_attn:
+        features = (scores, mask, logits, stream)
+        peak = sum(w * f for w, f in zip(COMPUTE_WEIGHTS_FA, features, strict=True))
+    else:
+        q = n_ubatch * dims.n_head * dims.head_dim * 4
+        cells = MASK_ROWS * mask + n_kv * dims.head_dim * 2
+        peak = scores + 2 * q + 2 * stream + n_ubatch * dims.hidden * 4 + cells
+    return int(max(peak, logits + 2 * stream))
 
 
 def attention_flops(dims: ModelDims, cache: KvCache, *, flash_attn: bool) -> tuple[float, ...]:

@@ -83,7 +83,7 @@ def test_gpus_and_the_cpu_only_build_problem(dsv4, isolated_env: Path, fake_tool
         assert any("make setup GPU=cuda" in f and "-DGGML_CUDA=on" in f for f in fixes), fixes
     assert report["bandwidth"] == {**cached, "cached": True}
     text = dsv4("doctor").stdout
-    assert "RTX A6000" in text and "GPU offload" in text and "RAM 20 GB/s, disk 2 GB/s (cached)" in text
+    assert "RTX A6000" in text and "GPU offload" in text and "RAM 20.0 GB/s, disk 2.0 GB/s (cached)" in text
 
 
 def test_reports_the_serve_engine_or_how_to_build_it(

@@ -55,7 +55,8 @@ PLACEMENT_ROWS = [
 
 @pytest.mark.parametrize(("vram", "ram", "ngl", "cpu_experts", "layer0_experts", "disk_gib"), PLACEMENT_ROWS)
 def test_placement_table(vram, ram, ngl, cpu_experts, layer0_experts, disk_gib) -> None:
-    plan = make_plan(_synthetic(), PlanInputs(vram_gib=vram, ram_gib=ram, ctx=1024, margin_gib=0.0, threads=1))
+    inputs = PlanInputs(vram_gib=vram, ram_gib=ram, ctx=1024, margin_gib=0.0, threads=1, reserve_gib=0.0)
+    plan = make_plan(_synthetic(), inputs)
     data = plan.to_dict()
     assert plan.n_gpu_layers == ngl
     assert plan.cpu_expert_layers == cpu_experts
@@ -68,8 +69,10 @@ def test_placement_table(vram, ram, ngl, cpu_experts, layer0_experts, disk_gib) 
         pattern = data["llama"]["override_tensor"][0]["pattern"]
         assert pattern.startswith(r"^blk\.(") and str(cpu_experts[-1]) in pattern
     if disk_gib:
-        assert any("disk" in w for w in data["warnings"])
+        assert data["verdict"].startswith("streams from disk:") and data["hints"]
         assert data["llama"]["use_mmap"] is True
+    else:
+        assert data["verdict"].startswith("fits:") and not data["hints"]
 
 
 def test_two_gpus_split_layers() -> None:
@@ -82,21 +85,23 @@ def test_two_gpus_split_layers() -> None:
 
 def test_engram_never_on_gpu() -> None:
     source = _synthetic(engram_gib=2.0)
-    roomy = make_plan(source, PlanInputs(vram_gib=(100.0,), ram_gib=32, ctx=1024, margin_gib=0, threads=1))
+    roomy = make_plan(
+        source, PlanInputs(vram_gib=(100.0,), ram_gib=32, ctx=1024, margin_gib=0, threads=1, reserve_gib=0)
+    )
     assert roomy.placement["blk.1.engram_embd.weight"] == "ram"
     assert roomy.cpu_expert_layers == []  # 100 GiB takes every expert layer, still not the Engram table
     assert r"\.engram_embd\." in roomy.load_params().host_tensors
     # RAM for the resident 5 GiB and 12 GiB of experts but not the table: the table is what goes to disk
-    short = make_plan(source, PlanInputs(vram_gib=(), ram_gib=17.5, ctx=1024, margin_gib=0, threads=1))
+    short = make_plan(source, PlanInputs(vram_gib=(), ram_gib=17.5, ctx=1024, margin_gib=0, threads=1, reserve_gib=0))
     assert short.placement["blk.1.engram_embd.weight"] == "disk"
     assert all(short.placement[f"blk.{i}.ffn_gate_exps.weight"] == "ram" for i in range(4))
 
 
 def test_ram_too_small_says_by_how_much() -> None:
     with pytest.raises(PlanError, match=r"short by 1\.\d GiB"):
-        make_plan(_synthetic(), PlanInputs(vram_gib=(), ram_gib=4, ctx=1024, threads=1))
+        make_plan(_synthetic(), PlanInputs(vram_gib=(), ram_gib=4, ctx=1024, threads=1, reserve_gib=0))
     with pytest.raises(PlanError, match=r"short by 9\.0 GiB") as info:
-        make_plan(_synthetic(), PlanInputs(vram_gib=(), ram_gib=10, ctx=1024, no_disk=True, threads=1))
+        make_plan(_synthetic(), PlanInputs(vram_gib=(), ram_gib=10, ctx=1024, no_disk=True, threads=1, reserve_gib=0))
     assert "--no-disk" in (info.value.hint or "")
 
 
@@ -160,7 +165,7 @@ def test_pro_24_128_uses_disk(dsv4) -> None:
     disk = next(t for t in plan["tiers"] if t["name"] == "disk")
     assert disk["weights_bytes"] > 500 * GIB
     assert plan["estimates"]["decode_bottleneck"] == "disk"
-    assert any("disk" in w for w in plan["warnings"]) and plan["llama"]["use_mmap"] is True
+    assert plan["verdict"].startswith("streams from disk:") and plan["llama"]["use_mmap"] is True
     res = dsv4("plan", "deepseek-v4-pro", "--vram", "24", "--ram", "128", "--no-disk")
     assert res.code == 1 and "short by" in res.stderr and "Traceback" not in res.stderr
 

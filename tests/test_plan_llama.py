@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_planned_bytes_within_5_percent_of_llama(tiny_gguf: Path, python: str) -> None:
-    argv = [python, str(ROOT / "bench" / "plan.py"), "--gguf", str(tiny_gguf), "--ctx", "1024,4096", "--json"]
+    argv = [python, str(ROOT / "bench" / "plan.py"), "--gguf", str(tiny_gguf), "--ctx", "1024,4096", "--decode", "0"]
+    argv.append("--json")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)

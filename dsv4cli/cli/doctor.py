@@ -62,7 +62,15 @@ def _render(report: Report) -> None:
     if report.bandwidth:
         bw = report.bandwidth
         when = "cached" if bw["cached"] else "measured now"
-        out.print(f"bandwidth       RAM {bw['ram_gbs']:g} GB/s, disk {bw['disk_gbs']:g} GB/s ({when})")
+        out.print(f"bandwidth       RAM {bw['ram_gbs']:.1f} GB/s, disk {bw['disk_gbs']:.1f} GB/s ({when})")
+    for cal in report.calibration:
+        out.print(
+            f"CPU kernels     {cal['experts']}/{cal['dense']}, {cal['threads']} thread(s): dense GEMV "
+            f"{cal['dense_gbs']:.1f} GB/s, expert GEMV {cal['expert_gbs']:.1f} GB/s, "
+            f"{cal['layer_s'] * 1e3:.2f} ms/layer"
+        )
+    if not report.calibration:
+        out.print("CPU kernels     not measured yet (dsv4 plan MODEL --calibrate)")
     if not report.problems:
         out.print("no problems found")
     for problem in report.problems:

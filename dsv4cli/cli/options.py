@@ -39,7 +39,7 @@ MAX_GIB = float(1 << 20)  # 1 PiB of RAM or VRAM: anything above is a typo
 MAX_GBS = 1e5  # GB/s: ten times the fastest memory there is
 
 
-def _in_range(flag: str, lo: float, hi: float, *, above: bool = False) -> Callable[[float | None], float | None]:
+def in_range(flag: str, lo: float, hi: float, *, above: bool = False) -> Callable[[float | None], float | None]:
     """A callback accepting None or a finite number in lo..hi (above lo only, when `above`)."""
 
     def check(value: float | None) -> float | None:
@@ -100,7 +100,7 @@ RamOpt = Annotated[
     float | None,
     typer.Option(
         "--ram",
-        callback=_in_range("--ram", 0, MAX_GIB, above=True),
+        callback=in_range("--ram", 0, MAX_GIB, above=True),
         help="Host RAM budget in GiB (default: available).",
     ),
 ]
@@ -117,13 +117,13 @@ UbatchOpt = Annotated[
     int, typer.Option("--ubatch", callback=_whole("--ubatch", 1, MAX_BATCH), help="Micro-batch size (compute buffer).")
 ]
 MarginOpt = Annotated[
-    float, typer.Option("--margin", callback=_in_range("--margin", 0, MAX_GIB), help="GiB kept free on each GPU.")
+    float, typer.Option("--margin", callback=in_range("--margin", 0, MAX_GIB), help="GiB kept free on each GPU.")
 ]
 
 
 def bandwidth_opt(flag: str, what: str) -> object:
     """A GB/s option (`--ram-bw` ...): positive, finite, below MAX_GBS."""
-    return typer.Option(flag, callback=_in_range(flag, 0, MAX_GBS, above=True), help=f"{what} GB/s.")
+    return typer.Option(flag, callback=in_range(flag, 0, MAX_GBS, above=True), help=f"{what} GB/s.")
 
 
 ExpertsOpt = Annotated[

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from dsv4cli.cli.options import (
+    MAX_GIB,
     CtxOpt,
     DenseOpt,
     ExpertsOpt,
@@ -24,6 +25,7 @@ from dsv4cli.cli.options import (
     VramOpt,
     bandwidth_opt,
     gib_list,
+    in_range,
 )
 from dsv4cli.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
@@ -52,7 +54,26 @@ def plan(
     threads: ThreadsOpt = None,
     rpc: RpcOpt = None,
     rpc_bw: Annotated[float | None, bandwidth_opt("--rpc-bw", "RPC workers' memory (default: the RAM figure)")] = None,
-    measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here first.")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here again.")] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate",
+            help="Measure this machine again: bandwidths and llama.cpp's kernels for this recipe (cached).",
+        ),
+    ] = False,
+    cpu_gbs: Annotated[
+        float | None,
+        bandwidth_opt("--cpu-gbs", "GEMV per CPU thread (planning for another machine; skips calibration)"),
+    ] = None,
+    reserve: Annotated[
+        float | None,
+        typer.Option(
+            "--reserve",
+            callback=in_range("--reserve", 0, MAX_GIB),
+            help="GiB of host RAM kept for the OS (default: max(2, 10 % of RAM)).",
+        ),
+    ] = None,
     llama_args: Annotated[bool, typer.Option("--llama-args", help="Print the equivalent llama-server flags.")] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the plan JSON (for chat --plan).")
@@ -80,6 +101,9 @@ def plan(
         pcie_bw=pcie_bw,
         measure=measure,
         threads=threads,
+        calibrate=calibrate,
+        cpu_gbs=cpu_gbs,
+        reserve_gib=reserve,
         rpc_bw=rpc_bw,
         rpc=parse_endpoints(rpc) if rpc else (),
     )
@@ -126,14 +150,27 @@ def _render(result: Plan) -> None:
         budget.add_column(column)
     for tier in result.tiers:
         limit = human_bytes(tier.budget) if tier.budget is not None else "-"
-        row = [tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:g}"]
+        row = [tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}"]
         if rpc:
             row.append(f"{tier.rtt_s * 1e3:.2f} ms, {tier.net_gbs:.2f} GB/s" if tier.kind == "rpc" else "")
         budget.add_row(*row)
     out.print(budget)
+    figures = Table(title="assumptions", box=box.SIMPLE_HEAD)
+    for column in ("figure", "value", "source"):
+        figures.add_column(column)
+    for name, figure in result.assumptions.items():
+        value = figure["value"]
+        text = ("on" if value else "off") if isinstance(value, bool) else f"{value} {figure['unit']}".strip()
+        figures.add_row(name.replace("_", " "), text, figure["source"])
+    out.print(figures)
     for warning in result.warnings:
         err.print(f"warning: {warning}")
+    if result.machine:
+        for note in result.machine.notes:
+            err.print(f"note: {note}")
     out.print(result.verdict)
+    for hint in result.hints:
+        out.print(f"  to fit: {hint}")
 
 
 def register(app: typer.Typer) -> None:

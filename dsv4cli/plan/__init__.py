@@ -24,20 +24,27 @@ Placement (issue 4):
    layer count, and the speed model adds a network term per worker (`speed.network_per_token`): the bytes a
    token sends it and reads back over the measured transfer rate, plus one measured round trip.
 
-Speed: decode tok/s = 1 / (Σ_tier(bytes read per token from the tier / its bandwidth) + graph overhead), where the
-host side is a roofline: max(RAM + disk time, CPU compute time (2·host_active_params + attention FLOPs at a full
-cache, kvcache.attention_flops) / (GFLOPS·threads)); GPU attention FLOPs add a gpu_compute term. Per token:
-every GPU-resident dense byte, k/E of each tier's expert bytes, the KV read, host dense layers, Engram rows (a 4 KiB
-page each from disk); the overhead is a fixed cost per graph node (see NODES_PER_LAYER). Prefill per n_ubatch
-chunk: dense bytes once, the fraction of experts a chunk touches (1 − (1 − k/E)^ub) once — over PCIe when a GPU
-computes the chunk — plus a compute term 2·active_params·ub / FLOPS.
+Speed (`speed`, figures from `machine`): per decoded token, the host layers cost
+    token_s + n_host_layers·layer_s + host dense bytes / dense GEMV GB/s + active host expert bytes / expert
+    GEMV GB/s (at least host bytes / RAM GB/s for rates not measured at these threads) + disk bytes / disk GB/s
+where token_s, layer_s and the two GEMV rates are measured on this machine by `calibrate` (llama.cpp's own
+kernels, the model's recipe, the plan's threads; cached), and each GPU adds its bytes / its bandwidth plus an
+assumed launch cost per graph node. Per token: every dense byte, k/E of each tier's expert bytes, one embedding
+row, Engram rows (a 4 KiB page each from disk). `decode_tok_s` is at the start of a conversation (what
+bench/plan.py measures); `decode_tok_s_full_ctx` adds the full cache's reads and attention FLOPs. Prefill per
+n_ubatch chunk: dense bytes once, the fraction of experts a chunk touches (1 − (1 − k/E)^ub) once — over PCIe
+when a GPU computes the chunk — plus a compute term 2·active_params·ub / FLOPS (typical figures: prefill is not
+calibrated).
+
+Verdict (`verdict`): "fits" only when every weight is in RAM or VRAM, with a RAM reserve for the OS kept free;
+a plan that memory-maps weights says "streams from disk" first, with hints that name only real options.
 
 `schema.SCHEMA` documents `Plan.to_dict()` (what `--json` prints and `-o` writes).
 """
 
 from dsv4cli.plan.make import make_plan
 from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier
-from dsv4cli.plan.schema import SCHEMA, load_plan, save_plan
+from dsv4cli.plan.schema import SCHEMA, check_plan_model, load_plan, save_plan
 from dsv4cli.plan.source import ModelSource, load_source
 from dsv4cli.units import GIB
 
@@ -49,6 +56,7 @@ __all__ = [
     "Plan",
     "PlanInputs",
     "Tier",
+    "check_plan_model",
     "load_plan",
     "load_source",
     "make_plan",

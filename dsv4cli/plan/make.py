@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from dsv4cli import hardware, llama_lib
-from dsv4cli.errors import PlanError
-from dsv4cli.kvcache import compute_buffer_bytes, kv_cache
+from dsv4cli.errors import PlanError, UsageError
+from dsv4cli.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
 from dsv4cli.model_ref import ModelRef
 from dsv4cli.plan.groups import group_layers, layer_of, tensor_class
+from dsv4cli.plan.machine import Figure, assumptions, resolve_machine
 from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier, flash_attn
 from dsv4cli.plan.placement import (
     check_inputs,
@@ -20,7 +21,8 @@ from dsv4cli.plan.placement import (
     rpc_tiers,
 )
 from dsv4cli.plan.source import ModelSource, load_source
-from dsv4cli.plan.speed import bandwidths, estimate_speed, verdict
+from dsv4cli.plan.speed import estimate_speed
+from dsv4cli.plan.verdict import disk_hints, verdict
 from dsv4cli.units import GIB, gib
 from quant.arch import V41
 
@@ -34,12 +36,17 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     """Place every tensor and estimate speed; raises PlanError when the model cannot run within the budgets."""
     src = source if isinstance(source, ModelSource) else load_source(source, inputs)
     dims, n_layer = src.dims, src.dims.n_layer
+    threads_source = "flag" if inputs.threads is not None else "default: physical cores"
+    ctx_source = "flag" if inputs.ctx is not None else "default"
+    reserve_source = "flag" if inputs.reserve_gib is not None else "default: max(2 GiB, 10 % of RAM)"
     inputs = dataclasses.replace(
         inputs,
         ctx=min(DEFAULT_CTX, dims.context_length) if inputs.ctx is None else inputs.ctx,
         threads=hardware.cpu_threads() if inputs.threads is None else inputs.threads,
     )
     check_inputs(inputs, dims)
+    recipe = src.recipe or {"experts": inputs.experts, "dense": inputs.dense}
+    machine = resolve_machine(inputs, (recipe["experts"], recipe["dense"]), threads_source=threads_source)
     groups = group_layers(src.tensors, n_layer)
     kv = kv_cache(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, kv_type=inputs.kv_type)
     warnings = [V41_WARNING] if dims.arch == V41 else []
@@ -48,7 +55,6 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     #    too) from the top down, then whole expert layers while they fit.
     local_gpus, vram_source = gpu_tiers(inputs)
     devices = [*rpc_tiers(inputs), *local_gpus]
-    bw = bandwidths(inputs)
     compute_gpu = compute_buffer_bytes(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, flash_attn=True)
     # A worker computes on its own backend, a CPU one as the host does (the calibrated CPU buffer), plus the
     # logits of a micro-batch where it holds the head (counted on every worker: it errs safe, as the worker's
@@ -68,9 +74,13 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     gpu_experts = fill_gpus(devices, layer_tier, groups, kv, computes, n_layer)
 
     # 2. Host RAM: what must be resident (embedding, host layers, their KV, the compute buffer) or it fails.
-    ram_budget = int(inputs.ram_gib * GIB) if inputs.ram_gib is not None else hardware.available_ram()
-    ram = Tier("ram", "ram", "host RAM", ram_budget, bw["ram"])
-    disk = Tier("disk", "disk", "mmap from disk", None, bw["disk"])
+    total_ram = int(inputs.ram_gib * GIB) if inputs.ram_gib is not None else hardware.total_ram()
+    reserve = reserve_bytes(inputs, total_ram)
+    ram_budget = total_ram - reserve
+    if inputs.ram_gib is None:
+        ram_budget = min(ram_budget, hardware.available_ram())
+    ram = Tier("ram", "ram", "host RAM", ram_budget, machine.ram_gbs.value)
+    disk = Tier("disk", "disk", "mmap from disk", None, machine.disk_gbs.value)
     host_layers = [i for i in range(n_layer) if i not in layer_tier]
     ram.kv = sum(kv.per_layer[i] for i in host_layers)
     ram.compute = _host_compute(src, inputs, gpu=any(d.kind == "gpu" for d in used_devices))
@@ -80,7 +90,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         raise PlanError(
             f"does not fit: host RAM needs {gib(ram.used)} for the embedding, host layers, KV and compute buffer "
             f"but has {gib(ram.budget)} (short by {gib(ram.used - ram.budget)})",
-            hint="use a shorter --ctx, a smaller recipe (--dense q4_k / --experts q4_0), more --vram, or more RAM",
+            hint="use a shorter --ctx, a smaller dense recipe (--dense q4_k), more --vram, or more RAM",
         )
 
     # 3. Routed experts left on the host, then Engram tables, into RAM; the rest is memory-mapped from disk.
@@ -90,17 +100,6 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         if tensor_class(s.name, src.dims.n_layer) == "routed_experts" and layer_of(s.name) not in gpu_experts
     ]
     placement = fill_host(ram, disk, [*host_experts, *groups.engram])
-    if disk.weights and inputs.no_disk:
-        raise PlanError(
-            f"does not fit without disk: host RAM is short by {gib(disk.weights)} "
-            f"({gib(ram.budget)} budget, {gib(ram.used + disk.weights)} needed)",
-            hint="allow memory-mapping from disk (drop --no-disk), use a smaller --experts recipe, or add RAM",
-        )
-    if disk.weights:
-        warnings.append(
-            f"{gib(disk.weights)} of weights do not fit in RAM and will be memory-mapped from disk "
-            f"(counted at {bw['disk']:g} GB/s in the estimate)"
-        )
     place_fixed(src, placement, layer_tier)
 
     # 4. Speed.
@@ -120,10 +119,46 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         verdict="",
         vram_source=vram_source,
         ram_source="flag" if inputs.ram_gib is not None else "available",
+        reserve=reserve,
+        machine=machine,
     )
-    plan.estimates = estimate_speed(plan, bw)
+    if disk.weights:
+        plan.hints = disk_hints(plan, inputs.reserve_gib)
+        if inputs.no_disk:
+            raise PlanError(
+                f"does not fit without disk: host RAM is short by {gib(disk.weights)} "
+                f"({gib(ram.budget)} budget after a {gib(reserve)} reserve, {gib(ram.used + disk.weights)} needed)",
+                hint="; ".join([*plan.hints, "or allow memory-mapping from disk (drop --no-disk)"]),
+            )
+    plan.estimates = estimate_speed(plan, machine)
     plan.verdict = verdict(plan)
+    used_gpus = [d for d in used_devices if d.kind == "gpu"]
+    gpu_bw = [(t.name, t.bandwidth_gbs, "flag" if inputs.vram_bw else "assumed") for t in used_gpus]
+    fa = flash_attn(inputs, gpu=bool(used_devices))
+    context = {
+        "ctx": Figure(inputs.ctx, "tokens", ctx_source),
+        "kv_type": Figure(inputs.kv_type, "", "flag" if inputs.kv_type != DEFAULT_KV_TYPE else "default"),
+        "flash_attn": Figure(fa, "", "default: on with a GPU or a quantized cache, else off"),
+        "ram_reserve": Figure(round(reserve / GIB, 1), "GiB", reserve_source),
+    }
+    plan.assumptions = assumptions(machine, gpus=gpu_bw, context=context)
     return plan
+
+
+def reserve_bytes(inputs: PlanInputs, total_ram: int) -> int:
+    """Host RAM kept for the OS and everything else: --reserve, else max(2 GiB, 10 % of RAM), at most half of it.
+
+    2 GiB covers a headless server's kernel, page tables of a large mmap and the Python process; 10 % scales it
+    for desktops, whose browser and compositor grow with the machine; half keeps small test budgets usable.
+    """
+    if inputs.reserve_gib is not None:
+        if inputs.reserve_gib * GIB >= total_ram:
+            raise UsageError(
+                f"--reserve {inputs.reserve_gib:g} GiB leaves nothing of {gib(total_ram)} RAM",
+                hint="pass a smaller --reserve or a larger --ram",
+            )
+        return int(inputs.reserve_gib * GIB)
+    return min(max(2 * GIB, total_ram // 10), total_ram // 2)
 
 
 def _host_compute(src: ModelSource, inputs: PlanInputs, *, gpu: bool) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli import llama_lib
@@ -15,6 +15,8 @@ from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from dsv4cli.plan.machine import Machine
 
 DEFAULT_CTX = 32768
 DEFAULT_UBATCH = 512
@@ -38,10 +40,13 @@ class PlanInputs:
     vram_bw: float | None = None
     disk_bw: float | None = None
     pcie_bw: float | None = None
-    measure: bool = False
+    measure: bool = False  # measure RAM and disk bandwidth again
     threads: int | None = None  # None: physical cores
     rpc_bw: float | None = None  # RPC workers' memory GB/s (None: the host RAM default)
     rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers, probed for memory and network at plan time
+    calibrate: bool = False  # time llama.cpp's kernels here again (dsv4cli.plan.calibrate)
+    cpu_gbs: float | None = None  # GEMV GB/s per thread, given (another machine): no calibration
+    reserve_gib: float | None = None  # host RAM kept for the OS; None: max(2 GiB, 10 % of RAM)
 
 
 @dataclass
@@ -86,6 +91,10 @@ class Plan:
     verdict: str
     vram_source: str
     ram_source: str
+    reserve: int = 0  # host RAM kept free for the OS
+    machine: Machine | None = None  # the figures the estimates used, with their sources
+    hints: list[str] = field(default_factory=list)  # what would make a plan that streams from disk fit
+    assumptions: dict[str, Any] = field(default_factory=dict)  # machine.assumptions: figure, unit, source
 
     def tier(self, name: str) -> Tier:
         return next(t for t in self.tiers if t.name == name)

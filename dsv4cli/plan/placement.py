@@ -19,9 +19,12 @@ def check_inputs(inputs: PlanInputs, dims: ModelDims) -> None:
     if inputs.vram_gib is not None and any(v <= 0 for v in inputs.vram_gib):
         raise UsageError("--vram: every GPU budget must be positive GiB", hint="e.g. --vram 24 or --vram 24,24")
     for flag, value in (("--ram", inputs.ram_gib), ("--ram-bw", inputs.ram_bw), ("--vram-bw", inputs.vram_bw),
-                        ("--disk-bw", inputs.disk_bw), ("--pcie-bw", inputs.pcie_bw)):  # fmt: skip
+                        ("--disk-bw", inputs.disk_bw), ("--pcie-bw", inputs.pcie_bw),
+                        ("--cpu-gbs", inputs.cpu_gbs)):  # fmt: skip
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value:g}")
+    if inputs.reserve_gib is not None and inputs.reserve_gib < 0:
+        raise UsageError(f"--reserve must be zero or positive, got {inputs.reserve_gib:g}")
     if inputs.margin_gib < 0:
         raise UsageError(f"--margin must be zero or positive, got {inputs.margin_gib:g}")
     if inputs.ctx <= 0:

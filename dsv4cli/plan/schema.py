@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from dsv4cli.units import GIB
 
 if TYPE_CHECKING:
     from dsv4cli.plan.model import Plan
+    from dsv4cli.plan.source import ModelSource
 
 MAX_PLAN_BYTES = 64 << 20  # a plan lists every tensor: about 200 kB for DeepSeek V4 Pro
 WRITE_HINT = "write one with `dsv4 plan MODEL -o plan.json`"
@@ -39,11 +41,21 @@ SCHEMA = """\
   "kv": {"n_ctx", "raw_cells", "csa_cells", "hca_cells", "raw_bytes", "csa_bytes", "hca_bytes",
          "indexer_bytes", "state_bytes", "total_bytes"},
   "compute_bytes": {"gpu": int (each GPU), "host": int},
-  "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier | "network": int},
+  "estimates": {"decode_tok_s": float, "decode_tok_s_full_ctx": float, "decode_bottleneck": tier,
+                "decode_bytes_per_token": {tier | "network": int},
                 "decode_seconds_per_token": {tier | "network": float}, "prefill_tok_s": float,
                 "prefill_bottleneck": str,
                 "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead" | "network": float}},
-  "warnings": [str], "verdict": str,
+  "warnings": [str], "verdict": str (starts "fits:" or "streams from disk:"),
+  "hints": [str] (what would keep every weight in memory; empty when it fits),
+  "reserve_bytes": int (host RAM kept for the OS),
+  "assumptions": {name: {"value": number | str | bool, "unit": str,
+                         "source": "measured" | "flag" | "default..." | "assumed" | "detected" | ...}}
+      names: threads, ram_bw, disk_bw, cpu_dense_gemv, cpu_expert_gemv, cpu_layer_cost, ctx, kv_type,
+             flash_attn, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
+  "model": {"name": str, "files": [{"name": str, "bytes": int}] (empty for an estimate),
+            "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every placed tensor)}
+      (`dsv4 chat --plan` refuses a GGUF whose tensor table differs: check_plan_model),
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
             "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int,
@@ -89,7 +101,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "kv_bytes": t.kv,
                 "compute_bytes": t.compute,
                 "margin_bytes": t.margin,
-                "bandwidth_gbs": t.bandwidth_gbs,
+                "bandwidth_gbs": round(t.bandwidth_gbs, 1),
                 **(
                     {"endpoint": t.endpoint, "rtt_ms": round(t.rtt_s * 1e3, 3), "net_gbs": round(t.net_gbs, 3)}
                     if t.kind == "rpc"
@@ -116,6 +128,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "estimates": plan.estimates,
         "warnings": plan.warnings,
         "verdict": plan.verdict,
+        "hints": plan.hints,
+        "reserve_bytes": plan.reserve,
+        "assumptions": plan.assumptions,
+        "model": model_binding(plan.source),
         "llama": plan.load_params().to_dict(),
         "llama_args": plan.llama_args(),
     }
@@ -144,6 +160,48 @@ def load_plan(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_plan_params(path: Path, *, note: Callable[[str], None] | None = None) -> LoadParams:
-    """The checked load parameters of a plan file (errors name the file and the key)."""
-    return LoadParams.from_dict(load_plan(path)["llama"], source=str(path), note=note)
+def tensor_table_digest(tensors: Sequence[Any], n_layer: int) -> str:
+    """sha256 of the name, type and shape of every tensor a placement covers: equal for a registry estimate and
+    the GGUF `dsv4 quantize` writes from it, and for that GGUF with or without its MTP block (never placed)."""
+    from dsv4cli.plan.groups import tensor_class
+
+    digest = hashlib.sha256()
+    for spec in tensors:
+        if tensor_class(spec.name, n_layer) != "mtp":
+            digest.update(f"{spec.name}|{spec.ggml_type}|{','.join(map(str, spec.ne))}\n".encode())
+    return digest.hexdigest()
+
+
+def model_binding(src: ModelSource) -> dict[str, Any]:
+    """The model a plan was made for (its `model` section)."""
+    return {
+        "name": src.name,
+        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in src.files],
+        "tensor_bytes": sum(s.nbytes for s in src.tensors),
+        "tensor_table_sha256": tensor_table_digest(src.tensors, src.dims.n_layer),
+    }
+
+
+def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> None:
+    """Refuse to apply a plan to a GGUF other than the one it was made for (plans without a `model` section
+    predate the binding and are applied as before)."""
+    from dsv4cli.plan.source import read_gguf
+
+    bound = data.get("model")
+    if not isinstance(bound, dict) or not isinstance(bound.get("tensor_table_sha256"), str):
+        return
+    src = read_gguf(gguf)
+    if tensor_table_digest(src.tensors, src.dims.n_layer) != bound["tensor_table_sha256"]:
+        raise PlanError(
+            f"{plan_path}: made for {bound.get('name')!r}, not {gguf.name} (their tensors differ)",
+            hint=f"make a plan for this file: dsv4 plan {gguf} -o {plan_path}",
+        )
+
+
+def load_plan_params(path: Path, gguf: Path | None = None, *, note: Callable[[str], None] | None = None) -> LoadParams:
+    """The checked load parameters of a plan file (errors name the file and the key); with `gguf`, refused when
+    the plan was made for another model."""
+    data = load_plan(path)
+    if gguf is not None:
+        check_plan_model(data, gguf, plan_path=path)
+    return LoadParams.from_dict(data["llama"], source=str(path), note=note)

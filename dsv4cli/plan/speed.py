@@ -1,6 +1,6 @@
 """The speed model: decode and prefill tokens per second from the bytes each tier serves per token.
 
-See `dsv4cli.plan` for the formulas. The constants are fitted or rough (bench/plan.py re-measures them).
+See `dsv4cli.plan` for the formulas; the machine figures (and where each came from) are `machine.Machine`.
 """
 
 from __future__ import annotations
@@ -8,37 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dsv4cli import hardware
-from dsv4cli.home import dsv4_home
 from dsv4cli.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
 from dsv4cli.plan.groups import tensor_class
-from dsv4cli.plan.model import Plan, PlanInputs, flash_attn
-from dsv4cli.units import gib, human_bytes
+from dsv4cli.plan.machine import CPU_PREFILL_GFLOPS_PER_THREAD, GPU_TFLOPS, NODES_PER_LAYER, Machine
+from dsv4cli.plan.model import Plan, flash_attn
 
 PAGE = 4096
-CPU_GFLOPS_PER_CORE = 30.0  # quantized GEMV, one core (fitted on a 2-core EPYC, AVX-512, with bench/plan.py)
-GPU_TFLOPS = 50.0  # quantized matmul on a consumer GPU, rough
-# Fixed cost of running a layer's graph once: llama.cpp's deepseek4 graph has ~170 nodes per layer (686 for the
-# 4-layer tiny model: hyper-connection Sinkhorn iterations, compressors, indexer), each paying a thread barrier
-# on the CPU (~1.6 µs per node on a 2-core EPYC, one thread) or a kernel launch on a GPU (~4 µs, unmeasured).
-NODES_PER_LAYER = 170
-CPU_NODE_SECONDS = 1.6e-6
-GPU_NODE_SECONDS = 4e-6
-
-
-def bandwidths(inputs: PlanInputs) -> dict[str, float]:
-    """GB/s per host tier: a flag wins, then a measurement here (--measure), then the hardware default."""
-    ram_bw, disk_bw = inputs.ram_bw, inputs.disk_bw
-    if inputs.measure:
-        folder = dsv4_home()
-        folder.mkdir(parents=True, exist_ok=True)
-        ram_bw = ram_bw or hardware.measure_ram_bandwidth()
-        disk_bw = disk_bw or hardware.measure_disk_bandwidth(folder)
-    return {
-        "ram": ram_bw or hardware.DEFAULT_RAM_BW,
-        "disk": disk_bw or hardware.DEFAULT_DISK_BW,
-        "pcie": inputs.pcie_bw or hardware.DEFAULT_PCIE_BW,
-    }
 
 
 def _kv_read_per_token(plan: Plan) -> int:
@@ -50,14 +25,21 @@ def _kv_read_per_token(plan: Plan) -> int:
     return kv.raw_bytes + kv.indexer_bytes + kv.hca_bytes + topk_rows
 
 
-def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
-    """Seconds per token (and per prefill chunk) by term; the CPU side is a roofline of its memory and compute."""
+def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
+    """Seconds per token (and per prefill chunk) by term.
+
+    Host side per token: a fixed cost and the layers' graph cost, then the weights — llama.cpp's GEMV kernels as
+    timed here by calibration (per recipe; bounded by RAM bandwidth when the rates were not measured at these
+    threads) — then what is read from disk. GPU side:
+    bandwidth, plus an assumed launch cost per graph node. `decode_tok_s` is at the start of a conversation;
+    `decode_tok_s_full_ctx` adds reading a full cache and attending over it.
+    """
     dims, inputs = plan.source.dims, plan.inputs
     share = dims.n_expert_used / dims.n_expert
     touched = 1 - (1 - share) ** inputs.ubatch
     decode: dict[str, float] = {t.name: 0.0 for t in plan.tiers}
     chunk: dict[str, float] = {t.name: 0.0 for t in plan.tiers}
-    host_params = active_params = 0.0
+    host_dense = host_experts = active_params = 0.0
     gpu = any(t.kind == "gpu" and t.weights for t in plan.tiers)
     for spec in plan.source.tensors:
         tier, cls = plan.placement[spec.name], tensor_class(spec.name, dims.n_layer)
@@ -74,40 +56,50 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
             decode[tier] += spec.nbytes // spec.ne[-1]
             continue
         fraction = share if cls == "routed_experts" else 1.0
-        params = math.prod(spec.ne) * fraction
         decode[tier] += spec.nbytes * fraction
-        active_params += params
-        host_params += params if tier in ("ram", "disk") else 0.0
+        active_params += math.prod(spec.ne) * fraction
+        if tier in ("ram", "disk"):
+            if cls == "routed_experts":
+                host_experts += spec.nbytes * fraction
+            else:
+                host_dense += spec.nbytes
         read_once = spec.nbytes * (touched if cls == "routed_experts" else 1.0)
         chunk[tier] += read_once
         if gpu and tier in ("ram", "disk"):
             chunk["pcie"] = chunk.get("pcie", 0.0) + read_once
-    first_kv = next((t.name for t in plan.tiers if t.kv), "ram")
-    decode[first_kv] += _kv_read_per_token(plan)
 
     # RPC workers hold the lowest offloaded layers (first in llama.cpp's device order); the head is index n_layer
     rpc_count = sum(n for t, n in zip(plan.tiers, plan.gpu_layer_counts, strict=False) if t.kind == "rpc")
     rpc_layers = min(rpc_count, plan.n_gpu_layers and dims.n_layer - (dims.n_layer + 1 - plan.n_gpu_layers))
     gpu_layers = min(plan.n_gpu_layers, dims.n_layer) - rpc_layers
-    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=plan.n_gpu_layers > 0))
-    host_attention = sum(attention[: dims.n_layer - gpu_layers - rpc_layers])
-
-    bw = {t.name: t.bandwidth_gbs * 1e9 for t in plan.tiers} | {"pcie": bandwidths["pcie"] * 1e9}
+    host_layers = dims.n_layer - gpu_layers - rpc_layers
+    bw = {t.name: t.bandwidth_gbs * 1e9 for t in plan.tiers} | {"pcie": machine.pcie_gbs.value * 1e9}
     decode_s = {name: nbytes / bw[name] for name, nbytes in decode.items() if nbytes}
-    cpu_flops = CPU_GFLOPS_PER_CORE * 1e9 * inputs.threads
-    decode_s["cpu_compute"] = (2 * host_params + host_attention) / cpu_flops
-    if gpu_layers:
-        decode_s["gpu_compute"] = (sum(attention) - host_attention) / (GPU_TFLOPS * 1e12)
-    decode_s["overhead"] = NODES_PER_LAYER * (
-        gpu_layers * GPU_NODE_SECONDS + (dims.n_layer - gpu_layers) * CPU_NODE_SECONDS
+    decode_s["cpu_compute"] = host_dense / (machine.cpu_dense_gbs.value * 1e9) + host_experts / (
+        machine.cpu_expert_gbs.value * 1e9
+    )
+    decode_s["overhead"] = (
+        machine.cpu_token_s.value
+        + (host_layers + rpc_layers) * machine.cpu_layer_s.value
+        + (gpu_layers * NODES_PER_LAYER * machine.gpu_node_s.value)
     )
     network = network_per_token(plan)
     if network:
         decode_s["network"] = sum(rtt + nbytes / bw_net for nbytes, rtt, bw_net in network)
         decode["network"] = sum(nbytes for nbytes, _, _ in network)
-    host_memory = decode_s.get("ram", 0.0) + decode_s.get("disk", 0.0)
-    total = sum(v for k, v in decode_s.items() if k not in ("ram", "disk", "cpu_compute"))
-    total += max(host_memory, decode_s["cpu_compute"])
+    total = sum(v for k, v in decode_s.items() if k not in ("ram", "cpu_compute"))
+    # Kernel rates measured here at these threads already stream their weights from this RAM; the RAM roofline
+    # bounds only figures that were not (defaults, flags, rates scaled to more threads, a given --ram-bw).
+    streamed = machine.cpu_dense_gbs.source == "measured" and machine.ram_gbs.source != "flag"
+    total += decode_s["cpu_compute"] if streamed else max(decode_s.get("ram", 0.0), decode_s["cpu_compute"])
+
+    # A full cache: its bytes from the KV tier, and attention over every cell (FLOPs at the prefill rate).
+    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=plan.n_gpu_layers > 0))
+    host_attention = sum(attention[:host_layers])
+    cpu_flops = CPU_PREFILL_GFLOPS_PER_THREAD * 1e9 * machine.threads.value
+    first_kv = next((t.name for t in plan.tiers if t.kv), "ram")
+    full = total + _kv_read_per_token(plan) / bw[first_kv] + host_attention / cpu_flops
+    full += (sum(attention) - host_attention) / (GPU_TFLOPS * 1e12)
 
     chunk_s = {name: nbytes / bw[name] for name, nbytes in chunk.items() if nbytes}
     chunk_s["compute"] = 2 * active_params * inputs.ubatch / (GPU_TFLOPS * 1e12 if gpu else cpu_flops)
@@ -116,6 +108,7 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
         chunk_s["network"] = sum(rtt + nbytes * inputs.ubatch / bw_net for nbytes, rtt, bw_net in network)
     return {
         "decode_tok_s": round(1 / total, 3),
+        "decode_tok_s_full_ctx": round(1 / full, 3),
         "decode_bottleneck": max(decode_s, key=decode_s.__getitem__),
         "decode_bytes_per_token": {k: int(v) for k, v in decode.items() if v},
         "decode_seconds_per_token": {k: round(v, 6) for k, v in decode_s.items()},
@@ -168,26 +161,3 @@ def _rotation_bytes(head_dim: int) -> int:
 def _engram_rows_per_token(facts: dict[str, Any]) -> int:
     """Rows one Engram layer reads per token: one per head for each n-gram order 2..max (docs/formats.md §Engram)."""
     return (int(facts.get("engram_max_ngram_size", 4)) - 1) * int(facts.get("engram_n_heads", 8))
-
-
-def verdict(plan: Plan) -> str:
-    est = plan.estimates
-    counts = list(zip(plan.tiers, plan.gpu_layer_counts, strict=False))
-    n_gpus = sum(1 for t, n in counts if n and t.kind == "gpu")
-    n_rpc = len({t.endpoint for t, n in counts if n and t.kind == "rpc"})
-    devices = " + ".join(
-        part for part in (f"{n_rpc} RPC worker(s)" if n_rpc else "", f"{n_gpus} GPU(s)" if n_gpus else "") if part
-    )
-    where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {devices}" if devices else "CPU only"
-    network = est["decode_seconds_per_token"].get("network")
-    if network is not None:
-        sent = human_bytes(est["decode_bytes_per_token"]["network"])
-        where += f" (network: {sent} and {network * 1e3:.2f} ms per token)"
-
-    disk = plan.tier("disk").weights
-    spill = f", {gib(disk)} mmap'd from disk" if disk else ""
-    return (
-        f"fits: {where}, {gib(plan.tier('ram').used)} host RAM{spill}; "
-        f"~{est['decode_tok_s']:.1f} tok/s decode (bound by {est['decode_bottleneck']}), "
-        f"~{est['prefill_tok_s']:.0f} tok/s prefill"
-    )
