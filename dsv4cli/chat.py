@@ -252,6 +252,7 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     recipe when there are several, told apart by their headers); the built-in tiny model when MODEL is None.
     """
     from dsv4cli.engine.preflight import require_runnable
+    from dsv4cli.gguf_repo import find_local
     from dsv4cli.local import find_gguf, local_ggufs
     from dsv4cli.model_ref import resolve_model
     from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -262,8 +263,17 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     if ref.kind in ("gguf", "checkpoint"):
         return ref.path  # a folder fails the header check with its name
     spec = ref.spec
+    if ref.tag or ref.kind == "hub":  # a pulled pre-quantized GGUF (its header is checked before loading)
+        pulled = find_local(spec, ref.tag)
+        if pulled is None:
+            raise RuntimeLoadError(
+                f"{ref.text} is not downloaded (no complete pull of it in the dsv4 home)",
+                hint=f"run `dsv4 pull {ref.text}` (`dsv4 plan {ref.text}` first says if it fits)",
+            )
+        return pulled
     require_runnable(spec.arch, spec.name)
     found = find_gguf(spec, experts=DEFAULT_EXPERTS, dense=DEFAULT_DENSE) or next(iter(local_ggufs(spec)), None)
+    found = found or find_local(spec, None)
     if found:
         return found
     if not spec.builtin:

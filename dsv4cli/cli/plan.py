@@ -110,6 +110,11 @@ def _render(result: Plan) -> None:
     for warning in result.warnings:
         err.print(f"warning: {warning}")
     out.print(result.verdict)
+    if src.fetched_bytes is not None:
+        err.print(
+            f"planned from the GGUF headers on the Hub: read {human_bytes(src.fetched_bytes)} of a "
+            f"{human_bytes(src.download_bytes or 0)} download ({src.fetched_bytes} bytes)"
+        )
 
 
 def register(app: typer.Typer) -> None:
