@@ -125,4 +125,3 @@ class HubRangeFile(io.RawIOBase):
         if len(data) < size:
             raise hub.TransientError(f"connection closed after {len(data)} of {size} bytes")
         return bytes(data)
-

@@ -91,7 +91,9 @@ def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv
     assert local_plan["source"]["kind"] == "gguf" and local_plan["source"]["fetched_bytes"] is None
     assert Path(local_plan["source"]["files"][0]).is_file()
     for plan in (remote_plan, local_plan):
-        plan["source"] = {k: v for k, v in plan["source"].items() if k not in ("kind", "fetched_bytes", "download_bytes")}
+        plan["source"] = {
+            k: v for k, v in plan["source"].items() if k not in ("kind", "fetched_bytes", "download_bytes")
+        }
     assert remote_plan == local_plan
 
 
@@ -132,9 +134,7 @@ def test_pull_by_tag_then_chat_by_the_same_name(dsv4, hub, gguf_repo_dir, isolat
 
 def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, hub, isolated_env) -> None:
     isolated_env.mkdir(parents=True, exist_ok=True)
-    (isolated_env / "models.toml").write_text(
-        f'[models.tiny-hub]\nrepo = "test-org/tiny"\ngguf_repos = ["{REPO}"]\n'
-    )
+    (isolated_env / "models.toml").write_text(f'[models.tiny-hub]\nrepo = "test-org/tiny"\ngguf_repos = ["{REPO}"]\n')
     result = dsv4("pull", "tiny-hub:q8_0", "--json")
     assert result.code == 0, result.stderr
     assert [f["path"] for f in json.loads(result.stdout)["files"]] == ["tiny-Q8_0.gguf"]
