@@ -37,6 +37,12 @@ def _split(path: str) -> tuple[str, int, int]:
     return (m[1], int(m[2]), int(m[3])) if m else (path, 1, 1)
 
 
+def set_name(path: str) -> str:
+    """The name of the GGUF a shard belongs to: `x-00001-of-00003.gguf` -> `x.gguf`."""
+    prefix, _, count = _split(path)
+    return f"{prefix}.gguf" if count > 1 else path
+
+
 def is_gguf_repo(paths: Iterable[str]) -> bool:
     """A repo of GGUFs rather than a checkpoint: model GGUFs and no config.json at the top."""
     names = list(paths)
@@ -61,9 +67,9 @@ def select_quant(paths: Iterable[str], tag: str | None, *, repo: str) -> list[st
         pattern = re.compile(re.escape(wanted) + r"[.-]", re.IGNORECASE)
         chosen = next((p for p in firsts if pattern.search(p)), None)
         if chosen:
-            return _shard_set(names, chosen, repo=repo)
+            return shard_set(names, chosen, repo=repo)
     if not tag and firsts:
-        return _shard_set(names, firsts[0], repo=repo)
+        return shard_set(names, firsts[0], repo=repo)
     shown = ", ".join(firsts[:MAX_LISTED]) + (", ..." if len(firsts) > MAX_LISTED else "")
     raise UsageError(
         f"{repo}: no GGUF matches the tag {tag!r}" if tag else f"{repo}: the repo has no GGUF model file",
@@ -71,7 +77,7 @@ def select_quant(paths: Iterable[str], tag: str | None, *, repo: str) -> list[st
     )
 
 
-def _shard_set(names: list[str], first: str, *, repo: str) -> list[str]:
+def shard_set(names: list[str], first: str, *, repo: str) -> list[str]:
     prefix, _, count = _split(first)
     if count == 1:
         return [first]
@@ -82,6 +88,22 @@ def _shard_set(names: list[str], first: str, *, repo: str) -> list[str]:
             hint="the upload is incomplete; try another tag or come back later",
         )
     return shards
+
+
+def tag_of(first: str, names: list[str]) -> str | None:
+    """A tag that selects exactly the set starting at `first` among `names`: its folder (unsloth's layout), else
+    the quant at the end of its name as llama.cpp reads it (`-Q4_K_M`); None when neither does."""
+    prefix = _split(first)[0]
+    candidates = [first.rsplit("/", 2)[-2]] if "/" in first else []
+    m = re.search(r"[-.]([A-Za-z0-9_]+)$", prefix)
+    candidates += [m[1].upper()] if m else []
+    for tag in candidates:
+        try:
+            if select_quant(names, tag, repo="")[0] == first:
+                return tag
+        except (UsageError, IntegrityError):
+            continue
+    return None
 
 
 def gguf_repos(spec: ModelSpec) -> tuple[str, ...]:

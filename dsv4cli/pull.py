@@ -536,12 +536,26 @@ def _write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.R
     for remote in selected:
         sha256 = remote.sha256 or hub.hash_file(folder, remote.path, remote).sha256.hexdigest()
         files[remote.path] = {"size": remote.size, "sha256": sha256}
-    manifest = {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))}
-    tmp = f"{MANIFEST_NAME}.tmp"
-    with safe_paths.open_file(folder, tmp, "wb") as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
-    safe_paths.replace(folder, tmp, MANIFEST_NAME)
+    _store_manifest(folder, {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))})
     safe_paths.unlink(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}")
     partial = folder / PARTIAL_DIR
     if _is_real_dir(partial) and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
         shutil.rmtree(partial)
+
+
+def _store_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = f"{MANIFEST_NAME}.tmp"
+    with safe_paths.open_file(folder, tmp, "wb") as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    safe_paths.replace(folder, tmp, MANIFEST_NAME)
+
+
+def forget_files(folder: Path, paths: list[str]) -> None:
+    """Drop files being removed (`dsv4 rm`) from the manifest, under the caller's folder lock; with none left
+    the manifest goes too, so the folder no longer counts as a pull."""
+    manifest = read_manifest(folder)
+    files = {p: entry for p, entry in manifest.get("files", {}).items() if p not in set(paths)}
+    if files:
+        _store_manifest(folder, {**manifest, "files": files})
+    else:
+        safe_paths.unlink(folder, MANIFEST_NAME)

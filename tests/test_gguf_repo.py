@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,31 +17,9 @@ import pytest
 
 from dsv4cli.errors import IntegrityError, UsageError
 from dsv4cli.gguf_repo import select_quant
+from tests.conftest import GGUF_REPO as REPO
+from tests.conftest import GGUF_TAG as TAG
 from tests.hub_server import HubServer
-
-REPO = "test-org/tiny-GGUF"
-TAG = "UD-Q2_K_XL"
-
-
-@pytest.fixture(scope="session")
-def gguf_repo_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_gguf: Path) -> Path:
-    from quant.convert import QuantOptions, quantize_checkpoint
-
-    root = tmp_path_factory.mktemp("gguf-repo")
-    (root / TAG).mkdir()
-    report = quantize_checkpoint(tiny_checkpoint, root / TAG / f"tiny-{TAG}.gguf", QuantOptions(split_max_size=3 << 20))
-    assert len(report.outputs) > 2
-    shutil.copy(tiny_gguf, root / "tiny-Q8_0.gguf")
-    (root / "README.md").write_text("tiny GGUFs\n")
-    return root
-
-
-@pytest.fixture
-def hub(gguf_repo_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
-    with HubServer(gguf_repo_dir, REPO) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
 
 
 def shards(root: Path) -> list[str]:
@@ -71,7 +48,7 @@ def test_tag_matching_follows_llama_cpp() -> None:
         select_quant(["x-Q4_K_M-00001-of-00003.gguf", "x-Q4_K_M-00003-of-00003.gguf"], "Q4_K_M", repo="r")
 
 
-def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv4, hub, gguf_repo_dir) -> None:
+def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv4, gguf_hub, gguf_repo_dir) -> None:
     args = ("--vram", "0.01", "--ram", "64", "--ctx", "4096", "--json")
     remote = dsv4("plan", f"{REPO}:{TAG.lower()}", *args)
     assert remote.code == 0, remote.stderr
@@ -80,7 +57,7 @@ def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv
     fetched = remote_plan["source"]["fetched_bytes"]
     assert remote_plan["source"]["download_bytes"] == total
     assert 0 < fetched < total / 10  # header bytes, not data
-    ranged = [r for r in hub.log if "/resolve/" in r.path]
+    ranged = [r for r in gguf_hub.log if "/resolve/" in r.path]
     assert {r.path.rsplit("/", 1)[-1] for r in ranged} == {p.rsplit("/", 1)[-1] for p in shards(gguf_repo_dir)}
     assert all(r.range and r.status == 206 for r in ranged)
 
@@ -97,7 +74,7 @@ def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv
     assert remote_plan == local_plan
 
 
-def test_plan_stops_at_the_fetch_budget(hub) -> None:
+def test_plan_stops_at_the_fetch_budget(gguf_hub) -> None:
     from dsv4cli.errors import PlanError
     from dsv4cli.plan.remote import remote_source
     from dsv4cli.registry import get_model
@@ -107,7 +84,7 @@ def test_plan_stops_at_the_fetch_budget(hub) -> None:
         remote_source(get_model(REPO), TAG, budget=FetchBudget(limit=1000))
 
 
-def test_pull_by_tag_then_chat_by_the_same_name(dsv4, hub, gguf_repo_dir, isolated_env) -> None:
+def test_pull_by_tag_then_chat_by_the_same_name(dsv4, gguf_hub, gguf_repo_dir, isolated_env) -> None:
     result = dsv4("pull", f"{REPO}:{TAG.lower()}", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -132,7 +109,7 @@ def test_pull_by_tag_then_chat_by_the_same_name(dsv4, hub, gguf_repo_dir, isolat
     assert missing.code == 1 and f"run `dsv4 pull {REPO}:Q8_0`" in missing.stderr
 
 
-def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, hub, isolated_env) -> None:
+def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, gguf_hub, isolated_env) -> None:
     isolated_env.mkdir(parents=True, exist_ok=True)
     (isolated_env / "models.toml").write_text(f'[models.tiny-hub]\nrepo = "test-org/tiny"\ngguf_repos = ["{REPO}"]\n')
     result = dsv4("pull", "tiny-hub:q8_0", "--json")
