@@ -69,7 +69,8 @@ def _pulled(folder: Path) -> list[LocalModel]:
     if not manifest:
         return [LocalModel(base, "download", "partial", folder, (folder,), _size(folder), folder=folder)]
     if not gguf_repo.is_gguf_repo(names):
-        return [LocalModel(base, "checkpoint", "complete", folder, (folder,), _size(folder), repo=manifest.get("repo"))]
+        repo = manifest.get("repo")
+        return [LocalModel(base, "checkpoint", "complete", folder, (folder,), _size(folder), repo=repo, folder=folder)]
     found = []
     for first in gguf_repo.first_shards(names):
         try:
@@ -160,7 +161,10 @@ def remove(model: LocalModel, *, on_wait: Callable[[str], None]) -> None:
     check_removable(model)
     if model.folder is None:
         for path in model.files:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         return
     folder = model.folder
     with safe_paths.folder_lock(folder, LOCK_NAME, what="`dsv4 pull`", on_wait=on_wait):

@@ -86,6 +86,7 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         },
         "files": [{"path": str(f), "bytes": f.stat().st_size if local else None} for f in src.files],
         **extras,
-        "source": src.checkpoint or (_pulled_from(src.files[0]) if local else None) or (ref.spec and ref.spec.repo),
+        "source": src.checkpoint,  # the checkpoint `dsv4 quantize` converted (None for other producers' files)
+        "repo": (_pulled_from(src.files[0]) if local else None) or (ref.spec and ref.spec.repo),
         "fetched_bytes": src.fetched_bytes,
     }

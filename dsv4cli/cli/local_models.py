@@ -65,7 +65,8 @@ def _render(info: dict[str, Any]) -> None:
         )
         out.print(f"  expert error: {summary}", markup=False)
     template = {True: "yes", False: "no", None: "unknown (not downloaded)"}[info["chat_template"]]
-    out.print(f"  chat template: {template}\n  source: {info['source'] or '-'}", markup=False)
+    out.print(f"  chat template: {template}", markup=False)
+    out.print(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}", markup=False)
     if info["fetched_bytes"] is not None:
         err.print(f"read from the Hub: {human_bytes(info['fetched_bytes'])} of headers")
 
