@@ -142,6 +142,31 @@ class ChatSession:
         self.history = list(messages)
 
 
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # bracketed paste (xterm): the terminal wraps pasted text
+FENCE = '"""'  # typed multi-line input, as in Ollama: from a line starting with it to a line ending with it
+
+
+def read_turn(read_line: Callable[[str], str], prompt: str = "> ", more: str = "... ") -> str:
+    """One turn of input from a line reader: a pasted block (all its lines), a FENCE block, or one line.
+
+    GNU readline (8.1+) takes a bracketed paste in as one line holding newlines; a reader that does not
+    (libedit, a dumb terminal) passes the markers through, and the lines up to the end marker are collected here.
+    """
+    line = read_line(prompt)
+    if PASTE_START in line:
+        lines = [line]
+        while PASTE_END not in lines[-1]:
+            lines.append(read_line(""))
+        return "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "")
+    if not line.lstrip().startswith(FENCE):
+        return line
+    lines = [line.lstrip()[len(FENCE) :]]
+    while not lines[-1].rstrip().endswith(FENCE) or (len(lines) == 1 and not lines[0].strip()):
+        lines.append(read_line(more))
+    lines[-1] = lines[-1].rstrip()[: -len(FENCE)]
+    return "\n".join(lines).strip("\n")
+
+
 def run_repl(session: ChatSession, ui: ChatUI) -> None:
     """Read lines until Ctrl-D or /exit; Ctrl-C stops an answer and keeps the session."""
     while True:

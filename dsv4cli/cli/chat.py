@@ -25,7 +25,8 @@ Examples:
 
 
 class TerminalUI:
-    """The interactive terminal: readline line editing and history, streamed text, dimmed reasoning."""
+    """The interactive terminal: readline line editing and history, streamed text, dimmed reasoning; a pasted
+    block is one turn (bracketed paste), and so is a block typed between triple-quote lines."""
 
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
@@ -34,9 +35,19 @@ class TerminalUI:
         self._history = history_file
         with contextlib.suppress(OSError):
             readline.read_history_file(history_file)
+        readline.parse_and_bind("set enable-bracketed-paste on")
+        self._paste_mode(True)
+
+    def _paste_mode(self, on: bool) -> None:
+        """Ask the terminal to mark pasted text (xterm's mode 2004), so a paste is not sent line by line."""
+        if sys.stdout.isatty():
+            sys.stdout.write("\x1b[?2004h" if on else "\x1b[?2004l")
+            sys.stdout.flush()
 
     def read_line(self) -> str:
-        return input("> ")
+        from dsv4cli.chat import read_turn
+
+        return read_turn(input)
 
     def piece(self, kind: str, text: str) -> None:
         out.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False)
@@ -54,6 +65,7 @@ class TerminalUI:
         _note(message)
 
     def close(self) -> None:
+        self._paste_mode(False)
         with contextlib.suppress(OSError):
             self._history.parent.mkdir(parents=True, exist_ok=True)
             self._readline.set_history_length(1000)
