@@ -141,9 +141,7 @@ def gguf_repo_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
 
 @pytest.fixture
 def gguf_hub(gguf_repo_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    from tests.hub_server import HubServer
+    from tests.hub_server import published
 
-    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
-    with HubServer(gguf_repo_dir, GGUF_REPO) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with published(gguf_repo_dir, GGUF_REPO, monkeypatch) as server:
         yield server

@@ -15,6 +15,7 @@ right after the first listing was served (a repo that changes between the listin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -333,3 +335,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     pos += len(chunk)
 
     return Handler
+
+
+@contextlib.contextmanager
+def published(root: Path, repo: str, monkeypatch: Any) -> Iterator[HubServer]:
+    """Serve `root` as `repo`, with HF_ENDPOINT pointing at it and fast retries, for one test."""
+    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
+    with HubServer(root, repo) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server

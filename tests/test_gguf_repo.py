@@ -19,7 +19,7 @@ from dsv4cli.errors import IntegrityError, UsageError
 from dsv4cli.gguf_repo import select_quant
 from tests.conftest import GGUF_REPO as REPO
 from tests.conftest import GGUF_TAG as TAG
-from tests.hub_server import HubServer
+from tests.hub_server import published
 
 
 def shards(root: Path) -> list[str]:
@@ -135,10 +135,22 @@ def test_gguf_of_another_architecture_is_one_line_at_pull_end(dsv4, tmp_path, mo
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
-    with HubServer(root, "other/llama-GGUF") as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with published(root, "other/llama-GGUF", monkeypatch):
         result = dsv4("pull", "other/llama-GGUF")
     assert result.code == 1
     assert "downloaded, but" in result.stderr and "llama" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plan_refuses_a_server_that_ignores_ranges(dsv4, gguf_hub) -> None:
+    gguf_hub.faults.ignore_range = True
+    result = dsv4("plan", f"{REPO}:{TAG}", "--vram", "1")
+    assert result.code == 1 and "ignored the byte range" in result.stderr
+    assert len([r for r in gguf_hub.log if "/resolve/" in r.path]) == 1  # gave up at once, nothing retried
+
+
+def test_show_before_download_reads_the_headers(dsv4, gguf_hub) -> None:
+    result = dsv4("show", f"{REPO}:{TAG}", "--json")
+    assert result.code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["kind"] == "remote" and info["fetched_bytes"] > 0 and info["classes"]["routed_experts"]["bytes"] > 0
