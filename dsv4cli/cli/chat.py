@@ -21,6 +21,7 @@ Examples:
   dsv4 chat                                   # the built-in tiny test model
   dsv4 chat deepseek-v4-flash --vram 24 --ram 128 --ctx 32768
   dsv4 chat model.gguf --plan plan.json --think
+  dsv4 chat unsloth/DeepSeek-V4-Flash-GGUF:UD-Q2_K_XL   # after `dsv4 pull` of the same name
   echo "Why is the sky blue?" | dsv4 chat deepseek-v4-flash --json"""
 
 
@@ -81,7 +82,10 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=CHAT_EXAMPLES)
     def chat(
         model: Annotated[
-            str | None, typer.Argument(help="GGUF path or registry name; default: the built-in tiny test model.")
+            str | None,
+            typer.Argument(
+                help="GGUF path, registry name or GGUF repo `org/name:TAG`; default: the built-in tiny test model."
+            ),
         ] = None,
         prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,
         system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
