@@ -288,7 +288,7 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     if ref.kind in ("gguf", "checkpoint"):
         return ref.path  # a folder fails the header check with its name
     spec = ref.spec
-    if ref.tag or ref.kind == "hub":  # a pulled pre-quantized GGUF (its header is checked before loading)
+    if ref.tag:  # a pulled pre-quantized GGUF (its header is checked before loading)
         pulled = find_local(spec, ref.tag)
         if pulled is None:
             raise RuntimeLoadError(
@@ -303,8 +303,8 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
         return found
     if not spec.builtin:
         raise RuntimeLoadError(
-            f"no quantized GGUF of {spec.name} in the dsv4 home",
-            hint=f"run `dsv4 pull {spec.name} && dsv4 quantize {spec.name}`",
+            f"no GGUF of {spec.name} in the dsv4 home",
+            hint=f"run `dsv4 pull {spec.name}` (a checkpoint then needs `dsv4 quantize {spec.name}`)",
         )
     return _prepare_builtin(ref, note=note)
 

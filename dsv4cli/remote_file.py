@@ -78,10 +78,11 @@ class HubRangeFile(io.RawIOBase):
             return 0
         end = self._start + len(self._data)
         if not (self._start <= self._pos and self._pos + want <= end):
-            forward = self._pos == end  # reading on from the window: read ahead further next time
-            self._window = min(MAX_WINDOW, self._window * 2) if forward else BLOCK
+            if self._pos != end:  # a jump: read ahead little again
+                self._window = BLOCK
             size = min(max(want, self._window), self._remote.size - self._pos)
             self._start, self._data = self._pos, self._fetch(self._pos, size)
+            self._window = min(MAX_WINDOW, self._window * 2)  # reading on from here: read ahead further
         offset = self._pos - self._start
         buffer[:want] = self._data[offset : offset + want]
         self._pos += want

@@ -114,3 +114,29 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / f"serve-{os.getpid()}.json").write_text(json.dumps({**record, "pid": int(dead.stdout)}))
     assert dsv4("rm", TAGGED, "--yes").code == 0  # a stale record (dead pid) holds nothing
+
+
+def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
+    folder = home / "models" / "test-org--tiny-GGUF"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from dsv4cli import safe_paths\n"
+            "with safe_paths.folder_lock(Path(sys.argv[1]), '.dsv4-pull.lock', what='pull', on_wait=print):\n"
+            "    print('locked', flush=True); sys.stdin.readline()",
+            str(folder),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    rm = subprocess.Popen(
+        [sys.executable, "-m", "dsv4cli", "rm", TAGGED, "--yes"], stderr=subprocess.PIPE, text=True, env=os.environ
+    )
+    assert "in use by another `dsv4 pull`" in rm.stderr.readline()
+    assert folder.is_dir() and rm.poll() is None  # nothing deleted while the pull runs
+    holder.communicate("\n", timeout=30)
+    assert rm.wait(timeout=60) == 0
+    assert not folder.exists()
