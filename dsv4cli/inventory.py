@@ -119,7 +119,7 @@ def find_local_model(ref: ModelRef) -> LocalModel:
     if by_name:
         return by_name
     if ref.kind in ("gguf", "checkpoint"):
-        path = ref.path if ref.path.exists() or "/" in ref.text else gguf_dir() / ref.text
+        path = ref.path
         wanted = path.resolve()
         match = next((e for e in entries if wanted in {e.path.resolve(), *(f.resolve() for f in e.files)}), None)
         if match is None and (path.exists() or path.is_symlink()):  # not dsv4's: check_removable says where it is

@@ -3,6 +3,7 @@
 The forms, in the order they are tried:
 * an existing file: a GGUF (the first shard of a split set names the set);
 * an existing folder: an official checkpoint (config.json + safetensors);
+* a bare file name `x.gguf` of a GGUF in `$DSV4_HOME/gguf` (as `dsv4 list` names `dsv4 quantize`'s outputs);
 * something that looks like a path (`./x`, `/x`, `~/x`, `x.gguf`) but does not exist: a GGUF path, so the
   command that needs it reports the missing file by name;
 * `org/name/file.gguf`: one GGUF in a Hub repo;
@@ -19,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv4cli.home import gguf_dir
 from dsv4cli.registry import ModelSpec, get_model
 
 HUB_FILE_RE = re.compile(r"^([\w.-]+/[\w.-]+)/(.+\.gguf)$")
@@ -60,6 +62,9 @@ def resolve_model(text: str) -> ModelRef:
     if hub_file and not text.startswith((".", "/", "~")):
         return ModelRef(text, "hub", spec=get_model(hub_file.group(1)), file=hub_file.group(2))
     if text.endswith(".gguf") or text.startswith((".", "/", "~")):
+        converted = gguf_dir() / text
+        if "/" not in text and converted.is_file():  # a file name `dsv4 list` shows for `dsv4 quantize`'s output
+            return ModelRef(text, "gguf", path=converted)
         return ModelRef(text, "gguf", path=path)
     name, tag = split_tag(text)
     spec = get_model(name)
