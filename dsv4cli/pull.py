@@ -325,11 +325,12 @@ def _check_ggufs(folder: Path, selected: list[hub.RemoteFile], spec: ModelSpec) 
 def _select(listing: hub.RepoListing, options: PullOptions) -> list[hub.RemoteFile]:
     from huggingface_hub.utils import filter_repo_objects
 
-    if (
-        not options.include
-        and not options.exclude
-        and (options.tag or gguf_repo.is_gguf_repo(f.path for f in listing.files))
-    ):
+    if options.tag and (options.include or options.exclude):
+        raise UsageError(
+            f"both :{options.tag} and --include/--exclude pick files of {listing.repo}", hint="use one of them"
+        )
+    patterns = options.include or options.exclude
+    if options.tag or (not patterns and gguf_repo.is_gguf_repo(f.path for f in listing.files)):
         wanted = set(gguf_repo.select_quant((f.path for f in listing.files), options.tag, repo=listing.repo))
         return [f for f in listing.files if f.path in wanted]
     selected = list(
