@@ -174,3 +174,11 @@ def test_file_object_header_reader_agrees_with_gguf_py_and_fails_in_one_line(tin
     for bad in (b"", b"GGUF", data[:5000], b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, b"\x00" * 1000):
         with pytest.raises(PlanError, match="not a readable GGUF header"):
             read_header_from([(Path("bad.gguf"), io.BytesIO(bad))])
+
+
+def test_plan_refuses_a_server_that_sends_more_than_the_range(dsv4, gguf_hub, gguf_repo_dir) -> None:
+    first = sorted((gguf_repo_dir / TAG).glob("*.gguf"))[0]
+    gguf_hub.faults.oversize[f"{TAG}/{first.name}"] = 4096
+    result = dsv4("plan", f"{REPO}:{TAG}", "--vram", "1")
+    assert result.code == 1 and "sent more than the" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
