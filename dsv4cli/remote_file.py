@@ -78,7 +78,7 @@ class HubRangeFile(io.RawIOBase):
             return 0
         end = self._start + len(self._data)
         if not (self._start <= self._pos and self._pos + want <= end):
-            if self._pos != end:  # a jump: read ahead little again
+            if not self._start <= self._pos <= end:  # a jump, not reading on: read ahead little again
                 self._window = BLOCK
             size = min(max(want, self._window), self._remote.size - self._pos)
             self._start, self._data = self._pos, self._fetch(self._pos, size)
