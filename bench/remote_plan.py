@@ -86,7 +86,8 @@ def main() -> None:
             seconds = time.perf_counter() - started
             plan = make_plan(source, PlanInputs(vram_gib=(24.0,), ram_gib=128.0))
     print(
-        f"download {total / 1e9:.1f} GB in {SHARDS} shards, headers {header / 1e6:.2f} MB, {len(source.tensors)} tensors"
+        f"download {total / 1e9:.1f} GB in {SHARDS} shards, headers {header / 1e6:.2f} MB, "
+        f"{len(source.tensors)} tensors"
     )
     print(
         f"fetched {budget.fetched / 1e6:.2f} MB in {budget.requests} range requests, {seconds:.2f} s on 127.0.0.1: "
