@@ -12,9 +12,9 @@ GPU_CMAKE_rocm := -DGGML_HIP=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 GPU_CMAKE_metal := -DGGML_METAL=on
 
-.PHONY: setup demo test lint bench
+.PHONY: setup engine demo test lint bench
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed engine
 ifneq ($(GPU),)
 ifeq ($(GPU_CMAKE_$(GPU)),)
 $(error GPU=$(GPU): choose cuda, rocm, vulkan or metal)
@@ -34,6 +34,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# llama-server and its tools from the llama.cpp that llama-cpp-python vendors (`dsv4 serve` runs it): about
+# 6 minutes on 2 cores the first time, instant afterwards (cached outside the clone, see `dsv4 engine build`).
+# The CPU build always (the tests serve with it); with GPU= also that backend's, which `dsv4 serve` prefers.
+engine: $(VENV)/.installed
+	$(DSV4) engine build
+ifneq ($(GPU),)
+	$(DSV4) engine build --gpu $(GPU)
+endif
+
 demo: setup
 	$(DSV4) pull tiny
 	$(DSV4) quantize tiny
@@ -51,5 +60,6 @@ bench: setup
 	$(PY) bench/pull.py
 	$(PY) bench/quantize.py
 	$(PY) bench/chat.py
+	$(PY) bench/serve.py
 	$(PY) bench/plan.py --decode 64
 	$(PY) bench/repack.py

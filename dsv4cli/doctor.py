@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dsv4cli import hardware
@@ -40,22 +39,22 @@ class Report:
     ram: dict[str, int]
     disk: dict[str, Any]
     bandwidth: dict[str, Any] | None
+    engine: dict[str, Any]  # the llama-server `dsv4 serve` runs: ServerBinary.to_json(), or {"error": why not}
     problems: list[Problem] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def serve_engine() -> dict[str, Any]:
+    """Which llama-server `dsv4 serve` would run and its version, or why there is none (not built, a bad
+    `$DSV4_ENGINE_BIN`); no problem either way: chat does not need it."""
+    from dsv4cli.engine.build import EngineError, find_engine
+
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.partition(":")[2].split())
-    return set()
+        return find_engine().to_json()
+    except EngineError as e:
+        return {"error": f"{e}: {e.hint}" if e.hint else str(e)}
 
 
 def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
@@ -80,7 +79,7 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
                 f"make setup GPU={kind}   # or: {llama_lib.gpu_build_command(kind)}",
             )
         )
-    flags = cpu_flags()
+    flags = hardware.cpu_flags()
     if build:
         missing = [name for flag, name in SIMD_FEATURES.items() if flag in flags and name not in build.cpu_features]
         if missing:
@@ -110,6 +109,7 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
             )
         )
     bandwidth = None
+    engine = serve_engine()
     if measure:
         bandwidth = asdict(hardware.measured_bandwidths(home, remeasure=remeasure))
     return Report(
@@ -125,5 +125,6 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
         ram={"total_bytes": int(memory.total), "available_bytes": int(memory.available)},
         disk={"home": str(home), "free_bytes": int(usage.free)},
         bandwidth=bandwidth,
+        engine=engine,
         problems=problems,
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from dsv4cli.errors import RuntimeLoadError
 from quant.arch import V4, V41
-from quant.layout import model_tensors
+from quant.layout import model_tensors, nextn_tensors
 
 ARCH = V4
 V41_ARCH = V41
@@ -32,13 +32,15 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 @dataclass(frozen=True)
 class GgufInfo:
-    """What chat needs from the header: the architecture, the chat template and its special tokens."""
+    """What the engines need from the header: the architecture, the chat template and its special tokens, and
+    whether the file carries an MTP block llama.cpp can draft with."""
 
     arch: str
     block_count: int
     chat_template: str | None
     bos_token: str
     eos_token: str
+    mtp_layers: int = 0
 
 
 def check_gguf(path: Path) -> GgufInfo:
@@ -113,7 +115,7 @@ class _Header:
         self._check_moe(n_layer)
         ratios = self._check_ratios(n_layer)
         tokens = self._check_tokens()
-        self._check_tensors(n_layer, ratios)
+        mtp_layers = self._check_tensors(n_layer, ratios)
         template = self.get("tokenizer.chat_template")
         return GgufInfo(
             arch=arch,
@@ -121,6 +123,7 @@ class _Header:
             chat_template=template if isinstance(template, str) else None,
             bos_token=tokens[self.get("tokenizer.ggml.bos_token_id", 0)],
             eos_token=tokens[self.get("tokenizer.ggml.eos_token_id", 1)],
+            mtp_layers=mtp_layers,
         )
 
     def _check_attention(self) -> None:
@@ -180,15 +183,29 @@ class _Header:
                 raise self.fail(f"{key} is outside the vocabulary of {len(tokens)} tokens")
         return tokens
 
-    def _check_tensors(self, n_layer: int, ratios: list[int]) -> None:
+    def _check_tensors(self, n_layer: int, ratios: list[int]) -> int:
+        """Check the tensor names against the layout; returns the number of MTP layers."""
         present = set(self.tensor_names)
         n_hash = self.need_int("hash_layer_count")
         expected = set(model_tensors(ratios, n_hash))
+        optional: set[str] = set()
+        mtp = self._mtp_layers(n_layer, present)
+        for layer in mtp:
+            expected.update(nextn_tensors(layer))
+            optional.update(nextn_tensors(layer, optional=True))
         if missing := sorted(expected - present):
             raise self.fail(f"tensor {missing[0]} is missing ({len(missing)} missing in all)")
-        extra = [n for n in sorted(present - expected) if not _tolerated_extra(n, n_layer)]
+        extra = [n for n in sorted(present - expected - optional) if not _tolerated_extra(n, n_layer)]
         if extra:
             raise self.fail(f"unexpected tensor {extra[0]} (llama.cpp rejects extra tensors)")
+        return len(mtp)
+
+    def _mtp_layers(self, n_layer: int, present: set[str]) -> range:
+        """The MTP layers at the end of block_count, found as llama.cpp finds them: by the first one's eh_proj
+        (src/models/deepseek4.cpp); without it they are main layers."""
+        n_nextn = self.get(f"{ARCH}.nextn_predict_layers", 0)
+        first = n_layer - n_nextn if isinstance(n_nextn, int) and 0 < n_nextn < n_layer else n_layer
+        return range(first, n_layer) if f"blk.{first}.nextn.eh_proj.weight" in present else range(0)
 
 
 def _uniform(value: Any) -> Any:
@@ -196,7 +213,7 @@ def _uniform(value: Any) -> Any:
 
 
 def _tolerated_extra(name: str, n_layer: int) -> bool:
-    """Generic scales, the Vision-Exp bias and MTP (nextn) layers past block_count load without complaint."""
+    """Generic scales, the Vision-Exp bias and layers past block_count load without complaint."""
     if _TOLERATED_EXTRA.match(name) or name.endswith(".exp_probs_b_vl.bias"):
         return True
     mtp = _LAYER.match(name)

@@ -125,6 +125,18 @@ def available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
 def cpu_threads() -> int:
     """Physical cores: llama.cpp decode gains nothing from hyper-threads."""
     import psutil

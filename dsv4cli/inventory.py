@@ -25,7 +25,7 @@ from dsv4cli.home import dsv4_home, gguf_dir, models_dir
 from dsv4cli.local import LOCK_NAME
 from dsv4cli.model_ref import ModelRef
 from dsv4cli.pull import PARTIAL_DIR, forget_files, read_manifest
-from dsv4cli.serve_records import running_servers
+from dsv4cli.server.records import running_servers
 
 REPORT_SUFFIX = ".report.json"  # `dsv4 quantize` writes FILE.gguf.report.json beside its output
 
@@ -147,12 +147,13 @@ def check_removable(model: LocalModel) -> None:
             )
     held = {p.resolve() for p in model.files}
     for server in running_servers():
-        for f in server.files:
-            real = f.resolve()
+        for f in server["files"]:
+            real = Path(f).resolve()
             if real in held or any(h in real.parents for h in held):
+                pid = server["pid"]
                 raise UsageError(
-                    f"{model.name} is in use by dsv4 serve (pid {server.pid}, {server.url})",
-                    hint=f"stop that server first (kill {server.pid})",
+                    f"{model.name} is in use by dsv4 serve (pid {pid}, {server.get('url')})",
+                    hint=f"stop that server first (kill {pid})",
                 )
 
 

@@ -68,7 +68,7 @@ def describe(ref: ModelRef) -> dict[str, Any]:
     src = load_source(ref, PlanInputs())
     classes: dict[str, dict[str, Any]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "types": defaultdict(int)})
     for t in src.tensors:
-        row = classes[tensor_class(t.name)]
+        row = classes[tensor_class(t.name, src.dims.n_layer)]
         row["tensors"] += 1
         row["bytes"] += t.nbytes
         row["types"][_type_name(t.ggml_type)] += t.nbytes

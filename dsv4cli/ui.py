@@ -40,3 +40,8 @@ def byte_progress(*, transient: bool = False) -> Progress:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def note(message: str) -> None:
+    """A line on stderr, printed literally: model output and paths may contain rich markup like `[b]`."""
+    err.print(message, markup=False)

@@ -32,6 +32,11 @@ INDEXED = (
     "indexer_compressor_norm",
 )
 
+# The MTP (nextn) block of an `--mtp` GGUF: its layer (numbered after the main layers and counted in block_count)
+# has the tensors above plus these; llama.cpp creates them for layers past the main model (src/models/deepseek4.cpp).
+NEXTN = ("nextn.eh_proj", "nextn.enorm", "nextn.hnorm")
+NEXTN_OPTIONAL = ("nextn.embed_tokens", "nextn.shared_head_head", "nextn.shared_head_norm")
+
 
 def layer_tensors(layer: int, ratio: int, *, hash_layer: bool) -> list[str]:
     """Full GGUF names of block `layer` with this compress ratio; hash layers route by a token table
@@ -39,6 +44,11 @@ def layer_tensors(layer: int, ratio: int, *, hash_layer: bool) -> list[str]:
     names = EVERY_LAYER + (COMPRESSED if ratio else ()) + (INDEXED if ratio == 4 else ())
     router = "ffn_gate_tid2eid.weight" if hash_layer else "exp_probs_b.bias"
     return [f"blk.{layer}.{n}.weight" for n in names] + [f"blk.{layer}.{router}"]
+
+
+def nextn_tensors(layer: int, *, optional: bool = False) -> list[str]:
+    """Full GGUF names of the MTP block's own tensors in `layer`: the required ones, or those llama.cpp may skip."""
+    return [f"blk.{layer}.{n}.weight" for n in (NEXTN_OPTIONAL if optional else NEXTN)]
 
 
 def model_tensors(ratios: list[int], n_hash: int) -> list[str]:

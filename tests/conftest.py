@@ -104,6 +104,16 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     return out
 
 
+@pytest.fixture(scope="session")
+def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """`tiny` quantized with `--mtp`: the default recipe plus the MTP block as one more layer; read-only."""
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-mtp") / "tiny-mtp.gguf"
+    quantize_checkpoint(tiny_checkpoint, out, QuantOptions(mtp=True))
+    return out
+
+
 @pytest.fixture
 def fake_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Put a stand-in command (e.g. `nvidia-smi`, `rocm-smi`) printing fixed output first on PATH.

@@ -84,3 +84,18 @@ def test_gpus_and_the_cpu_only_build_problem(dsv4, isolated_env: Path, fake_tool
     assert report["bandwidth"] == {**cached, "cached": True}
     text = dsv4("doctor").stdout
     assert "RTX A6000" in text and "GPU offload" in text and "RAM 20 GB/s, disk 2 GB/s (cached)" in text
+
+
+def test_reports_the_serve_engine_or_how_to_build_it(
+    dsv4, isolated_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DSV4_ENGINE_CACHE", str(tmp_path / "no-engines"))
+    res = dsv4("doctor")
+    assert res.code == 0, res.stderr
+    assert "llama-server    llama-server is not built yet: run `dsv4 engine build`" in res.stdout
+    fake = tmp_path / "llama-server"  # a user's own build, named by $DSV4_ENGINE_BIN
+    fake.write_text("#!/bin/sh\necho 'version: 4242 (abcdef0)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("DSV4_ENGINE_BIN", str(fake))
+    engine = json.loads(dsv4("doctor", "--json").stdout)["engine"]
+    assert engine == {"server": str(fake), "version": "4242 (abcdef0)", "gpu": None}

@@ -111,8 +111,9 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
     (run / f"serve-{os.getpid()}.json").write_text(json.dumps(record))
     result = dsv4("rm", TAGGED, "--yes")
     assert result.code == 1 and f"in use by dsv4 serve (pid {os.getpid()}" in result.stderr
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / f"serve-{os.getpid()}.json").write_text(json.dumps({**record, "pid": int(dead.stdout)}))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    (run / f"serve-{os.getpid()}.json").unlink()
+    (run / f"serve-{dead}.json").write_text(json.dumps({**record, "pid": dead}))
     assert dsv4("rm", TAGGED, "--yes").code == 0  # a stale record (dead pid) holds nothing
 
 

@@ -51,7 +51,8 @@ def test_load_params_round_trip_and_cli_args() -> None:
     flags = dict(zip(args[::2], args[1::2], strict=False))
     assert flags["-m"] == "m.gguf" and flags["-ngl"] == "20" and flags["-c"] == "8192" and flags["-t"] == "6"
     assert flags["-ctk"] == flags["-ctv"] == "q8_0" and flags["-fa"] == "on" and flags["-ts"] == "0.5,0.5"
-    assert flags["-ot"] == r"^blk\.(0|1)\.ffn_(gate|up|down)_exps\.=CPU" and args[-1] == "--no-mmap"
+    assert flags["-ot"] == r"^blk\.(0|1)\.ffn_(gate|up|down)_exps\.=CPU" and args[-2:] == ["--load-mode", "none"]
+    assert "--no-mmap" not in args  # the pinned llama.cpp rejects it (common/arg.cpp: --load-mode)
     no_repack = dataclasses.replace(params, use_extra_bufts=False)
     assert LoadParams.from_dict(no_repack.to_dict()) == no_repack and no_repack.cli_args("m.gguf")[-1] == "--no-repack"
     assert LoadParams.from_dict({}).use_extra_bufts is None  # decided at load (llama_lib.use_extra_bufts)

@@ -323,3 +323,28 @@ def test_two_detected_gpus_both_carry_layers(dsv4, fake_tool) -> None:
     assert f"-ts {split[0]:g},{split[1]:g}" in " ".join(plan["llama_args"])
     table = dsv4("plan", "deepseek-v4-flash", "--ram", "192").stdout
     assert "gpu1" in table and "routed_experts" in table
+
+
+def test_mtp_gguf_places_the_main_model_and_skips_the_block(tiny_gguf: Path, mtp_gguf: Path) -> None:
+    """`dsv4 quantize --mtp` adds the MTP block as layer n_layer (block_count counts it); planning used to index
+    past the main layers. The plan must be the plain model's plus that whole layer skipped."""
+    from dsv4cli.gguf_check import check_gguf
+
+    plain_info, mtp_info = check_gguf(tiny_gguf), check_gguf(mtp_gguf)
+    n_layer = plain_info.block_count
+    assert (mtp_info.block_count, mtp_info.mtp_layers, plain_info.mtp_layers) == (n_layer + 1, 1, 0)
+    inputs = PlanInputs(vram_gib=(), ram_gib=8, ctx=2048, threads=2)
+    plain, mtp = make_plan(str(tiny_gguf), inputs), make_plan(str(mtp_gguf), inputs)
+    block = {t.name for t in gguf.GGUFReader(mtp_gguf).tensors if t.name.startswith(f"blk.{n_layer}.")}
+    assert any(".nextn." in name for name in block) and any("_exps." in name for name in block)
+    assert {name for name, tier in mtp.placement.items() if tier == "skipped"} == block
+    assert {name: tier for name, tier in mtp.placement.items() if name not in block} == plain.placement
+    assert mtp.load_params() == plain.load_params()
+    assert [r for r in mtp.class_rows() if r["class"] == "mtp"] == [
+        {
+            "tier": "skipped",
+            "class": "mtp",
+            "count": len(block),
+            "bytes": sum(t.nbytes for t in mtp.source.tensors if t.name in block),
+        }
+    ]

@@ -189,13 +189,22 @@ def test_written_gguf_matches_reference_table(tiny_gguf: Path) -> None:
 def test_written_layout_is_the_loader_layout(name: str) -> None:
     """mapping writes exactly the tensors quant.layout says llama.cpp creates (what gguf_check checks)."""
     from quant.config import facts_of
-    from quant.layout import model_tensors
+    from quant.layout import model_tensors, nextn_tensors
 
     config = get_model(name).hf_config()
     facts = facts_of(config)
     ratios = facts["compress_ratios"][: facts["num_hidden_layers"]]
     names = [s.name for s in gguf_tensor_specs(config)]
     assert sorted(names) == sorted(model_tensors(ratios, facts["num_hash_layers"]))
+    # --mtp: one more layer with the same trunk plus the block's own tensors (the optional ones or not)
+    n = facts["num_hidden_layers"]
+    with_mtp = set(model_tensors([*ratios, facts["compress_ratios"][n]], facts["num_hash_layers"]))
+    mtp_names = {s.name for s in gguf_tensor_specs(config, mtp=True)}
+    assert (
+        with_mtp | set(nextn_tensors(n))
+        <= mtp_names
+        <= with_mtp | set(nextn_tensors(n)) | set(nextn_tensors(n, optional=True))
+    )
 
 
 def test_config_values_are_checked_before_use() -> None:

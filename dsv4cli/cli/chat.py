@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt, RamOpt, VramOpt, gib_list
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, VramOpt, placement
 from dsv4cli.errors import UsageError
-from dsv4cli.ui import err, out, print_json
+from dsv4cli.ui import err, note, out, print_json
 
 if TYPE_CHECKING:
     from dsv4cli.chat import ChatSession, TurnResult
@@ -63,7 +63,7 @@ class TerminalUI:
         err.print(format_stats(turn.stats), style="dim", markup=False)
 
     def note(self, message: str) -> None:
-        _note(message)
+        note(message)
 
     def close(self) -> None:
         self._paste_mode(False)
@@ -71,11 +71,6 @@ class TerminalUI:
             self._history.parent.mkdir(parents=True, exist_ok=True)
             self._readline.set_history_length(1000)
             self._readline.write_history_file(self._history)
-
-
-def _note(message: str) -> None:
-    """A line on stderr, printed literally: model output and paths may contain rich markup like `[b]`."""
-    err.print(message, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,11 +85,11 @@ def register(app: typer.Typer) -> None:
         prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,
         system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
         think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (reasoning first).")] = False,
-        plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")] = None,
+        plan: PlanFileOpt = None,
         vram: VramOpt = None,
         ram: RamOpt = None,
-        cpu: Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")] = False,
-        ctx: Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")] = None,
+        cpu: CpuOpt = False,
+        ctx: CtxOpt = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
         temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
@@ -103,22 +98,18 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
-        from dsv4cli.chat import ChatSession, Placement, open_chat
+        from dsv4cli.chat import ChatSession, open_chat
         from dsv4cli.engine import SampleOptions
         from dsv4cli.model_ref import resolve_model
 
-        if plan and (vram is not None or ram is not None or ctx is not None):
-            raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
-        if cpu and (vram is not None or plan):
-            raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
+        where = placement(plan, vram, ram, ctx, cpu)
         if prompt is None and not sys.stdin.isatty():
             prompt = sys.stdin.read()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
-        placement = Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu)
-        loaded = open_chat(model and resolve_model(model), placement, verbose=verbose, note=_note)
+        loaded = open_chat(model and resolve_model(model), where, verbose=verbose, note=note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
         session = ChatSession(loaded.engine, loaded.renderer, system=system, thinking=think, options=options)
         try:
@@ -135,7 +126,7 @@ def _interactive(session: ChatSession, gguf: Path) -> None:
     from dsv4cli.home import dsv4_home
 
     ui = TerminalUI(dsv4_home() / "chat_history")
-    _note(f"{gguf.name} loaded; /help for commands, Ctrl-D to leave")
+    note(f"{gguf.name} loaded; /help for commands, Ctrl-D to leave")
     try:
         run_repl(session, ui)
     finally:
@@ -156,4 +147,4 @@ def _one_shot(session: ChatSession, prompt: str, *, gguf: Path, as_json: bool) -
         print_json({"model": str(gguf), **turn.to_dict()})
     else:
         sys.stdout.write("\n")
-        _note(format_stats(turn.stats))
+        note(format_stats(turn.stats))

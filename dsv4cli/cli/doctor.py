@@ -44,6 +44,14 @@ def _render(report: Report) -> None:
         if "AMX" in repack and not llama["repack"]:
             why = "; off: AMX cannot run deepseek4's attn_wo_a product, DSV4_REPACK=on forces it"
         out.print(f"  repacking     {'on' if llama['repack'] else 'off'} (extra buffer types: {repack}{why})")
+    engine = report.engine
+    if "error" in engine:
+        out.print(f"llama-server    {engine['error']}", markup=False)
+    else:
+        out.print(
+            f"llama-server    {engine['version']} ({engine['gpu'] or 'DSV4_ENGINE_BIN'}), {engine['server']}",
+            markup=False,
+        )
     gpus = ", ".join(f"{g['name']} ({human_bytes(g['free_bytes'])} free)" for g in report.gpus)
     out.print(f"GPUs            {gpus or 'none found'} (via {report.gpu_source})")
     cpu = report.cpu

@@ -7,13 +7,17 @@ work starts; the error names the flag and the allowed values.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dsv4cli.errors import UsageError
 from dsv4cli.kvcache import KV_TYPES
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
+
+if TYPE_CHECKING:
+    from dsv4cli.chat import Placement
 
 
 def _one_of(flag: str, allowed: Iterable[str]) -> Callable[[str | None], str | None]:
@@ -72,3 +76,17 @@ KvTypeOpt = Annotated[
     str,
     typer.Option("--kv-type", callback=_one_of("--kv-type", KV_TYPES), help=f"KV cache type: {', '.join(KV_TYPES)}."),
 ]
+PlanFileOpt = Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")]
+CpuOpt = Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")]
+CtxOpt = Annotated[int | None, typer.Option("--ctx", min=64, help="Context length in tokens.")]
+
+
+def placement(plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool) -> Placement:
+    """The placement flags of the commands that load a model (chat, serve), checked the same way for both."""
+    from dsv4cli.chat import Placement
+
+    if plan and (vram is not None or ram is not None or ctx is not None):
+        raise UsageError("--plan already fixes placement and context; drop --vram/--ram/--ctx or the plan")
+    if cpu and (vram is not None or plan):
+        raise UsageError("--cpu plans no GPU; drop --vram/--plan or --cpu")
+    return Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu)

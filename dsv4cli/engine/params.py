@@ -48,6 +48,13 @@ class LoadParams:
         """Whether the load may repack weights: the one answer the in-process engine and `cli_args` both use."""
         return llama_lib.use_extra_bufts(self.use_extra_bufts)
 
+    def load_mode(self) -> str | None:
+        """llama.cpp's `--load-mode` for use_mmap/use_mlock (common/arg.cpp; the old `--no-mmap` is gone), None for
+        its default (mmap)."""
+        if not self.use_mmap:
+            return "mlock" if self.use_mlock else "none"
+        return "mmap+mlock" if self.use_mlock else None
+
     def to_dict(self) -> dict[str, Any]:
         """The plan file's "llama" section."""
         return {
@@ -104,8 +111,8 @@ class LoadParams:
             args += ["-ot", f"{pattern}={HOST_BUFFER}"]
         if self.tensor_split:
             args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
-        if not self.use_mmap:
-            args.append("--no-mmap")
+        if mode := self.load_mode():
+            args += ["--load-mode", mode]
         if not self.repack():
             args.append("--no-repack")
         return args

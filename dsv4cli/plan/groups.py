@@ -26,7 +26,13 @@ CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
-def tensor_class(name: str) -> str:
+def tensor_class(name: str, n_layer: int) -> str:
+    """The class of a tensor of a model with `n_layer` main layers. The MTP block of an `--mtp` GGUF (its
+    `nextn.*` tensors and the rest of its layer, numbered from n_layer up) is "mtp": llama.cpp loads it only for
+    drafting, so placement skips it."""
+    layer = layer_of(name)
+    if layer is not None and layer >= n_layer:
+        return "mtp"
     for cls, pattern in CLASS_RULES:
         if pattern.search(name):
             return cls
@@ -52,7 +58,7 @@ class Layers:
 def group_layers(tensors: Sequence[Any], n_layer: int) -> Layers:
     groups = Layers([0] * n_layer, [0] * n_layer, 0, 0, [])
     for spec in tensors:
-        cls, layer = tensor_class(spec.name), layer_of(spec.name)
+        cls, layer = tensor_class(spec.name, n_layer), layer_of(spec.name)
         if cls == "mtp":
             continue
         if cls == "token_embd":

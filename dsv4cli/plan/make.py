@@ -70,7 +70,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     host_experts = [
         (s.name, s.nbytes)
         for s in src.tensors
-        if tensor_class(s.name) == "routed_experts" and layer_of(s.name) not in gpu_experts
+        if tensor_class(s.name, src.dims.n_layer) == "routed_experts" and layer_of(s.name) not in gpu_experts
     ]
     placement = fill_host(ram, disk, [*host_experts, *groups.engram])
     if disk.weights and inputs.no_disk:

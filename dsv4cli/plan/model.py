@@ -87,7 +87,7 @@ class Plan:
         """(tier, class) -> count, bytes, in tier order."""
         rows: dict[tuple[str, str], list[int]] = {}
         for spec in self.source.tensors:
-            key = (self.placement[spec.name], tensor_class(spec.name))
+            key = (self.placement[spec.name], tensor_class(spec.name, self.source.dims.n_layer))
             acc = rows.setdefault(key, [0, 0])
             acc[0] += 1
             acc[1] += spec.nbytes
@@ -104,7 +104,7 @@ class Plan:
         if gpu and self.cpu_expert_layers:
             layers = "|".join(str(i) for i in self.cpu_expert_layers)
             patterns.append(rf"^blk\.({layers})\.ffn_(gate|up|down)_exps\.")
-        engram = any(tensor_class(s.name) == "engram" for s in self.source.tensors)
+        engram = any(tensor_class(s.name, self.source.dims.n_layer) == "engram" for s in self.source.tensors)
         if gpu and engram:
             patterns.append(r"\.engram_embd\.")
         # Layer counts per GPU: llama.cpp normalizes them and gives GPU i the next share of the offloaded

@@ -140,7 +140,7 @@ def place_fixed(source: ModelSource, placement: dict[str, str], layer_tier: dict
     for spec in source.tensors:
         if spec.name in placement:
             continue
-        cls, layer = tensor_class(spec.name), layer_of(spec.name)
+        cls, layer = tensor_class(spec.name, n_layer), layer_of(spec.name)
         if cls == "mtp":
             placement[spec.name] = "skipped"
         elif cls == "token_embd":

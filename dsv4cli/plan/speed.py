@@ -60,7 +60,7 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     host_params = active_params = 0.0
     gpu = plan.n_gpu_layers > 0
     for spec in plan.source.tensors:
-        tier, cls = plan.placement[spec.name], tensor_class(spec.name)
+        tier, cls = plan.placement[spec.name], tensor_class(spec.name, dims.n_layer)
         if tier == "skipped":
             continue
         if cls == "engram":

@@ -1,0 +1,194 @@
+"""Benchmark `dsv4 serve` (llama-server through the OpenAI API) against in-process `dsv4 chat` on the same GGUF.
+
+1. Decode tok/s of a streamed API answer vs the in-process chat runtime, same model, plan and context, alternating
+   runs in one process (goal >= 0.95x). The API figure is measured by the client: (tokens - 1) / (last chunk -
+   first chunk), so HTTP and JSON costs are included.
+2. Time to first token of turn N of a growing conversation vs turn 1 (~1,500 prompt tokens): llama-server's prompt
+   cache should prefill only the new tokens (goal: turn N well under turn 1).
+3. With `--mtp`: the same decode through a GGUF quantized with the MTP block, drafting on vs off, and the draft
+   acceptance rate the server reports. On the tiny model's random weights acceptance means nothing about real
+   models; the figure only shows the path works and what drafting costs.
+
+Usage: .venv/bin/python bench/serve.py [--gguf PATH] [--tokens 500] [--repeats 3] [--turns 6] [--mtp]
+(default GGUF: the built-in tiny model, prepared on first use like `dsv4 chat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "Go on"  # the tiny model's greedy answer to this runs past 3,000 tokens without an end token
+
+
+def api_decode(client, alias: str, tokens: int) -> dict:
+    """One streamed greedy answer; client-side decode tok/s and the server's own timings."""
+    stream = client.chat.completions.create(
+        model=alias,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "timings_per_token": False},
+    )
+    first = last = 0.0
+    usage = timings = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+        usage = chunk.usage or usage
+        timings = getattr(chunk, "timings", None) or (chunk.model_extra or {}).get("timings") or timings
+    n = usage.completion_tokens
+    return {"tokens": n, "tps": (n - 1) / (last - first), "timings": timings or {}}
+
+
+def chat_decode(engine, renderer, tokens: int) -> float:
+    from dsv4cli.chat import ChatSession
+    from dsv4cli.engine import SampleOptions
+
+    engine.reset()
+    session = ChatSession(engine, renderer, options=SampleOptions(max_tokens=tokens, temp=0))
+    list(session.send(PROMPT))
+    return session.last.stats.decode_tps
+
+
+def ttft(client, alias: str, messages: list[dict], max_tokens: int = 8) -> tuple[float, str, int, int]:
+    """Seconds to the first answer chunk, the answer, prompt tokens and cached prompt tokens."""
+    start = time.perf_counter()
+    first = 0.0
+    text, usage = [], None
+    stream = client.chat.completions.create(
+        model=alias,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return first - start, "".join(text), usage.prompt_tokens, cached or 0
+
+
+def growing_conversation(client, alias: str, turns: int, first_tokens: int = 1500) -> list[dict]:
+    words = "the sea was calm and the ships sailed home "
+    messages = [{"role": "user", "content": words * (first_tokens // 10)}]
+    rows = []
+    for turn in range(1, turns + 1):
+        seconds, answer, prompt, cached = ttft(client, alias, messages)
+        rows.append({"turn": turn, "ttft_s": seconds, "prompt_tokens": prompt, "cached_tokens": cached})
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"And then? ({turn})"}]
+    return rows
+
+
+def serve(gguf: Path, placement, *, mtp: bool = True):
+    from dsv4cli.engine.build import build_engine
+    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.server.launch import ServeOptions, start_server
+
+    engine = build_engine("cpu").engine
+    opts = ServeOptions(port=0, alias="bench", mtp=mtp)
+    return start_server(resolve_model(str(gguf)), placement, opts, engine, note=lambda m: print(m, file=sys.stderr))
+
+
+def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
+    import openai
+
+    from dsv4cli.chat import Placement, open_chat
+    from dsv4cli.model_ref import resolve_model
+
+    server = serve(gguf, Placement(ctx=args.ctx))
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
+        loaded = open_chat(resolve_model(str(gguf)), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
+        api_decode(client, "bench", 16)  # warm-up both paths
+        chat_decode(loaded.engine, loaded.renderer, 16)
+        api, chat = [], []
+        for _ in range(args.repeats):
+            api.append(api_decode(client, "bench", args.tokens)["tps"])
+            chat.append(chat_decode(loaded.engine, loaded.renderer, args.tokens))
+        loaded.engine.close()
+        ratio = statistics.median(api) / statistics.median(chat)
+        print(
+            f"decode: dsv4 serve (OpenAI API, streamed) {statistics.median(api):.1f} tok/s vs in-process dsv4 chat "
+            f"{statistics.median(chat):.1f} tok/s ({args.tokens} tokens, median of {args.repeats}) "
+            f"-> {ratio:.3f}x (goal >= 0.95x)"
+        )
+        rows = growing_conversation(client, "bench", args.turns)
+    finally:
+        server.stop()
+    for row in rows:
+        print(
+            f"  turn {row['turn']}: TTFT {row['ttft_s'] * 1000:.0f} ms, prompt {row['prompt_tokens']} tokens, "
+            f"{row['cached_tokens']} from the cache"
+        )
+    print(
+        f"TTFT turn {rows[-1]['turn']} / turn 1: {rows[-1]['ttft_s'] / rows[0]['ttft_s']:.3f}x "
+        f"({rows[-1]['prompt_tokens']} vs {rows[0]['prompt_tokens']} prompt tokens)"
+    )
+
+
+def bench_mtp(args: argparse.Namespace) -> None:
+    """Drafting on vs off on `tiny` quantized with `--mtp`, placed with the plain tiny model's plan."""
+    import openai
+
+    from dsv4cli.chat import Placement, resolve_gguf
+    from dsv4cli.home import models_dir
+    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.plan import PlanInputs, make_plan, save_plan
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    tiny = resolve_gguf(resolve_model("tiny"), note=lambda m: None)
+    mtp_gguf = tiny.with_name("tiny-mtp-bench.gguf")
+    if not mtp_gguf.exists():
+        quantize_checkpoint(models_dir() / "tiny", mtp_gguf, QuantOptions(mtp=True))
+    plan = tiny.with_name("tiny-mtp-bench.plan.json")
+    save_plan(make_plan(str(tiny), PlanInputs(ctx=args.ctx)), plan)
+    results = {}
+    for drafting in (False, True):
+        server = serve(mtp_gguf, Placement(plan_file=plan), mtp=drafting)
+        try:
+            if drafting and not server.info()["mtp"]:
+                print(f"MTP: llama-server could not start with drafting on this model; see {server.process.log}")
+                return
+            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
+            api_decode(client, "bench", 16)
+            results[drafting] = [api_decode(client, "bench", args.tokens) for _ in range(args.repeats)]
+        finally:
+            server.stop()
+    off = statistics.median(r["tps"] for r in results[False])
+    on = statistics.median(r["tps"] for r in results[True])
+    drafted = sum(r["timings"].get("draft_n", 0) for r in results[True])
+    accepted = sum(r["timings"].get("draft_n_accepted", 0) for r in results[True])
+    rate = f"{accepted / drafted:.1%} of {drafted} drafted tokens accepted" if drafted else "no draft timings reported"
+    print(f"MTP (tiny, random weights): drafting on {on:.1f} tok/s vs off {off:.1f} tok/s -> {on / off:.3f}x; {rate}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, help="GGUF to serve (default: the built-in tiny model)")
+    parser.add_argument("--tokens", type=int, default=500, help="tokens generated per decode run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--mtp", action="store_true", help="also measure MTP drafting on a tiny GGUF with the block")
+    args = parser.parse_args()
+    from dsv4cli.chat import resolve_gguf
+
+    gguf = args.gguf or resolve_gguf(None, note=lambda m: print(m, file=sys.stderr))
+    bench_decode(gguf, args)
+    if args.mtp:
+        bench_mtp(args)
+
+
+if __name__ == "__main__":
+    main()

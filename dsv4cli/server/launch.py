@@ -1,0 +1,143 @@
+"""`dsv4 serve`'s work: llama-server's command line from the plan, the safety checks, and the launch.
+
+What llama-server lacks and dsv4 adds: the model reference and placement (see `model.py`), the engine build,
+a port and key check before anything starts, the V4 tool-call template when the GGUF's own has none, MTP
+drafting when the file carries the nextn block, and a lifecycle that leaves no process behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dsv4cli.chat import Placement
+from dsv4cli.engine.build import ServerBinary, tool_template
+from dsv4cli.errors import UsageError
+from dsv4cli.home import dsv4_home
+from dsv4cli.model_ref import ModelRef
+from dsv4cli.server.model import PlannedModel, plan_model
+from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
+from dsv4cli.server.records import remove_record, write_record
+from quant.gguf_set import complete_split_set
+
+# The marker of a template that renders OpenAI `tools` and parses V4 tool calls (llama.cpp common/chat.cpp
+# picks its DeepSeek V3.2/V4 handler on it).
+TOOL_TEMPLATE_MARKER = "dsml_token"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    alias: str | None = None  # the model id clients send; default: the name given on the command line
+    think: bool = False  # the default per request; clients override with chat_template_kwargs.enable_thinking
+    mtp: bool = True  # draft with the nextn block when the GGUF has one
+    parallel: int | None = None  # slots; None: llama-server's auto (4, one shared KV pool)
+    health_timeout: float = 600.0
+
+
+@dataclass
+class RunningServer:
+    process: ServerProcess
+    model: PlannedModel
+    alias: str
+    base_url: str
+    argv: list[str]
+    record: Path  # what `dsv4 rm` reads to keep this model (`records.py`)
+
+    def stop(self) -> None:
+        """Stop llama-server, then drop the record: the files are free once no process maps them."""
+        self.process.stop()
+        remove_record(self.record)
+
+    def info(self) -> dict[str, object]:
+        """What scripts need: where to connect and which process to watch."""
+        return {
+            "base_url": self.base_url,
+            "pid": self.process.pid,
+            "model": self.alias,
+            "gguf": str(self.model.gguf),
+            "log": str(self.process.log),
+            "mtp": "--spec-type" in self.argv,
+        }
+
+
+def check_access(opts: ServeOptions) -> None:
+    """Refuse to listen beyond this machine without a key: anyone on the network could use the model."""
+    if opts.api_key and opts.api_key_file:
+        raise UsageError("give --api-key or --api-key-file, not both")
+    if opts.api_key_file is not None and not opts.api_key_file.is_file():
+        raise UsageError(f"--api-key-file {opts.api_key_file}: no such file")
+    if not is_loopback(opts.host) and not (opts.api_key or opts.api_key_file):
+        raise UsageError(
+            f"--host {opts.host} is reachable from other machines; refusing to serve without an API key",
+            hint="pass --api-key KEY or --api-key-file FILE, or keep the default --host 127.0.0.1",
+        )
+
+
+def server_argv(engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int) -> list[str]:
+    """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
+    argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
+    argv += ["--jinja", "--reasoning-format", "deepseek", "--reasoning", "on" if opts.think else "off"]
+    if TOOL_TEMPLATE_MARKER not in (model.chat_template or ""):
+        template = tool_template()
+        if template is not None:
+            argv += ["--chat-template-file", str(template)]
+    if opts.mtp and model.has_mtp:
+        argv += ["--spec-type", "draft-mtp"]
+    if opts.parallel is not None:
+        argv += ["--parallel", str(opts.parallel)]
+    if opts.api_key_file is not None:
+        argv += ["--api-key-file", str(opts.api_key_file)]
+    return argv
+
+
+def start_server(
+    ref: ModelRef, placement: Placement, opts: ServeOptions, engine: ServerBinary, *, note: Callable[[str], None]
+) -> RunningServer:
+    """Check access and port, plan the model, start llama-server and return once it answers /health.
+
+    If the server dies starting with MTP drafting on, it is started again without it (the model is still served;
+    the note names the log): drafting is a speed-up, never a reason not to serve.
+    """
+    check_access(opts)
+    port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
+    check_port_free(opts.host, port)
+    planned = plan_model(ref, placement, note=note)
+    alias = opts.alias or ref.text
+    url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+    url_host = f"[{url_host}]" if ":" in url_host else url_host
+    base_url = f"http://{url_host}:{port}"
+    record = write_record(complete_split_set(planned.gguf), url=f"{base_url}/v1", model=alias)
+    try:
+        try:
+            process, argv = _launch(engine, planned, opts, port=port, base_url=base_url, alias=alias)
+        except ServerError as e:
+            if not (opts.mtp and planned.has_mtp):
+                raise
+            note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
+            process, argv = _launch(
+                engine, planned, replace(opts, mtp=False), port=port, base_url=base_url, alias=alias
+            )
+    except BaseException:
+        remove_record(record)
+        raise
+    return RunningServer(process=process, model=planned, alias=alias, base_url=base_url, argv=argv, record=record)
+
+
+def _launch(
+    engine: ServerBinary, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
+) -> tuple[ServerProcess, list[str]]:
+    argv = server_argv(engine, planned, opts, alias=alias, port=port)
+    env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
+    log = dsv4_home() / "logs" / f"llama-server-{port}.log"
+    process = ServerProcess(argv, log=log, base_url=base_url, env=env)
+    try:
+        process.wait_healthy(opts.health_timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return process, argv
