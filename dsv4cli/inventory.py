@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli import gguf_repo, safe_paths
-from dsv4cli.errors import UsageError
+from dsv4cli.errors import IntegrityError, UsageError
 from dsv4cli.gguf_read import read_recipe
 from dsv4cli.home import dsv4_home, gguf_dir, models_dir
 from dsv4cli.local import LOCK_NAME
@@ -75,7 +75,7 @@ def _pulled(folder: Path) -> list[LocalModel]:
     for first in gguf_repo.first_shards(names):
         try:
             shards = [folder / p for p in gguf_repo.shard_set(names, first, repo=base)]
-        except UsageError:
+        except IntegrityError:  # only some shards were pulled (`--include`): not a model to run
             continue
         tag = gguf_repo.tag_of(first, names)
         name = f"{base}:{tag}" if tag else f"{base}/{first}"
@@ -92,8 +92,8 @@ def _converted(path: Path) -> LocalModel:
     names = sorted(p.name for p in path.parent.glob("*.gguf"))
     try:
         shards = [path.parent / n for n in gguf_repo.shard_set(names, path.name, repo=str(path.parent))]
-    except UsageError:
-        shards = [path]
+    except IntegrityError:  # a shard is missing: list what is there, so it can be removed
+        shards = [path.parent / n for n in names if gguf_repo.set_name(n) == gguf_repo.set_name(path.name)]
     report = path.parent / (gguf_repo.set_name(path.name) + REPORT_SUFFIX)
     files = tuple(shards) + ((report,) if report.is_file() else ())
     return LocalModel(path.name, "gguf", "complete", path, files, sum(_size(f) for f in shards), read_recipe(path))

@@ -141,3 +141,16 @@ def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
     holder.communicate("\n", timeout=30)
     assert rm.wait(timeout=60) == 0
     assert not folder.exists()
+
+
+def test_a_split_set_missing_a_shard_is_listed_and_removable(dsv4, gguf_repo_dir, isolated_env) -> None:
+    gguf = isolated_env / "gguf"
+    gguf.mkdir(parents=True)
+    shards = sorted((gguf_repo_dir / GGUF_TAG).glob("*.gguf"))
+    for shard in shards[:-1]:
+        shutil.copy(shard, gguf / shard.name)
+    models = listed(dsv4)
+    assert list(models) == [shards[0].name]
+    assert models[shards[0].name]["bytes"] == sum(p.stat().st_size for p in shards[:-1])
+    assert dsv4("rm", shards[0].name, "--yes").code == 0
+    assert list(gguf.iterdir()) == []
