@@ -1,9 +1,8 @@
-"""ADAPTER until the bounded file-object GGUF reader (branch fuzz8) is in `dsv4cli.gguf_read`: read the headers of
-a GGUF (every shard of a split set) from binary file objects, so a remote file (`dsv4cli.remote_file`) is read
-through the same code path as a local one. Only the header is read: key/values (tokenizer arrays skipped) and
-the tensor table (name, shape, type, offset); each tensor's bytes come from its type's block size.
-
-Every count and length is bounded before it is used, so a hostile header costs at most those bounds.
+"""ADAPTER until the bounded GGUF header parser (branch fuzz8: `quant.gguf_header.parse_header(ByteSource)`) is
+in main: read the headers of a GGUF (every shard of a split set) from `ByteSource`s (name, size, `read_at`), the
+same interface, so a Hub file (`dsv4cli.remote_file.HubByteSource`) is read like a local one. Only the header is
+read: key/values (tokenizer arrays skipped) and the tensor table; each tensor's bytes come from its type's block
+size. Every count and length is bounded before it is used, so a hostile header costs at most those bounds.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from dsv4cli.errors import PlanError
 from dsv4cli.gguf_read import GgufHeader
@@ -25,18 +24,44 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 STRING, ARRAY = 8, 9
 
 
+CHUNK = 1 << 20
+
+
+class ByteSource(Protocol):
+    name: str
+    size: int
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+
 class _Cursor:
-    def __init__(self, f: BinaryIO, name: str) -> None:
-        self.f, self.name = f, name
+    """Sequential reads through a source, a CHUNK at a time."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self.source, self.name = source, source.name
+        self.buf, self.base, self.pos = b"", 0, 0
 
     def fail(self, what: str) -> PlanError:
         return PlanError(f"{self.name}: not a readable GGUF header ({what})", hint="check the file or the repo")
 
     def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise self.fail(f"ends inside the header at byte {self.f.tell()}")
+        end = self.pos + n
+        if end > self.source.size:
+            raise self.fail(f"ends inside the header at byte {self.pos}")
+        if end > self.base + len(self.buf):
+            keep = self.buf[self.pos - self.base :] if self.pos < self.base + len(self.buf) else b""
+            start = self.pos + len(keep)
+            self.buf, self.base = keep + self.source.read_at(start, max(end - start, CHUNK)), self.pos
+            if end > self.base + len(self.buf):
+                raise self.fail(f"ends inside the header at byte {self.pos}")
+        data = self.buf[self.pos - self.base : end - self.base]
+        self.pos = end
         return data
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.source.size:
+            raise self.fail(f"ends inside the header at byte {self.pos}")
+        self.pos += n
 
     def scalar(self, kind: int) -> Any:
         fmt = _SCALARS[kind]
@@ -61,22 +86,22 @@ class _Cursor:
         item = self.scalar(4)
         n = self.count(MAX_ITEMS, "array length")
         if not keep and item in _SCALARS:  # skipped without reading, e.g. tokenizer scores
-            self.f.seek(n * struct.calcsize(_SCALARS[item]), 1)
+            self.skip(n * struct.calcsize(_SCALARS[item]))
             return None
         values = [self.value(item, keep=keep) for _ in range(n)]
         return values if keep else None
 
 
-def read_header_from(files: Sequence[tuple[Path, BinaryIO]]) -> GgufHeader:
-    """The header of a GGUF from its shards' file objects (first shard first); `Path` names each shard."""
+def read_header_from(files: Sequence[tuple[Path, ByteSource]]) -> GgufHeader:
+    """The header of a GGUF from its shards' byte sources (first shard first); `Path` names each shard."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from quant.mapping import TensorSpec
 
     fields: dict[str, Any] = {}
     tensors: list[TensorSpec] = []
-    for path, f in files:
-        cur = _Cursor(f, str(path))
+    for _, source in files:
+        cur = _Cursor(source)
         if cur.take(4) != b"GGUF":
             raise cur.fail("no GGUF magic")
         if cur.scalar(4) not in (2, 3):

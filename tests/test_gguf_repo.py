@@ -53,13 +53,19 @@ def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv
     remote = dsv4("plan", f"{REPO}:{TAG.lower()}", *args)
     assert remote.code == 0, remote.stderr
     remote_plan = json.loads(remote.stdout)
-    total = sum((gguf_repo_dir / p).stat().st_size for p in shards(gguf_repo_dir))
+    import gguf
+
+    sizes = {p: (gguf_repo_dir / p).stat().st_size for p in shards(gguf_repo_dir)}
+    headers = {p: gguf.GGUFReader(gguf_repo_dir / p).data_offset for p in sizes}  # where each shard's data starts
     fetched = remote_plan["source"]["fetched_bytes"]
-    assert remote_plan["source"]["download_bytes"] == total
-    assert 0 < fetched < total / 10  # header bytes, not data
+    assert remote_plan["source"]["download_bytes"] == sum(sizes.values())
+    # Header bytes, not data: at most each header plus one read-ahead chunk (1 MiB) of the tiny shards (bench/
+    # remote_plan.py measures a real-sized V4-Flash set: 8 MB of a 156 GB download).
+    assert sum(headers.values()) <= fetched <= sum(min(sizes[p], headers[p] + (1 << 20)) for p in sizes)
+    assert fetched < sum(sizes.values()) / 2
     ranged = [r for r in gguf_hub.log if "/resolve/" in r.path]
     assert {r.path.rsplit("/", 1)[-1] for r in ranged} == {p.rsplit("/", 1)[-1] for p in shards(gguf_repo_dir)}
-    assert all(r.range and r.status == 206 for r in ranged)
+    assert all(r.range for r in ranged)  # every read was a range request
 
     assert dsv4("pull", f"{REPO}:{TAG}").code == 0
     local = dsv4("plan", f"{REPO}:{TAG}", *args)
@@ -163,16 +169,20 @@ def test_show_before_download_reads_the_headers(dsv4, gguf_hub) -> None:
     assert info["kind"] == "remote" and info["fetched_bytes"] > 0 and info["classes"]["routed_experts"]["bytes"] > 0
 
 
-def test_file_object_header_reader_agrees_with_gguf_py_and_fails_in_one_line(tiny_gguf: Path) -> None:
-    import io
-
+def test_byte_source_header_reader_agrees_with_gguf_py_and_fails_in_one_line(tiny_gguf: Path) -> None:
     from dsv4cli.errors import PlanError
     from dsv4cli.gguf_read import read_header
     from dsv4cli.gguf_stream import read_header_from
 
+    class Bytes:  # a ByteSource over bytes in memory
+        def __init__(self, data: bytes) -> None:
+            self.name, self.size, self.data = "mem.gguf", len(data), data
+
+        def read_at(self, offset: int, length: int) -> bytes:
+            return self.data[offset : offset + length]
+
     expected = read_header(tiny_gguf)  # gguf-py's reader
-    with tiny_gguf.open("rb") as f:
-        got = read_header_from([(tiny_gguf, f)])
+    got = read_header_from([(tiny_gguf, Bytes(tiny_gguf.read_bytes()))])
     assert got.tensors == expected.tensors
     kv = {k: v for k, v in expected.fields.items() if not k.startswith("GGUF.")}  # gguf-py's own pseudo-keys
     assert got.fields.keys() == kv.keys()
@@ -180,7 +190,7 @@ def test_file_object_header_reader_agrees_with_gguf_py_and_fails_in_one_line(tin
     data = tiny_gguf.read_bytes()[:60_000]
     for bad in (b"", b"GGUF", data[:5000], b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, b"\x00" * 1000):
         with pytest.raises(PlanError, match="not a readable GGUF header"):
-            read_header_from([(Path("bad.gguf"), io.BytesIO(bad))])
+            read_header_from([(Path("bad.gguf"), Bytes(bad))])
 
 
 def test_plan_refuses_a_server_that_sends_more_than_the_range(dsv4, gguf_hub, gguf_repo_dir) -> None:

@@ -12,7 +12,7 @@ from dsv4cli.gguf_stream import read_header_from
 from dsv4cli.local import STATE_PREFIX
 from dsv4cli.plan.source import ModelSource, source_from_header
 from dsv4cli.registry import ModelSpec
-from dsv4cli.remote_file import FetchBudget, HubRangeFile
+from dsv4cli.remote_file import FetchBudget, HubByteSource
 
 
 def _listing(spec: ModelSpec) -> hub.RepoListing:
@@ -33,7 +33,7 @@ def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | Non
     remotes = {f.path: f for f in listing.files}
     folder = repo_spec.local_dir
     with hub.open_client() as client:
-        shards = [(folder / p, HubRangeFile(client, listing, remotes[p], budget)) for p in paths]
+        shards = [(folder / p, HubByteSource(client, listing, remotes[p], budget)) for p in paths]
         header = read_header_from(shards)
     source = source_from_header(header, Path(paths[0]).name)
     return dataclasses.replace(
