@@ -61,5 +61,6 @@ bench: setup
 	$(PY) bench/quantize.py
 	$(PY) bench/chat.py
 	$(PY) bench/serve.py
+	$(PY) bench/rpc.py
 	$(PY) bench/plan.py --decode 64
 	$(PY) bench/repack.py

@@ -18,9 +18,15 @@ from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
 from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
 
 if TYPE_CHECKING:
+    from dsv4cli.gguf_check import GgufInfo
     from dsv4cli.model_ref import ModelRef
+    from dsv4cli.plan import PlanInputs
+    from dsv4cli.rpc.protocol import Endpoint
 
 DEFAULT_MODEL = "tiny"
+MAX_CONVERSATION_BYTES = 256 << 20  # a /load file
+MAX_HISTORY_BYTES = 16 << 20  # the REPL's line history (1000 lines)
+_MESSAGE_KEYS = {"role", "content", "reasoning_content"}
 TINY_NOTE = (
     "note: no model given, using the built-in tiny model: random weights, for testing only; for a real one run "
     "`dsv4 pull deepseek-v4-flash && dsv4 quantize deepseek-v4-flash`"
@@ -124,22 +130,77 @@ class ChatSession:
         self.engine.reset()
 
     def save(self, path: Path) -> None:
+        """Write the conversation as JSON, atomically (a failed write leaves the previous file whole)."""
+        from dsv4cli.atomic import write_text_atomic
+
         data = {"system": self.system, "thinking": self.thinking, "messages": self.history}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        try:
+            write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot save conversation to {path}: {e.strerror or e}") from e
 
     def load(self, path: Path) -> None:
+        """Replace the conversation with one saved by `save`; a malformed file changes nothing."""
+        from quant.errors import QuantError
+        from quant.files import load_json
+
+        hint = "use a file written by /save"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            messages = data["messages"]
-            if not all(m["role"] in ("user", "assistant") and isinstance(m["content"], str) for m in messages):
-                raise ValueError("messages need a role user/assistant and a string content")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"cannot load conversation from {path}: {e}", hint="use a file written by /save") from e
+            data = load_json(path, "conversation", limit=MAX_CONVERSATION_BYTES)
+        except QuantError as e:
+            reason = str(e).removeprefix(str(path)).lstrip(": ")
+            raise UsageError(f"cannot load conversation from {path}: {reason}", hint=hint) from e
+        problem = _conversation_problem(data)
+        if problem:
+            raise UsageError(f"cannot load conversation from {path}: {problem}", hint=hint)
         self.system = data.get("system")
-        self.thinking = bool(data.get("thinking", self.thinking))
-        self.history = list(messages)
+        self.thinking = data.get("thinking", self.thinking)
+        self.history = [dict(m) for m in data["messages"]]
+
+
+def _conversation_problem(data: Any) -> str | None:
+    """What makes `data` not a conversation saved by /save, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        return "expected an object with a messages list"
+    if not isinstance(data.get("system"), (str, type(None))) or not isinstance(data.get("thinking", False), bool):
+        return "system must be text or null, thinking true or false"
+    for i, m in enumerate(data["messages"]):
+        ok = isinstance(m, dict) and m.get("role") in ("user", "assistant") and set(m) <= _MESSAGE_KEYS
+        if not ok or not all(isinstance(m.get(k, ""), str) for k in ("content", "reasoning_content")):
+            return f"message {i} needs a role user/assistant and text content"
+    return None
+
+
+def load_history(readline: Any, path: Path) -> None:
+    """Load the REPL's line history if it is a regular file of sane size (a FIFO or /dev/zero is skipped)."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_HISTORY_BYTES:
+            readline.read_history_file(str(path))
+    except (OSError, ValueError):
+        pass  # no history, or an unreadable one: the REPL works without it
+
+
+def save_history(readline: Any, path: Path) -> None:
+    """Write the line history atomically (temp name, then rename); a failure loses only this session's lines."""
+    import contextlib
+    import os
+    import tempfile
+
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            readline.set_history_length(1000)
+            readline.write_history_file(tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # bracketed paste (xterm): the terminal wraps pasted text
@@ -263,6 +324,14 @@ class Placement:
     ram_gib: float | None = None
     ctx: int | None = None
     cpu: bool = False  # no GPU even where one is found (`--cpu`)
+    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers (`dsv4 serve --rpc`; the in-process engine refuses them)
+
+    def plan_inputs(self) -> PlanInputs:
+        """The budgets as plan inputs, for a plan made now (no `--plan` file)."""
+        from dsv4cli.plan import PlanInputs
+
+        vram = () if self.cpu else self.vram_gib
+        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc)
 
 
 @dataclass
@@ -320,31 +389,35 @@ def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
     return Path(quantize(ref, output=None, options=QuantOptions()).outputs[0])
 
 
-def load_params(gguf: Path, placement: Placement) -> LoadParams:
-    """The load parameters from a plan file, or from a plan made now for the given budgets."""
+def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None] | None = None) -> LoadParams:
+    """The load parameters from a plan file (checked; `note` hears of values adapted to this machine), or from a
+    plan made now for the given budgets."""
     from dsv4cli.model_ref import ModelRef
-    from dsv4cli.plan import PlanInputs, load_plan, make_plan
+    from dsv4cli.plan import make_plan
+    from dsv4cli.plan.schema import load_plan_params
 
     if placement.plan_file:
-        return LoadParams.from_dict(load_plan(placement.plan_file)["llama"])
-    vram = () if placement.cpu else placement.vram_gib
-    inputs = PlanInputs(vram_gib=vram, ram_gib=placement.ram_gib, ctx=placement.ctx)
-    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), inputs).load_params()
+        return load_plan_params(placement.plan_file, note=note)
+    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs()).load_params()
 
 
-def prompt_renderer(gguf: Path) -> PromptRenderer:
-    """Check the header (llama.cpp aborts on some bad values) and build the renderer from its chat template."""
+def prompt_renderer(gguf: Path, info: GgufInfo | None = None) -> PromptRenderer:
+    """Check the header (llama.cpp aborts on some bad values; skipped when its `info` is given) and build the
+    renderer from its chat template."""
     from dsv4cli.engine.preflight import check_model_file
 
-    info = check_model_file(gguf)
+    info = info or check_model_file(gguf)
     return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
 
 
 def open_chat(ref: ModelRef | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
     """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
     from dsv4cli.engine.inprocess import LlamaEngine
+    from dsv4cli.engine.preflight import check_model_file
 
     gguf = resolve_gguf(ref, note=note)
-    renderer = prompt_renderer(gguf)
-    engine = LlamaEngine(gguf, load_params(gguf, placement), verbose=verbose)
+    info = check_model_file(gguf)
+    params = load_params(gguf, placement, note=note)  # a bad plan fails before the template's process starts
+    renderer = prompt_renderer(gguf, info)  # the template compiles while the model loads
+    engine = LlamaEngine(gguf, params, verbose=verbose)
     return LoadedChat(engine=engine, renderer=renderer, gguf=gguf)

@@ -1,8 +1,8 @@
 """Check a GGUF's header against what the bundled llama.cpp's deepseek4 loader needs, before it sees the file.
 
 llama.cpp aborts the whole process (GGML_ASSERT, SIGFPE) on several bad values instead of returning an error
-(docs/formats.md §Hard constraints), so `dsv4 chat` reads the header with gguf-py first and turns every known hazard
-into a one-line RuntimeLoadError naming the key or tensor.
+(docs/formats.md §Hard constraints), so `dsv4 chat` reads the header with the bounded reader first and turns every
+known hazard into a one-line RuntimeLoadError naming the key or tensor.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.errors import RuntimeLoadError
+from dsv4cli.errors import PlanError, RuntimeLoadError
+from dsv4cli.gguf_read import read_header
 from quant.arch import V4, V41
+from quant.files import shown
 from quant.layout import model_tensors, nextn_tensors
 
 ARCH = V4
 V41_ARCH = V41
 ALLOWED_RATIOS = (0, 4, 128)
+MAX_LAYERS, MAX_EXPERTS = 512, 1024  # LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS (src/llama-hparams.h; the latter asserted)
 HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
 V41_UNSUPPORTED = (
     "the bundled llama.cpp (llama-cpp-python 0.3.36) has no deepseek41 architecture yet; "
@@ -44,49 +47,38 @@ class GgufInfo:
 
 
 def check_gguf(path: Path) -> GgufInfo:
-    """Read only the header of `path` and verify the deepseek4 hard constraints.
+    """Read only the header of `path` (through the bounded reader, `dsv4cli.gguf_read`) and verify the deepseek4
+    hard constraints.
 
     Raises:
-        RuntimeLoadError: missing or unreadable file, wrong architecture (with a dedicated message for V4.1),
-            or a key/tensor that would make llama.cpp fail or abort.
+        RuntimeLoadError: missing or unreadable file, a damaged or oversized header, wrong architecture (with a
+            dedicated message for V4.1), or a key/tensor that would make llama.cpp fail or abort.
             Also a split GGUF given by a later shard, with a shard missing or with shards of different conversions.
     """
-    if not path.is_file():
+    if not path.exists():  # a folder, FIFO or device is refused by the reader, by name
         raise RuntimeLoadError(
             f"GGUF file not found: {path}", hint="give a .gguf path or a model name from `dsv4 models`"
         )
-    import gguf
-
-    from quant.errors import OutputError
-    from quant.gguf_set import complete_split_set
-
-    try:  # every shard present and of one conversion (a mixed set would load the wrong weights)
-        shards = complete_split_set(path)
-    except OutputError as e:
+    try:
+        header = read_header(path, tokenizer=True)
+    except PlanError as e:
         raise RuntimeLoadError(str(e), hint=e.hint) from e
-    readers = []
-    for shard in shards:  # metadata is in the first shard, tensors are spread over all of them
-        try:
-            readers.append(gguf.GGUFReader(shard))
-        except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage
-            raise RuntimeLoadError(f"{shard} is not a readable GGUF file ({e})", hint=HINT_REQUANTIZE) from e
-    return _Header(path, readers[0], tensor_names=[t.name for r in readers for t in r.tensors]).check()
+    return _Header(path, header.fields, tensor_names=[t.name for t in header.tensors]).check()
 
 
 class _Header:
     """Typed access to the key/value fields of one GGUF, with errors that name the key."""
 
-    def __init__(self, path: Path, reader: Any, *, tensor_names: list[str]) -> None:
+    def __init__(self, path: Path, fields: dict[str, Any], *, tensor_names: list[str]) -> None:
         self.path = path
-        self.reader = reader
+        self.fields = fields
         self.tensor_names = tensor_names
 
     def fail(self, what: str) -> RuntimeLoadError:
         return RuntimeLoadError(f"{self.path}: {what}", hint=HINT_REQUANTIZE)
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        return self.fields.get(key, default)
 
     def need(self, key: str) -> Any:
         value = self.get(key)
@@ -94,11 +86,18 @@ class _Header:
             raise self.fail(f"required key {key} is missing")
         return value
 
-    def need_int(self, key: str) -> int:
+    def need_int(self, key: str, *, default: int | None = None, full: bool = False) -> int:
         """An integer key; per-layer arrays (allowed for some head/expert counts) must hold one value."""
-        value = _uniform(self.need(f"{ARCH}.{key}"))
+        name = key if full else f"{ARCH}.{key}"
+        value = _uniform(self.need(name) if default is None else self.get(name, default))
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"key {ARCH}.{key} must be an integer, got {value!r}")
+            raise self.fail(f"key {name} must be an integer, got {shown(value)}")
+        return value
+
+    def need_ints(self, key: str) -> list[int]:
+        value = self.need(f"{ARCH}.{key}")
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.fail(f"key {ARCH}.{key} must be an array of integers")
         return value
 
     def check(self) -> GgufInfo:
@@ -111,6 +110,8 @@ class _Header:
                 hint="quantize a V4 checkpoint with `dsv4 quantize`",
             )
         n_layer = self.need_int("block_count")
+        if not 0 < n_layer <= MAX_LAYERS:
+            raise self.fail(f"{ARCH}.block_count {n_layer} is outside 1..{MAX_LAYERS} (llama.cpp's limit)")
         self._check_attention()
         self._check_moe(n_layer)
         ratios = self._check_ratios(n_layer)
@@ -121,8 +122,8 @@ class _Header:
             arch=arch,
             block_count=n_layer,
             chat_template=template if isinstance(template, str) else None,
-            bos_token=tokens[self.get("tokenizer.ggml.bos_token_id", 0)],
-            eos_token=tokens[self.get("tokenizer.ggml.eos_token_id", 1)],
+            bos_token=tokens[self.need_int("tokenizer.ggml.bos_token_id", default=0, full=True)],
+            eos_token=tokens[self.need_int("tokenizer.ggml.eos_token_id", default=1, full=True)],
             mtp_layers=mtp_layers,
         )
 
@@ -136,7 +137,7 @@ class _Header:
         groups = self.need_int("attention.output_group_count")
         if groups <= 0 or head_count % groups:
             raise self.fail(f"{ARCH}.attention.head_count {head_count} is not divisible by output_group_count {groups}")
-        if self.get(f"{ARCH}.rope.dimension_count", key_length) > key_length:
+        if self.need_int("rope.dimension_count", default=key_length) > key_length:
             raise self.fail(f"{ARCH}.rope.dimension_count exceeds key_length {key_length}")
         index_len = self.need_int("attention.indexer.key_length")
         if index_len <= 0 or index_len % 64:
@@ -149,7 +150,7 @@ class _Header:
             raise self.fail(f"{ARCH}.expert_gating_func must be 4 (sqrtsoftplus)")
         n_expert = self.need_int("expert_count")
         used = self.need_int("expert_used_count")
-        if not 0 < used <= n_expert <= 1024:
+        if not 0 < used <= n_expert <= MAX_EXPERTS:
             raise self.fail(f"expert_used_count {used} / expert_count {n_expert} out of range")
         self.need(f"{ARCH}.swiglu_clamp_exp")  # the shared-expert clamp is optional
         for key in ("swiglu_clamp_exp", "swiglu_clamp_shexp"):
@@ -158,8 +159,8 @@ class _Header:
                 raise self.fail(f"{ARCH}.{key} has {len(value)} entries; expected block_count = {n_layer}")
 
     def _check_ratios(self, n_layer: int) -> list[int]:
-        ratios = self.need(f"{ARCH}.attention.compress_ratios")
-        if not isinstance(ratios, list) or len(ratios) < n_layer:
+        ratios = self.need_ints("attention.compress_ratios")
+        if len(ratios) < n_layer:
             raise self.fail(f"{ARCH}.attention.compress_ratios must be an array of at least block_count = {n_layer}")
         ratios = ratios[:n_layer]
         if bad := sorted({r for r in ratios if r not in ALLOWED_RATIOS}):
@@ -174,12 +175,14 @@ class _Header:
 
     def _check_tokens(self) -> list[str]:
         tokens = self.need("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise self.fail("tokenizer.ggml.tokens must be a non-empty array of strings")
         if len(set(tokens)) != len(tokens):
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))
             raise self.fail(f"tokenizer.ggml.tokens has duplicate token string {dup!r}")
         for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-            if not 0 <= self.get(key, 0) < len(tokens):
+            if not 0 <= self.need_int(key, default=0, full=True) < len(tokens):
                 raise self.fail(f"{key} is outside the vocabulary of {len(tokens)} tokens")
         return tokens
 
@@ -187,6 +190,8 @@ class _Header:
         """Check the tensor names against the layout; returns the number of MTP layers."""
         present = set(self.tensor_names)
         n_hash = self.need_int("hash_layer_count")
+        if not 0 <= n_hash <= n_layer:
+            raise self.fail(f"{ARCH}.hash_layer_count {n_hash} is outside 0..block_count ({n_layer})")
         expected = set(model_tensors(ratios, n_hash))
         optional: set[str] = set()
         mtp = self._mtp_layers(n_layer, present)

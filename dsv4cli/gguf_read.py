@@ -1,5 +1,6 @@
 """Read what a GGUF's header says without touching its data: the shards of a split file, the key/value fields and
-the tensor list. `dsv4 plan` and `dsv4cli.gguf_check` both read GGUFs through here.
+the tensor list. `dsv4 plan`, the chat preflight (`dsv4cli.gguf_check`) and the local model lookup all read GGUFs
+through here, and this reads them through the one bounded parser, `quant.gguf_header`.
 
 Split files follow llama.cpp's `gguf-split` naming (`NAME-00001-of-00003.gguf`, see `examples/gguf-split` in
 llama.cpp): metadata is in the first shard, tensors are spread over all of them.
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError
+from quant.errors import QuantError
 
 if TYPE_CHECKING:
     from quant.mapping import TensorSpec
@@ -19,11 +21,13 @@ if TYPE_CHECKING:
 # Keys `dsv4 quantize` writes besides the architecture (docs/formats.md §GGUF metadata).
 RECIPE_KEYS = {"experts": "dsv4.experts", "dense": "dsv4.dense"}
 SOURCE_KEY = "dsv4.source"
+TOKENIZER_PREFIX = "tokenizer."
+HINT = "the GGUF is damaged or not DeepSeek V4; download it again or re-create it with `dsv4 quantize`"
 
 
 @dataclass(frozen=True)
 class GgufHeader:
-    """Every shard's fields (first shard wins, tokenizer arrays left out) and tensors, in file order."""
+    """Every shard's fields (first shard wins; tokenizer arrays only when asked for) and tensors, in file order."""
 
     files: tuple[Path, ...]
     fields: dict[str, Any]
@@ -41,49 +45,63 @@ def recipe_of(fields: dict[str, Any]) -> dict[str, str] | None:
     return values if all(isinstance(v, str) for v in values.values()) else None
 
 
-def split_shards(path: Path) -> list[Path]:
-    """All shards of a split GGUF given its first shard (`name-00001-of-00003.gguf`); else just `path`.
+def read_header(path: Path, *, tokenizer: bool = False) -> GgufHeader:
+    """Exact tensor shapes, types and bytes from the headers of every shard (the data is never read), after
+    checking the split set (every shard present and of one conversion, `quant.gguf_set`).
 
-    The set is checked by `quant.gguf_set.complete_split_set`: every shard present and of one conversion.
+    Raises PlanError naming the shard for a missing, damaged or oversized header.
     """
-    from quant.errors import OutputError
-    from quant.gguf_set import complete_split_set
+    from quant.gguf_set import read_split_set
+
+    def keep(key: str) -> bool:
+        return tokenizer or not key.startswith(TOKENIZER_PREFIX)
 
     try:
-        return complete_split_set(path)
-    except OutputError as e:
+        shards = read_split_set(path, keep=keep)
+    except QuantError as e:
         raise PlanError(str(e), hint=e.hint) from e
-
-
-def read_header(path: Path) -> GgufHeader:
-    """Exact tensor shapes, types and bytes from the headers of every shard (the data is never read)."""
-    import gguf
-
-    from quant.mapping import TensorSpec
-
-    tensors: list[TensorSpec] = []
     fields: dict[str, Any] = {}
-    files = split_shards(path)
-    for shard in files:
-        try:
-            reader = gguf.GGUFReader(shard)
-        except (ValueError, OSError, IndexError) as e:
-            raise PlanError(f"{shard}: not a GGUF file ({e})", hint="pass a .gguf written by `dsv4 quantize`") from e
-        for key, f in reader.fields.items():
-            if not key.startswith("tokenizer."):
-                fields.setdefault(key, f.contents())
-        for t in reader.tensors:
-            tensors.append(TensorSpec(t.name, tuple(int(n) for n in t.shape), int(t.tensor_type), int(t.n_bytes)))
-    return GgufHeader(tuple(files), fields, tuple(tensors))
+    for header in shards.values():
+        for key, value in header.fields.items():
+            fields.setdefault(key, value)
+    tensors = tuple(t for header in shards.values() for t in header.tensors)
+    return GgufHeader(tuple(shards), fields, tensors)
 
 
 def read_recipe(path: Path) -> dict[str, str] | None:
     """The recipe recorded in a GGUF's first shard, None when it has none or cannot be read."""
-    import gguf
+    from quant.gguf_header import read_gguf_header
 
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError):
+        header = read_gguf_header(path, keep=lambda key: key in RECIPE_KEYS.values())
+    except QuantError:
         return None
-    fields = {key: f.contents() for key in RECIPE_KEYS.values() if (f := reader.get_field(key)) is not None}
-    return recipe_of(fields)
+    return recipe_of(header.fields)
+
+
+def check_facts(facts: dict[str, Any], keys: dict[str, str], path: Path) -> None:
+    """Architecture facts read from a GGUF (under their config.json names; `keys` maps them back to GGUF keys for
+    messages) within the bounds a config.json gets (`quant.config.INTS`), before any of them sizes a plan.
+
+    Raises PlanError naming the file and the GGUF key.
+    """
+    from quant.config import INT_LISTS, INTS
+    from quant.files import shown
+
+    def bad(name: str, what: str) -> PlanError:
+        key = keys.get(name, name)
+        return PlanError(f"{path}: {key} must be {what}, got {shown(facts[name], 60)}", hint=HINT)
+
+    for name, value in facts.items():
+        if name in INTS:
+            low, high = INTS[name]
+            if type(value) is not int or not low <= value <= high:
+                raise bad(name, f"an integer in [{low}, {high}]")
+        elif name in INT_LISTS:
+            ok = isinstance(value, list) and len(value) <= (1 << 10)
+            if not ok or not all(type(v) is int and 0 <= v < (1 << 16) for v in value):
+                raise bad(name, "a list of small non-negative integers")
+    if facts.get("num_experts_per_tok", 0) > facts.get("n_routed_experts", 1 << 30):
+        raise bad("num_experts_per_tok", "at most the expert count")
+    if len(facts.get("compress_ratios", [])) < facts.get("num_hidden_layers", 0):
+        raise bad("compress_ratios", "an array with an entry per layer")

@@ -36,6 +36,7 @@ DEFAULT_GPU_BW = 500.0
 DEFAULT_RAM_BW = 60.0  # dual-channel DDR5 effective; 8-channel servers reach 150+
 DEFAULT_DISK_BW = 3.0  # one PCIe 4.0 NVMe, sequential
 DEFAULT_PCIE_BW = 25.0  # PCIe 4.0 x16 effective
+DEFAULT_NET_BW = 0.117  # 1 Gb Ethernet, when a transfer to an RPC worker could not be measured
 
 
 @dataclass(frozen=True)

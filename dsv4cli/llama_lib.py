@@ -192,8 +192,15 @@ def gpu_offload() -> bool:
     return bool(_libs()[0].llama_supports_gpu_offload())
 
 
-def prepare_load(model: Path, *, n_gpu_layers: int) -> None:
-    """Before llama.cpp sees `model`: one-line aborts that name it, and no silent CPU run of a GPU placement."""
+def prepare_load(model: Path, *, n_gpu_layers: int, rpc: tuple[str, ...] = ()) -> None:
+    """Before llama.cpp sees `model`: one-line aborts that name it, no silent CPU run of a GPU placement, and no
+    in-process load of a placement on RPC workers (dsv4 never attaches workers to the in-process llama.cpp)."""
+    if rpc:
+        raise RuntimeLoadError(
+            f"this placement puts layers on RPC workers ({', '.join(rpc)}); the in-process engine does not load "
+            "across machines",
+            hint=f"serve it with llama-server: `dsv4 serve {model} --rpc {','.join(rpc)}` (or --plan FILE)",
+        )
     install_abort_handler(model)
     require_gpu_offload(n_gpu_layers)
 

@@ -3,16 +3,18 @@
 llama-cpp-python's chat handler cannot pass a thinking flag and lacks the template's `from_json` filter
 (docs/formats.md §Chat format), so dsv4 renders `tokenizer.chat_template` itself with jinja2 and hands the text to
 the runtime. Thinking prompts end in `<｜Assistant｜><think>`; the template drops past reasoning from history.
+The template comes from the GGUF, so it is a stranger's code: it runs in `dsv4cli.template_sandbox`, bounded in
+time, memory and output length.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dsv4cli.errors import RuntimeLoadError
+from dsv4cli.template_sandbox import TemplateFailure, TemplateSandbox
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -37,31 +39,41 @@ class PromptRenderer:
                 f"{source} has no tokenizer.chat_template, so dsv4 cannot build DeepSeek V4 prompts",
                 hint="re-create it with `dsv4 quantize`, which embeds the template",
             )
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["from_json"] = json.loads
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        self._source = source
         try:
-            self._template = env.from_string(template)
-        except TemplateError as e:
-            raise RuntimeLoadError(f"the chat template in {source} does not compile: {e}") from e
+            self._template = TemplateSandbox(template)
+        except TemplateFailure as e:
+            raise self._error(e) from e
         self._bos = bos_token
         self._eos = eos_token
 
+    def _error(self, failure: TemplateFailure) -> RuntimeLoadError:
+        return RuntimeLoadError(
+            f"the chat template in {self._source}: {failure}", hint="use a GGUF made by `dsv4 quantize`"
+        )
+
     def render(self, messages: list[Message], *, thinking: bool) -> ChatPrompt:
         """The full prompt for the next assistant turn, in thinking or non-thinking mode."""
-        text = self._template.render(
-            messages=messages,
-            add_generation_prompt=True,
-            thinking=thinking,
-            enable_thinking=thinking,
-            bos_token=self._bos,
-            eos_token=self._eos,
-        )
+        try:
+            text = self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                thinking=thinking,
+                enable_thinking=thinking,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        except TemplateFailure as e:
+            raise self._error(e) from e
+        if not text:  # llama.cpp asserts on a prompt of no tokens
+            raise self._error(TemplateFailure("it rendered an empty prompt"))
+        text = text.encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates (undecodable argv bytes)
         fork_at = len(text) - len(THINK_OPEN) if thinking and text.endswith(THINK_OPEN) else None
         return ChatPrompt(text=text, fork_at=fork_at)
+
+    def close(self) -> None:
+        """Stop the template's process (it also ends with this one)."""
+        self._template.close()
 
 
 class ReasoningSplitter:

@@ -13,6 +13,7 @@ from typing import Any
 from dsv4cli.model_ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
 
+TEMPLATE_KEY = "tokenizer.chat_template"
 DIMS = (
     "hidden_size",
     "num_hidden_layers",
@@ -33,22 +34,18 @@ def _type_name(kind: int) -> str:
         return str(kind)
 
 
-def _header_extras(path: Any) -> dict[str, Any]:
+def _header_extras(path: Path) -> dict[str, Any]:
     """The chat template's presence and the expert error summary, from a local first shard."""
-    import gguf
-
     from quant.convert import SUMMARY_KEY
+    from quant.gguf_header import read_gguf_header
 
-    reader = gguf.GGUFReader(path)
-    template = reader.get_field("tokenizer.chat_template")
-    summary_field = reader.get_field(SUMMARY_KEY)
-    summary = None
-    if summary_field is not None:
-        try:
-            summary = json.loads(str(summary_field.contents()).strip())
-        except ValueError:
-            summary = None
-    return {"chat_template": template is not None, "expert_error_summary": summary}
+    wanted = {TEMPLATE_KEY, SUMMARY_KEY}
+    fields = read_gguf_header(path, keep=wanted.__contains__).fields
+    try:
+        summary = json.loads(str(fields[SUMMARY_KEY]).strip()) if SUMMARY_KEY in fields else None
+    except ValueError:
+        summary = None
+    return {"chat_template": TEMPLATE_KEY in fields, "expert_error_summary": summary}
 
 
 def _pulled_from(path: Path) -> str | None:

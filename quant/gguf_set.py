@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from gguf import GGUFReader
 
 from quant.errors import OutputError
+from quant.gguf_header import GgufFile, read_gguf_header
 from quant.mapping import KeyValue, TensorSpec
 
 SET_ID_KEY = "dsv4.split.set_id"
@@ -40,22 +39,23 @@ def set_id(kv: list[KeyValue], specs: list[TensorSpec]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
-
 def complete_split_set(first: Path) -> list[Path]:
     """Every shard of the split GGUF whose first shard is `first` (or `[first]` for a single file), after
     checking that all shards exist and belong to one conversion (same `split.count` and set id, right `split.no`).
 
     Raises OutputError (one line, naming the shard) for a later shard given first, a missing shard or a set
-    mixing shards of different conversions.
+    mixing shards of different conversions, GgufHeaderError for a shard whose header is damaged.
     """
+    return list(read_split_set(first))
+
+
+def read_split_set(first: Path, *, keep: Callable[[str], bool] | None = None) -> dict[Path, GgufFile]:
+    """The checked header of every shard (see `complete_split_set`), in shard order; `keep` as in
+    `quant.gguf_header.parse_header` (the split keys are always read)."""
     first = Path(first)
     m = SHARD_NAME.match(first.name)
     if m is None:
-        return [first]
+        return {first: read_gguf_header(first, keep=keep)}
     count = int(m["count"])
     if int(m["no"]) != 1:
         raise OutputError(f"{first}: not the first shard of a split GGUF", hint=f"pass {m['stem']}-00001-of-*.gguf")
@@ -64,15 +64,14 @@ def complete_split_set(first: Path) -> list[Path]:
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:  # checked before any header: a missing shard is the common case and the clearest message
         raise OutputError(f"{first}: split GGUF is missing {missing[0]}", hint=hint)
-    ids = set()
+    split_keys = {"split.no", "split.count", SET_ID_KEY}
+    headers = {}
     for no, shard in enumerate(shards):
-        try:
-            reader = GGUFReader(shard)
-        except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on garbage
-            raise OutputError(f"{shard}: not a readable GGUF file ({e})", hint=hint) from e
-        if _field(reader, "split.no") != no or _field(reader, "split.count") != count:
+        header = read_gguf_header(shard, keep=lambda key: key in split_keys or keep is None or keep(key))
+        fields = header.fields
+        if fields.get("split.no") != no or fields.get("split.count") != count:
             raise OutputError(f"{shard}: split.no/split.count do not match its name", hint=hint)
-        ids.add(_field(reader, SET_ID_KEY))
-    if len(ids) > 1:
+        headers[shard] = header
+    if len({h.fields.get(SET_ID_KEY) for h in headers.values()}) > 1:
         raise OutputError(f"{first}: shards of different conversions are mixed in this split set", hint=hint)
-    return shards
+    return headers

@@ -169,30 +169,6 @@ def test_show_before_download_reads_the_headers(dsv4, gguf_hub) -> None:
     assert info["kind"] == "remote" and info["fetched_bytes"] > 0 and info["classes"]["routed_experts"]["bytes"] > 0
 
 
-def test_byte_source_header_reader_agrees_with_gguf_py_and_fails_in_one_line(tiny_gguf: Path) -> None:
-    from dsv4cli.errors import PlanError
-    from dsv4cli.gguf_read import read_header
-    from dsv4cli.gguf_stream import read_header_from
-
-    class Bytes:  # a ByteSource over bytes in memory
-        def __init__(self, data: bytes) -> None:
-            self.name, self.size, self.data = "mem.gguf", len(data), data
-
-        def read_at(self, offset: int, length: int) -> bytes:
-            return self.data[offset : offset + length]
-
-    expected = read_header(tiny_gguf)  # gguf-py's reader
-    got = read_header_from([(tiny_gguf, Bytes(tiny_gguf.read_bytes()))])
-    assert got.tensors == expected.tensors
-    kv = {k: v for k, v in expected.fields.items() if not k.startswith("GGUF.")}  # gguf-py's own pseudo-keys
-    assert got.fields.keys() == kv.keys()
-    assert all(got.fields[k] == (v if isinstance(v, str) else pytest.approx(v)) for k, v in kv.items())
-    data = tiny_gguf.read_bytes()[:60_000]
-    for bad in (b"", b"GGUF", data[:5000], b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, b"\x00" * 1000):
-        with pytest.raises(PlanError, match="not a readable GGUF header"):
-            read_header_from([(Path("bad.gguf"), Bytes(bad))])
-
-
 def test_plan_refuses_a_server_that_sends_more_than_the_range(dsv4, gguf_hub, gguf_repo_dir) -> None:
     first = sorted((gguf_repo_dir / TAG).glob("*.gguf"))[0]
     gguf_hub.faults.oversize[f"{TAG}/{first.name}"] = 4096

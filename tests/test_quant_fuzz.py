@@ -1,10 +1,10 @@
 """Seeded fuzzing of every file `dsv4 quantize` reads: safetensors headers, config.json, the index, tokenizer files.
 
 Each mutation gets its own checkpoint folder (the damaged file copied, the rest symlinked to the session's tiny
-checkpoint) and runs through the real `dsv4` entry point in a worker process with a memory cap and a per-case
-alarm, so a crash, hang or blow-up is seen as such instead of taking the test run down. Every case must end with
-exit 1 and exactly one `error:` line naming the damaged file, or (for a mutation that happens to be harmless)
-exit 0; never a traceback.
+checkpoint) and runs through the real `dsv4` entry point in the shared fuzz harness (`tests/fuzz_harness.py`:
+worker processes with a memory cap and a per-case alarm), so a crash, hang or blow-up is seen as such instead of
+taking the test run down. Every case must end with exit 1 and exactly one `error:` line, or (for a mutation that
+happens to be harmless) exit 0; never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import random
 import struct
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,41 +20,10 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fuzz_harness import clean_failures, run_cases
+
 SEED = 20261126
 CASES_PER_KIND = 70
-WORKER = r"""
-import io, json, resource, signal, sys, time
-from contextlib import redirect_stderr, redirect_stdout
-resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-from dsv4cli.cli import main
-
-class Hang(Exception):
-    pass
-
-def alarm(*_):
-    raise Hang()
-
-signal.signal(signal.SIGALRM, alarm)
-results = []
-for folder, out in json.load(open(sys.argv[1])):
-    err, started = io.StringIO(), time.monotonic()
-    signal.alarm(20)
-    try:
-        with redirect_stderr(err), redirect_stdout(io.StringIO()):
-            main(["quantize", folder, "-o", out])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except Hang:
-        code = "hang"
-    except BaseException as e:
-        code = f"raised {type(e).__name__}: {e}"
-    signal.alarm(0)
-    results.append({"folder": folder, "code": code, "stderr": err.getvalue(), "seconds": time.monotonic() - started})
-json.dump(results, open(sys.argv[2], "w"))
-"""
-
 BAD_VALUES: list[Any] = [
     None, True, False, -1, 0, 1, 3, 10**9, 10**30, -(10**9), 1.5, 1e308, "x", "", [], {}, [1] * 5000, [[[]]],
     {"a": 1}, "\u0000", 2**63, -(2**63),
@@ -228,21 +196,9 @@ def test_fuzzed_inputs_fail_cleanly(tiny_checkpoint: Path, tmp_path: Path, pytho
             _make_case(rng, tiny_checkpoint, folder, kind)
             cases.append((str(folder), str(tmp_path / "out" / f"{kind}-{i}.gguf")))
     (tmp_path / "out").mkdir()
-    case_file, result_file = tmp_path / "cases.json", tmp_path / "results.json"
-    case_file.write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [python, "-c", WORKER, str(case_file), str(result_file)], env=env, capture_output=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    results = json.loads(result_file.read_text())
+    results = run_cases(python, [{"argv": ["quantize", folder, "-o", out]} for folder, out in cases], tmp_path / "fuzz")
     assert len(results) == len(cases) >= 300
-    failures = []
-    for r in results:
-        lines = r["stderr"].strip().splitlines()
-        clean_error = r["code"] == 1 and len(lines) == 1 and lines[0].startswith("error: ")
-        if not (clean_error or r["code"] == 0) or "Traceback" in r["stderr"] or r["seconds"] > 15:
-            failures.append(r)
+    failures = clean_failures(results)
     assert not failures, json.dumps(failures[:5], indent=1)
     assert sum(r["code"] == 1 for r in results) > 0.8 * len(results)  # the mutations really are damage
     assert not list((tmp_path / "out").glob("*.partial"))

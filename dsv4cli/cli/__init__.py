@@ -28,7 +28,7 @@ app = typer.Typer(
 )
 
 # One module per command; each defines `register(app)`. Only commands that work are listed.
-COMMAND_MODULES = ("models", "local_models", "pull", "quantize", "plan", "chat", "serve", "engine", "doctor")
+COMMAND_MODULES = ("models", "local_models", "pull", "quantize", "plan", "chat", "serve", "worker", "engine", "doctor")
 
 
 def _version(value: bool) -> None:
@@ -59,6 +59,7 @@ _OS_ERRORS = {
     errno.ENOTDIR: ("a part of the path is not a folder", "choose another location (--dir, -o)"),
     errno.EISDIR: ("a folder is where a file should be", "choose another path or move the folder"),
     errno.ELOOP: ("too many levels of symlinks", "fix the symlinks in the path"),
+    errno.EEXIST: ("something else already exists there", "move it away or choose another location ($DSV4_HOME, -o)"),
 }
 
 

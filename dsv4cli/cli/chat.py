@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, VramOpt, placement
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
 from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, note, out, print_json
 
@@ -32,10 +31,11 @@ class TerminalUI:
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
 
+        from dsv4cli.chat import load_history
+
         self._readline = readline
         self._history = history_file
-        with contextlib.suppress(OSError):
-            readline.read_history_file(history_file)
+        load_history(readline, history_file)
         readline.parse_and_bind("set enable-bracketed-paste on")
         self._paste_mode(True)
 
@@ -66,11 +66,10 @@ class TerminalUI:
         note(message)
 
     def close(self) -> None:
+        from dsv4cli.chat import save_history
+
         self._paste_mode(False)
-        with contextlib.suppress(OSError):
-            self._history.parent.mkdir(parents=True, exist_ok=True)
-            self._readline.set_history_length(1000)
-            self._readline.write_history_file(self._history)
+        save_history(self._readline, self._history)
 
 
 def register(app: typer.Typer) -> None:
@@ -95,6 +94,7 @@ def register(app: typer.Typer) -> None:
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
         seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log on stderr.")] = False,
+        rpc: RpcOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
@@ -102,9 +102,14 @@ def register(app: typer.Typer) -> None:
         from dsv4cli.engine import SampleOptions
         from dsv4cli.model_ref import resolve_model
 
+        if rpc:
+            raise UsageError(
+                "--rpc: chat runs llama.cpp in process, which does not load across machines",
+                hint=f"serve it across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
+            )
         where = placement(plan, vram, ram, ctx, cpu)
         if prompt is None and not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = _read_stdin_prompt()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
@@ -119,6 +124,17 @@ def register(app: typer.Typer) -> None:
                 _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
         finally:
             loaded.engine.close()
+
+
+def _read_stdin_prompt() -> str:
+    """The piped prompt, at most MAX_PROMPT_BYTES (`cat /dev/zero | dsv4 chat` must not fill memory); bytes that are
+    not UTF-8 become U+FFFD."""
+    from dsv4cli.template_sandbox import MAX_OUTPUT_CHARS
+
+    data = sys.stdin.buffer.read(MAX_OUTPUT_CHARS + 1)
+    if len(data) > MAX_OUTPUT_CHARS:
+        raise UsageError(f"the prompt on stdin is longer than {MAX_OUTPUT_CHARS} bytes", hint="pipe a shorter prompt")
+    return data.decode("utf-8", errors="replace")
 
 
 def _interactive(session: ChatSession, gguf: Path) -> None:

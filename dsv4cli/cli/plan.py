@@ -9,7 +9,22 @@ import typer
 from rich import box
 from rich.table import Table
 
-from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, KvTypeOpt, ModelArg, RamOpt, VramOpt, gib_list
+from dsv4cli.cli.options import (
+    CtxOpt,
+    DenseOpt,
+    ExpertsOpt,
+    JsonOpt,
+    KvTypeOpt,
+    MarginOpt,
+    ModelArg,
+    RamOpt,
+    RpcOpt,
+    ThreadsOpt,
+    UbatchOpt,
+    VramOpt,
+    bandwidth_opt,
+    gib_list,
+)
 from dsv4cli.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
@@ -24,17 +39,19 @@ def plan(
     vram: VramOpt = None,
     ram: RamOpt = None,
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Forbid weights memory-mapped from disk.")] = False,
-    ctx: Annotated[int | None, typer.Option(help="Context length (default: 32768 or the model's limit).")] = None,
-    ubatch: Annotated[int, typer.Option(help="Micro-batch size (sets the compute buffer).")] = 512,
+    ctx: CtxOpt = None,
+    ubatch: UbatchOpt = 512,
     kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
-    margin: Annotated[float, typer.Option(help="GiB kept free on each GPU.")] = 1.0,
+    margin: MarginOpt = 1.0,
     experts: ExpertsOpt = DEFAULT_EXPERTS,
     dense: DenseOpt = DEFAULT_DENSE,
-    ram_bw: Annotated[float | None, typer.Option(help="Host RAM read GB/s.")] = None,
-    vram_bw: Annotated[float | None, typer.Option(help="GPU memory GB/s.")] = None,
-    disk_bw: Annotated[float | None, typer.Option(help="Disk read GB/s.")] = None,
-    pcie_bw: Annotated[float | None, typer.Option(help="Host-to-GPU GB/s.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")] = None,
+    ram_bw: Annotated[float | None, bandwidth_opt("--ram-bw", "Host RAM read")] = None,
+    vram_bw: Annotated[float | None, bandwidth_opt("--vram-bw", "GPU memory")] = None,
+    disk_bw: Annotated[float | None, bandwidth_opt("--disk-bw", "Disk read")] = None,
+    pcie_bw: Annotated[float | None, bandwidth_opt("--pcie-bw", "Host-to-GPU")] = None,
+    threads: ThreadsOpt = None,
+    rpc: RpcOpt = None,
+    rpc_bw: Annotated[float | None, bandwidth_opt("--rpc-bw", "RPC workers' memory (default: the RAM figure)")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Measure RAM and disk bandwidth here first.")] = False,
     llama_args: Annotated[bool, typer.Option("--llama-args", help="Print the equivalent llama-server flags.")] = False,
     output: Annotated[
@@ -45,6 +62,7 @@ def plan(
     """Plan GPU / RAM / disk placement for a GGUF, a checkpoint folder or a registry name, with predicted speed."""
     from dsv4cli.model_ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
+    from dsv4cli.rpc.protocol import parse_endpoints
 
     inputs = PlanInputs(
         vram_gib=gib_list(vram),
@@ -62,6 +80,8 @@ def plan(
         pcie_bw=pcie_bw,
         measure=measure,
         threads=threads,
+        rpc_bw=rpc_bw,
+        rpc=parse_endpoints(rpc) if rpc else (),
     )
     result = make_plan(resolve_model(model), inputs)
     if output is not None:
@@ -101,11 +121,15 @@ def _render(result: Plan) -> None:
             table.add_row(tier.name, "context", "", parts)
     out.print(table)
     budget = Table(box=box.SIMPLE_HEAD)
-    for column in ("tier", "device", "used", "budget", "GB/s"):
+    rpc = any(t.kind == "rpc" for t in result.tiers)
+    for column in ("tier", "device", "used", "budget", "GB/s", *(("network",) if rpc else ())):
         budget.add_column(column)
     for tier in result.tiers:
         limit = human_bytes(tier.budget) if tier.budget is not None else "-"
-        budget.add_row(tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:g}")
+        row = [tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:g}"]
+        if rpc:
+            row.append(f"{tier.rtt_s * 1e3:.2f} ms, {tier.net_gbs:.2f} GB/s" if tier.kind == "rpc" else "")
+        budget.add_row(*row)
     out.print(budget)
     for warning in result.warnings:
         err.print(f"warning: {warning}")

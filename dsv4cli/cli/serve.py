@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, VramOpt, placement
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
 from dsv4cli.ui import note, out
 
 if TYPE_CHECKING:
@@ -64,15 +64,17 @@ def register(app: typer.Typer) -> None:
         engine_bin: Annotated[
             Path | None, typer.Option("--engine-bin", help="llama-server to run (default: `dsv4 engine build`'s).")
         ] = None,
+        rpc: RpcOpt = None,
         json_output: JsonOpt = False,
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
         from dsv4cli.engine.build import find_engine
         from dsv4cli.model_ref import resolve_model
+        from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError
 
-        where = placement(plan, vram, ram, ctx, cpu)
+        where = placement(plan, vram, ram, ctx, cpu, rpc)
         opts = ServeOptions(
             host=host,
             port=port,
@@ -97,6 +99,9 @@ def register(app: typer.Typer) -> None:
             else:
                 _announce(server, keyed=bool(api_key or api_key_file))
             code = server.process.wait()
+            workers = rpc_endpoints(server.argv)
+            if workers and (lost := lost_worker_error(server.process.log, workers)):
+                raise lost
             raise ServerError(
                 f"llama-server exited with code {code} (log: {server.process.log}): {server.process.log_tail()}"
             )

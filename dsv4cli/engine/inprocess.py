@@ -79,7 +79,7 @@ class LlamaEngine:
     """One loaded model and context; `stream()` generates from a rendered prompt, reusing the cached prefix."""
 
     def __init__(self, path: Path, params: LoadParams, *, verbose: bool = False) -> None:
-        llama_lib.prepare_load(path, n_gpu_layers=params.n_gpu_layers)
+        llama_lib.prepare_load(path, n_gpu_layers=params.n_gpu_layers, rpc=params.rpc)
         import llama_cpp
 
         self._lib = llama_cpp

@@ -18,6 +18,11 @@ Placement (issue 4):
    routed experts, then Engram tables (their lookups are sparse, so they are the best thing to leave on disk).
    What RAM cannot hold is memory-mapped from disk, with a warning and its cost in the speed estimate; with
    `no_disk` that is an error saying by how much RAM is short.
+5. RPC workers (`--rpc`, issue 14) are devices too, first in llama.cpp's device order (src/llama.cpp puts RPC
+   servers before local GPUs), each with the memory it reports through the ggml-rpc protocol (`dsv4cli.rpc`).
+   With workers, layers are placed whole (experts included) in contiguous blocks, `-ts` gives each device its
+   layer count, and the speed model adds a network term per worker (`speed.network_per_token`): the bytes a
+   token sends it and reads back over the measured transfer rate, plus one measured round trip.
 
 Speed: decode tok/s = 1 / (Σ_tier(bytes read per token from the tier / its bandwidth) + graph overhead), where the
 host side is a roofline: max(RAM + disk time, CPU compute time (2·host_active_params + attention FLOPs at a full

@@ -10,6 +10,7 @@ from dsv4cli.engine.params import LoadParams
 from dsv4cli.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.source import ModelSource
+from dsv4cli.rpc.protocol import Endpoint
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class PlanInputs:
     pcie_bw: float | None = None
     measure: bool = False
     threads: int | None = None  # None: physical cores
+    rpc_bw: float | None = None  # RPC workers' memory GB/s (None: the host RAM default)
+    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers, probed for memory and network at plan time
 
 
 @dataclass
@@ -52,6 +55,10 @@ class Tier:
     kv: int = 0
     compute: int = 0
     margin: int = 0
+    # an RPC worker's device: llama.cpp's `--rpc` endpoint, one round trip and the measured client-to-worker rate
+    endpoint: str | None = None
+    rtt_s: float = 0.0
+    net_gbs: float = 0.0
 
     @property
     def used(self) -> int:
@@ -109,6 +116,7 @@ class Plan:
             patterns.append(r"\.engram_embd\.")
         # Layer counts per GPU: llama.cpp normalizes them and gives GPU i the next share of the offloaded
         # layers, so whole counts reproduce this plan's blocks exactly (rounded fractions can shift a boundary).
+        # The counts follow llama.cpp's device order, RPC workers first (src/llama.cpp puts them at the front).
         split = tuple(float(n) for n in self.gpu_layer_counts) if len(self.gpu_layer_counts) > 1 else ()
         return LoadParams(
             n_ctx=self.kv.n_ctx,
@@ -123,6 +131,7 @@ class Plan:
             kv_type=self.inputs.kv_type,
             n_threads=self.inputs.threads,
             use_extra_bufts=llama_lib.use_extra_bufts(),  # decided here, so chat and llama_args agree
+            rpc=tuple(dict.fromkeys(t.endpoint for t in self.tiers if t.endpoint)),
         )
 
     def model_path(self) -> Path | None:

@@ -1,4 +1,4 @@
-"""Placement: which tier (GPU, host RAM, disk) holds each tensor, layer by layer as llama.cpp offloads them.
+"""Placement: which tier (RPC worker, GPU, host RAM, disk) holds each tensor, layer by layer as llama.cpp offloads them.
 
 See `dsv4cli.plan` for the rules; these are the steps `make_plan` runs in order.
 """
@@ -11,6 +11,7 @@ from dsv4cli.kvcache import KV_TYPES, KvCache, ModelDims
 from dsv4cli.plan.groups import Layers, layer_of, tensor_class
 from dsv4cli.plan.model import PlanInputs, Tier
 from dsv4cli.plan.source import ModelSource
+from dsv4cli.rpc.protocol import probe
 from dsv4cli.units import GIB
 
 
@@ -55,20 +56,50 @@ def gpu_tiers(inputs: PlanInputs) -> tuple[list[Tier], str]:
     return tiers, source
 
 
+def rpc_tiers(inputs: PlanInputs) -> list[Tier]:
+    """One tier per device of each RPC worker, in `--rpc` order, with the memory it reports (within its
+    `dsv4 worker --mem` budget) and the round trip and transfer rate measured to it now."""
+    tiers = []
+    for endpoint in inputs.rpc:
+        info = probe(endpoint)
+        net = info.bandwidth_gbs or hardware.DEFAULT_NET_BW
+        for d, device in enumerate(info.devices):
+            name = f"{endpoint}" + (f" dev {d}" if len(info.devices) > 1 else "")
+            tiers.append(
+                Tier(
+                    f"rpc{len(tiers)}",
+                    "rpc",
+                    name,
+                    device.free,
+                    inputs.rpc_bw or hardware.DEFAULT_RAM_BW,
+                    margin=int(inputs.margin_gib * GIB),
+                    endpoint=str(endpoint),
+                    rtt_s=info.rtt_s,
+                    net_gbs=net,
+                )
+            )
+    return tiers
+
+
 def fit_gpu_layers(
-    gpus: list[Tier], groups: Layers, kv: KvCache, compute: int, n_layer: int
+    gpus: list[Tier], groups: Layers, kv: KvCache, compute: list[int], n_layer: int
 ) -> tuple[int, list[list[int]]] | None:
-    """Largest -ngl whose layers fit, with per-GPU layer lists (lower layers on lower GPUs).
+    """Largest -ngl whose layers fit, with per-device layer lists (lower layers on earlier devices).
 
     As in llama.cpp, index n_layer is the output head and -ngl N offloads indices n_layer + 1 - N .. n_layer:
     the head first, then layers from the top down. With several GPUs the layers are split in contiguous blocks
     in proportion to each GPU's room, so every GPU also keeps room for its own layers' experts; where that does
-    not fit, lower GPUs are filled first.
+    not fit, lower GPUs are filled first. With RPC workers (first in llama.cpp's device order) layers are placed
+    whole, experts included: a layer's experts left on the client would cross the network twice per layer.
     """
-    room = [g.free - compute for g in gpus]
+    room = [g.free - c for g, c in zip(gpus, compute, strict=True)]
+    whole = any(g.kind == "rpc" for g in gpus)
     for ngl in range(n_layer + 1, 0, -1):
         layers = list(range(n_layer + 1 - ngl, n_layer + 1))
-        need = [groups.root_gpu if i == n_layer else groups.dense[i] + kv.per_layer[i] for i in layers]
+        need = [
+            groups.root_gpu if i == n_layer else groups.dense[i] + kv.per_layer[i] + (groups.experts[i] if whole else 0)
+            for i in layers
+        ]
         for proportional in (True, False):
             assigned = _assign_layers(layers, need, room, proportional=proportional)
             if assigned is not None:
@@ -102,13 +133,13 @@ def _assign_layers(
 
 
 def fill_gpus(
-    gpus: list[Tier], layer_tier: dict[int, str], groups: Layers, kv: KvCache, compute: int, n_layer: int
+    gpus: list[Tier], layer_tier: dict[int, str], groups: Layers, kv: KvCache, compute: list[int], n_layer: int
 ) -> set[int]:
     """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit
     (on each GPU: a full GPU does not stop the others)."""
     by_name = {g.name: g for g in gpus}
-    for name in set(layer_tier.values()):
-        by_name[name].compute = compute
+    for g, c in zip(gpus, compute, strict=True):
+        g.compute = c if g.name in layer_tier.values() else 0
     for layer, name in layer_tier.items():
         by_name[name].weights += groups.root_gpu if layer == n_layer else groups.dense[layer]
         by_name[name].kv += kv.per_layer[layer] if layer < n_layer else 0

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from dsv4cli import gguf_repo, hub
-from dsv4cli.gguf_stream import read_header_from
+from dsv4cli.errors import PlanError
+from dsv4cli.gguf_read import TOKENIZER_PREFIX, GgufHeader
 from dsv4cli.local import STATE_PREFIX
 from dsv4cli.plan.source import ModelSource, source_from_header
 from dsv4cli.registry import ModelSpec
 from dsv4cli.remote_file import FetchBudget, HubByteSource
+from quant.errors import QuantError
+from quant.gguf_header import parse_header
 
 
 def _listing(spec: ModelSpec) -> hub.RepoListing:
@@ -20,6 +24,10 @@ def _listing(spec: ModelSpec) -> hub.RepoListing:
     listing = hub.list_repo(spec.repo, spec.revision)
     hub.check_listing(listing, reserved_prefix=STATE_PREFIX)  # names become local paths below
     return listing
+
+
+def _not_tokenizer(key: str) -> bool:
+    return not key.startswith(TOKENIZER_PREFIX)  # the vocabulary is not planned (as gguf_read.read_header)
 
 
 def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | None = None) -> ModelSource:
@@ -32,9 +40,18 @@ def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | Non
     repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
     remotes = {f.path: f for f in listing.files}
     folder = repo_spec.local_dir
+    fields: dict[str, Any] = {}
+    tensors: list[Any] = []
     with hub.open_client() as client:
-        shards = [(folder / p, HubByteSource(client, listing, remotes[p], budget)) for p in paths]
-        header = read_header_from(shards)
+        for path in paths:  # metadata in the first shard, tensors spread over all of them (as gguf_read)
+            try:
+                shard = parse_header(HubByteSource(client, listing, remotes[path], budget), keep=_not_tokenizer)
+            except QuantError as e:
+                raise PlanError(str(e), hint=getattr(e, "hint", None)) from e
+            for key, value in shard.fields.items():
+                fields.setdefault(key, value)
+            tensors += shard.tensors
+    header = GgufHeader(tuple(folder / p for p in paths), fields, tuple(tensors))
     source = source_from_header(header, Path(paths[0]).name)
     return dataclasses.replace(
         source, kind="remote", fetched_bytes=budget.fetched, download_bytes=sum(remotes[p].size for p in paths)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsv4cli.atomic import write_text_atomic
+from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import PlanError
 from dsv4cli.units import GIB
 
 if TYPE_CHECKING:
     from dsv4cli.plan.model import Plan
 
+MAX_PLAN_BYTES = 64 << 20  # a plan lists every tensor: about 200 kB for DeepSeek V4 Pro
+WRITE_HINT = "write one with `dsv4 plan MODEL -o plan.json`"
 SCHEMA = """\
 {
   "schema": "dsv4.plan/1",
@@ -22,10 +27,11 @@ SCHEMA = """\
   "inputs": {"ctx": int (requested), "n_ctx": int (padded to 256 as llama.cpp does), "n_ubatch": int,
              "kv_type": "f16" | "q8_0", "margin_bytes": int (per GPU), "no_disk": bool,
              "vram_source": "flag" | "nvml" | "nvidia-smi" | "rocm-smi" | "none", "ram_source": "flag" | "available"},
-  "tiers": [{"name": "gpu0".. | "ram" | "disk", "kind": "gpu" | "ram" | "disk", "device": str,
+  "tiers": [{"name": "rpc0".. | "gpu0".. | "ram" | "disk", "kind": "rpc" | "gpu" | "ram" | "disk", "device": str,
              "budget_bytes": int | null (disk: no budget), "used_bytes": int,
              "weights_bytes": int, "kv_bytes": int, "compute_bytes": int, "margin_bytes": int,
-             "bandwidth_gbs": float}],
+             "bandwidth_gbs": float,
+             rpc only: "endpoint": "host:port", "rtt_ms": float, "net_gbs": float (measured at plan time)}],
   "classes": [{"tier": str, "class": str, "count": int, "bytes": int}],
       classes: token_embd, output_head, attention, norm, router, shared_expert, hyper_connection,
                routed_experts, engram, mtp (skipped: llama.cpp does not load it)
@@ -33,15 +39,17 @@ SCHEMA = """\
   "kv": {"n_ctx", "raw_cells", "csa_cells", "hca_cells", "raw_bytes", "csa_bytes", "hca_bytes",
          "indexer_bytes", "state_bytes", "total_bytes"},
   "compute_bytes": {"gpu": int (each GPU), "host": int},
-  "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier: int},
-                "decode_seconds_per_token": {tier: float}, "prefill_tok_s": float, "prefill_bottleneck": str,
-                "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead": float}},
+  "estimates": {"decode_tok_s": float, "decode_bottleneck": tier, "decode_bytes_per_token": {tier | "network": int},
+                "decode_seconds_per_token": {tier | "network": float}, "prefill_tok_s": float,
+                "prefill_bottleneck": str,
+                "prefill_seconds_per_chunk": {tier | "pcie" | "compute" | "overhead" | "network": float}},
   "warnings": [str], "verdict": str,
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
             "n_batch": int, "n_ubatch": int, "use_mmap": bool, "use_mlock": bool, "swa_full": false,
             "type_k": str, "type_v": str, "flash_attn": bool, "n_threads": int,
             "tensor_split": [float] (layers per GPU) | null,
-            "use_extra_bufts": bool (weight repacking; false: llama-server --no-repack) | null (decided at load)},
+            "use_extra_bufts": bool (weight repacking; false: llama-server --no-repack) | null (decided at load),
+            "rpc": ["host:port"] (llama-server --rpc; their devices come first in tensor_split)},
   "llama_args": [str] (llama-server flags)
 }"""
 
@@ -84,6 +92,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "compute_bytes": t.compute,
                 "margin_bytes": t.margin,
                 "bandwidth_gbs": t.bandwidth_gbs,
+                **(
+                    {"endpoint": t.endpoint, "rtt_ms": round(t.rtt_s * 1e3, 3), "net_gbs": round(t.net_gbs, 3)}
+                    if t.kind == "rpc"
+                    else {}
+                ),
             }
             for t in plan.tiers
         ],
@@ -111,18 +124,28 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def save_plan(plan: Plan, path: Path) -> None:
-    """Write the JSON plan atomically (temp name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write the JSON plan atomically (unique temp name, then rename)."""
+    try:
+        write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise PlanError(f"cannot write the plan to {path}: {e.strerror or e}", hint="choose a writable -o path") from e
 
 
 def load_plan(path: Path) -> dict[str, Any]:
-    """A plan written by `dsv4 plan -o`, for `dsv4 chat --plan`; checks the schema and the llama section."""
+    """A plan written by `dsv4 plan -o`, for `dsv4 chat --plan`: size-capped, regular file, JSON with the schema tag
+    and a llama section (whose values `LoadParams.from_dict` checks)."""
+    from quant.errors import QuantError
+    from quant.files import load_json
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PlanError(f"{path}: cannot read plan ({e})", hint="write one with `dsv4 plan MODEL -o plan.json`") from e
+        data = load_json(Path(path), "plan", limit=MAX_PLAN_BYTES)
+    except QuantError as e:
+        raise PlanError(str(e), hint=WRITE_HINT) from e
     if not isinstance(data, dict) or data.get("schema") != "dsv4.plan/1" or not isinstance(data.get("llama"), dict):
-        raise PlanError(f"{path}: not a dsv4 plan", hint="write one with `dsv4 plan MODEL -o plan.json`")
+        raise PlanError(f"{path}: not a dsv4 plan (no schema dsv4.plan/1 and llama section)", hint=WRITE_HINT)
     return data
+
+
+def load_plan_params(path: Path, *, note: Callable[[str], None] | None = None) -> LoadParams:
+    """The checked load parameters of a plan file (errors name the file and the key)."""
+    return LoadParams.from_dict(load_plan(path)["llama"], source=str(path), note=note)

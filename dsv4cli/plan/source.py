@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError, UsageError
-from dsv4cli.gguf_read import SOURCE_KEY, GgufHeader, read_header
+from dsv4cli.gguf_read import SOURCE_KEY, GgufHeader, check_facts, read_header
 from dsv4cli.kvcache import ModelDims
 from dsv4cli.local import default_gguf_path, find_gguf
 from dsv4cli.model_ref import ModelRef, resolve_model
@@ -41,6 +41,8 @@ GGUF_FACTS = {
     "expert_used_count": "num_experts_per_tok",
     "nextn_predict_layers": "num_nextn_predict_layers",
 }
+REQUIRED_FACTS = ("hidden_size", "num_hidden_layers", "compress_ratios", "head_dim", "index_n_heads", "index_head_dim",
+                  "index_topk", "sliding_window", "n_routed_experts", "num_experts_per_tok")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,17 @@ def source_from_header(header: GgufHeader, name: str) -> ModelSource:
     facts = {cfg: fields[prefix + key] for key, cfg in GGUF_FACTS.items() if prefix + key in fields}
     names = {t.name for t in tensors}
     embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "compress_ratios") if k not in facts]
+    missing = [k for k in REQUIRED_FACTS if k not in facts]
     if missing or embd is None:
         raise PlanError(f"{path}: incomplete deepseek4 GGUF (missing {missing or ['token_embd.weight']})")
+    facts["vocab_size"] = embd.ne[1] if len(embd.ne) == 2 else None
+    check_facts(facts, {cfg: prefix + key for key, cfg in GGUF_FACTS.items()} | {"vocab_size": embd.name}, path)
     nextn = int(facts.get("num_nextn_predict_layers") or 0)
-    if nextn and f"blk.{facts['num_hidden_layers'] - nextn}.nextn.eh_proj.weight" in names:
+    if (
+        0 < nextn < facts["num_hidden_layers"]
+        and f"blk.{facts['num_hidden_layers'] - nextn}.nextn.eh_proj.weight" in names
+    ):
         facts["num_hidden_layers"] -= nextn
-    facts["vocab_size"] = embd.ne[1]
     facts.setdefault("num_attention_heads", 1)
     facts.setdefault("max_position_embeddings", 1 << 20)
     dims = ModelDims.from_facts(facts, arch=arch)

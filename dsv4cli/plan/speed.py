@@ -10,10 +10,10 @@ from typing import Any
 
 from dsv4cli import hardware
 from dsv4cli.home import dsv4_home
-from dsv4cli.kvcache import CSA_RATIO, attention_flops
+from dsv4cli.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
 from dsv4cli.plan.groups import tensor_class
 from dsv4cli.plan.model import Plan, PlanInputs, flash_attn
-from dsv4cli.units import gib
+from dsv4cli.units import gib, human_bytes
 
 PAGE = 4096
 CPU_GFLOPS_PER_CORE = 30.0  # quantized GEMV, one core (fitted on a 2-core EPYC, AVX-512, with bench/plan.py)
@@ -58,7 +58,7 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     decode: dict[str, float] = {t.name: 0.0 for t in plan.tiers}
     chunk: dict[str, float] = {t.name: 0.0 for t in plan.tiers}
     host_params = active_params = 0.0
-    gpu = plan.n_gpu_layers > 0
+    gpu = any(t.kind == "gpu" and t.weights for t in plan.tiers)
     for spec in plan.source.tensors:
         tier, cls = plan.placement[spec.name], tensor_class(spec.name, dims.n_layer)
         if tier == "skipped":
@@ -85,9 +85,12 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     first_kv = next((t.name for t in plan.tiers if t.kv), "ram")
     decode[first_kv] += _kv_read_per_token(plan)
 
-    gpu_layers = min(plan.n_gpu_layers, dims.n_layer)
-    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=gpu))
-    host_attention = sum(attention[: dims.n_layer - gpu_layers])
+    # RPC workers hold the lowest offloaded layers (first in llama.cpp's device order); the head is index n_layer
+    rpc_count = sum(n for t, n in zip(plan.tiers, plan.gpu_layer_counts, strict=False) if t.kind == "rpc")
+    rpc_layers = min(rpc_count, plan.n_gpu_layers and dims.n_layer - (dims.n_layer + 1 - plan.n_gpu_layers))
+    gpu_layers = min(plan.n_gpu_layers, dims.n_layer) - rpc_layers
+    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=plan.n_gpu_layers > 0))
+    host_attention = sum(attention[: dims.n_layer - gpu_layers - rpc_layers])
 
     bw = {t.name: t.bandwidth_gbs * 1e9 for t in plan.tiers} | {"pcie": bandwidths["pcie"] * 1e9}
     decode_s = {name: nbytes / bw[name] for name, nbytes in decode.items() if nbytes}
@@ -98,6 +101,10 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     decode_s["overhead"] = NODES_PER_LAYER * (
         gpu_layers * GPU_NODE_SECONDS + (dims.n_layer - gpu_layers) * CPU_NODE_SECONDS
     )
+    network = network_per_token(plan)
+    if network:
+        decode_s["network"] = sum(rtt + nbytes / bw_net for nbytes, rtt, bw_net in network)
+        decode["network"] = sum(nbytes for nbytes, _, _ in network)
     host_memory = decode_s.get("ram", 0.0) + decode_s.get("disk", 0.0)
     total = sum(v for k, v in decode_s.items() if k not in ("ram", "disk", "cpu_compute"))
     total += max(host_memory, decode_s["cpu_compute"])
@@ -105,6 +112,8 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     chunk_s = {name: nbytes / bw[name] for name, nbytes in chunk.items() if nbytes}
     chunk_s["compute"] = 2 * active_params * inputs.ubatch / (GPU_TFLOPS * 1e12 if gpu else cpu_flops)
     chunk_s["overhead"] = decode_s["overhead"]
+    if network:
+        chunk_s["network"] = sum(rtt + nbytes * inputs.ubatch / bw_net for nbytes, rtt, bw_net in network)
     return {
         "decode_tok_s": round(1 / total, 3),
         "decode_bottleneck": max(decode_s, key=decode_s.__getitem__),
@@ -116,6 +125,46 @@ def estimate_speed(plan: Plan, bandwidths: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def network_per_token(plan: Plan) -> list[tuple[int, float, float]]:
+    """(bytes, round-trip seconds, bytes/s) per RPC worker holding layers, for one decoded token.
+
+    Each worker's block of layers is one graph split. Per token the client sends it the residual stream (f32,
+    `hc` copies of the hidden state) and reads the stream (or, on the head's worker, the logits) back, with one
+    round trip for the read; between two workers the stream goes through the client (ggml-rpc copies tensors
+    directly only within one server). The split's graph inputs go too; the large ones are the K cache's Hadamard
+    rotations, one per cache kind its layers use (raw window; CSA with its indexer; HCA), which llama.cpp builds
+    for a quantized K cache, and for deepseek4 also when the head size equals the indexer's (llama-kv-cache.cpp).
+    Positions, masks and command headers are left out: `bench/rpc.py` measured the total at 1.2x this figure on
+    the tiny model.
+    """
+    dims = plan.source.dims
+    stream = dims.hc * dims.hidden * 4
+    rotating = plan.inputs.kv_type != DEFAULT_KV_TYPE or dims.head_dim == dims.index_head_dim
+    rot, index_rot = (_rotation_bytes(dims.head_dim), _rotation_bytes(dims.index_head_dim)) if rotating else (0, 0)
+    first = dims.n_layer + 1 - plan.n_gpu_layers
+    workers: dict[str, list[float]] = {}
+    for tier, n in zip(plan.tiers, plan.gpu_layer_counts, strict=False):
+        layers = [i for i in range(first, first + n) if i < dims.n_layer]
+        first += n
+        if tier.kind != "rpc" or not n or not tier.endpoint:
+            continue
+        ratios = {dims.compress_ratios[i] for i in layers}
+        rotations = (rot if layers else 0) + (rot if HCA_RATIO in ratios else 0)
+        rotations += rot + index_rot if CSA_RATIO in ratios else 0
+        out = dims.vocab * 4 if dims.n_layer in range(first - n, first) else stream
+        entry = workers.setdefault(tier.endpoint, [0, tier.rtt_s, tier.net_gbs * 1e9])
+        entry[0] += stream + out + rotations
+    return [(int(b), rtt, bw) for b, rtt, bw in workers.values()]
+
+
+def _rotation_bytes(head_dim: int) -> int:
+    """An f32 Hadamard rotation of the largest power of two (at least 64) dividing the head size."""
+    n = 64
+    while head_dim % (n * 2) == 0:
+        n *= 2
+    return n * n * 4
+
+
 def _engram_rows_per_token(facts: dict[str, Any]) -> int:
     """Rows one Engram layer reads per token: one per head for each n-gram order 2..max (docs/formats.md §Engram)."""
     return (int(facts.get("engram_max_ngram_size", 4)) - 1) * int(facts.get("engram_n_heads", 8))
@@ -123,8 +172,17 @@ def _engram_rows_per_token(facts: dict[str, Any]) -> int:
 
 def verdict(plan: Plan) -> str:
     est = plan.estimates
-    n_gpus = sum(1 for n in plan.gpu_layer_counts if n)
-    where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {n_gpus} GPU(s)" if n_gpus else "CPU only"
+    counts = list(zip(plan.tiers, plan.gpu_layer_counts, strict=False))
+    n_gpus = sum(1 for t, n in counts if n and t.kind == "gpu")
+    n_rpc = len({t.endpoint for t, n in counts if n and t.kind == "rpc"})
+    devices = " + ".join(
+        part for part in (f"{n_rpc} RPC worker(s)" if n_rpc else "", f"{n_gpus} GPU(s)" if n_gpus else "") if part
+    )
+    where = f"{plan.n_gpu_layers}/{plan.source.dims.n_layer + 1} layers on {devices}" if devices else "CPU only"
+    network = est["decode_seconds_per_token"].get("network")
+    if network is not None:
+        sent = human_bytes(est["decode_bytes_per_token"]["network"])
+        where += f" (network: {sent} and {network * 1e3:.2f} ms per token)"
 
     disk = plan.tier("disk").weights
     spill = f", {gib(disk)} mmap'd from disk" if disk else ""

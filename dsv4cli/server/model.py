@@ -13,6 +13,7 @@ from pathlib import Path
 from dsv4cli.chat import Placement, load_params, resolve_gguf
 from dsv4cli.engine.preflight import check_model_file
 from dsv4cli.model_ref import ModelRef
+from dsv4cli.rpc.health import check_workers, rpc_endpoints
 
 
 @dataclass(frozen=True)
@@ -30,5 +31,7 @@ def plan_model(ref: ModelRef | None, placement: Placement, *, note: Callable[[st
     """
     gguf = resolve_gguf(ref, note=note)
     info = check_model_file(gguf)  # refuses files llama.cpp would abort on, before llama-server sees them
-    args = load_params(gguf, placement).cli_args(str(gguf))
+    args = load_params(gguf, placement, note=note).cli_args(str(gguf))
+    if rpc := rpc_endpoints(args):
+        check_workers(rpc)  # llama-server would only log an unreachable worker
     return PlannedModel(gguf=gguf, llama_args=args, chat_template=info.chat_template, has_mtp=info.mtp_layers > 0)
