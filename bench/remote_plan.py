@@ -61,9 +61,10 @@ def write_headers(folder: Path) -> tuple[int, int]:
         writer.write_ti_data_to_file()
         writer.close()
         size = path.stat().st_size
-        data = sum(s.nbytes for s in specs[i::SHARDS])
-        os.truncate(path, size + data)  # a hole: the data is never read
-        header, total = header + size, total + size + data
+        data = sum(-(-s.nbytes // 32) * 32 for s in specs[i::SHARDS])  # each tensor padded to the alignment
+        start = -(-size // 32) * 32  # the data section starts at the alignment
+        os.truncate(path, start + data)  # a hole: the data is never read
+        header, total = header + size, total + start + data
     return header, total
 
 
