@@ -203,6 +203,31 @@ def save_history(readline: Any, path: Path) -> None:
                 os.unlink(tmp)
 
 
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # bracketed paste (xterm): the terminal wraps pasted text
+FENCE = '"""'  # typed multi-line input, as in Ollama: from a line starting with it to a line ending with it
+
+
+def read_turn(read_line: Callable[[str], str], prompt: str = "> ", more: str = "... ") -> str:
+    """One turn of input from a line reader: a pasted block (all its lines), a FENCE block, or one line.
+
+    GNU readline (8.1+) takes a bracketed paste in as one line holding newlines; a reader that does not
+    (libedit, a dumb terminal) passes the markers through, and the lines up to the end marker are collected here.
+    """
+    line = read_line(prompt)
+    if PASTE_START in line:
+        lines = [line]
+        while PASTE_END not in lines[-1]:
+            lines.append(read_line(""))
+        return "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "")
+    if not line.lstrip().startswith(FENCE):
+        return line
+    lines = [line.lstrip()[len(FENCE) :]]
+    while not lines[-1].rstrip().endswith(FENCE) or (len(lines) == 1 and not lines[0].strip()):
+        lines.append(read_line(more))
+    lines[-1] = lines[-1].rstrip()[: -len(FENCE)]
+    return "\n".join(lines).strip("\n")
+
+
 def run_repl(session: ChatSession, ui: ChatUI) -> None:
     """Read lines until Ctrl-D or /exit; Ctrl-C stops an answer and keeps the session."""
     while True:
@@ -321,6 +346,7 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     recipe when there are several, told apart by their headers); the built-in tiny model when MODEL is None.
     """
     from dsv4cli.engine.preflight import require_runnable
+    from dsv4cli.gguf_repo import find_local
     from dsv4cli.local import find_gguf, local_ggufs
     from dsv4cli.model_ref import resolve_model
     from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -331,14 +357,23 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     if ref.kind in ("gguf", "checkpoint"):
         return ref.path  # a folder fails the header check with its name
     spec = ref.spec
+    if ref.tag:  # a pulled pre-quantized GGUF (its header is checked before loading)
+        pulled = find_local(spec, ref.tag)
+        if pulled is None:
+            raise RuntimeLoadError(
+                f"{ref.text} is not downloaded (no complete pull of it in the dsv4 home)",
+                hint=f"run `dsv4 pull {ref.text}` (`dsv4 plan {ref.text}` first says if it fits)",
+            )
+        return pulled
     require_runnable(spec.arch, spec.name)
     found = find_gguf(spec, experts=DEFAULT_EXPERTS, dense=DEFAULT_DENSE) or next(iter(local_ggufs(spec)), None)
+    found = found or find_local(spec, None)
     if found:
         return found
     if not spec.builtin:
         raise RuntimeLoadError(
-            f"no quantized GGUF of {spec.name} in the dsv4 home",
-            hint=f"run `dsv4 pull {spec.name} && dsv4 quantize {spec.name}`",
+            f"no GGUF of {spec.name} in the dsv4 home",
+            hint=f"run `dsv4 pull {spec.name}` (a checkpoint then needs `dsv4 quantize {spec.name}`)",
         )
     return _prepare_builtin(ref, note=note)
 

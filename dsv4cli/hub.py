@@ -38,7 +38,7 @@ MAX_FILE_BYTES = 1 << 50
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 # A redirect loop, or one to a scheme or URL httpx cannot follow: the same answer on every retry.
-_BROKEN_REDIRECT = (httpx2.TooManyRedirects, httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.DecodingError)
+BROKEN_REDIRECT = (httpx2.TooManyRedirects, httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.DecodingError)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _token() -> str | None:
+def token() -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
@@ -85,7 +85,7 @@ def retry_base() -> float:
 
 def list_repo(repo: str, revision: str) -> RepoListing:
     """Every file of `repo` at `revision` with size and LFS sha256, in one API call (retried when transient)."""
-    api = HfApi(endpoint=endpoint(), token=_token())
+    api = HfApi(endpoint=endpoint(), token=token())
 
     def call() -> Any:
         try:
@@ -95,7 +95,7 @@ def list_repo(repo: str, revision: str) -> RepoListing:
             if status in _TRANSIENT_STATUS:
                 raise TransientError(f"HTTP {status} from {endpoint()}") from e
             raise _hub_error(e, repo=repo, revision=revision) from e
-        except _BROKEN_REDIRECT as e:
+        except BROKEN_REDIRECT as e:
             raise DownloadError(f"{repo}: {type(e).__name__} from {endpoint()}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"cannot reach {endpoint()} ({type(e).__name__}: {e})") from e
@@ -283,7 +283,7 @@ class Transfer:
             return self._hasher
         url = hf_hub_url(self.listing.repo, self.remote.path, revision=self.listing.revision, endpoint=endpoint())
         # identity: the bytes on the wire are the file's bytes, so a compressed body cannot expand in memory.
-        headers = {**build_hf_headers(token=_token(), library_name="dsv4"), "Accept-Encoding": "identity"}
+        headers = {**build_hf_headers(token=token(), library_name="dsv4"), "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
@@ -302,7 +302,7 @@ class Transfer:
                         f.write(chunk)
                         self._hasher.update(chunk)
                         self.on_bytes(len(chunk))
-        except _BROKEN_REDIRECT as e:  # retrying cannot help
+        except BROKEN_REDIRECT as e:  # retrying cannot help
             raise DownloadError(f"{self.listing.repo}/{self.remote.path}: {type(e).__name__}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"{type(e).__name__}: {e or 'connection lost'}") from e
@@ -336,20 +336,22 @@ class Transfer:
         )
 
     def _check_status(self, response: httpx2.Response) -> None:
-        status = response.status_code
-        if status in (200, 206):
-            return
-        if status in _TRANSIENT_STATUS:
-            raise TransientError(f"HTTP {status}")
-        if status == 416:  # the part is longer than the file: start over
+        if response.status_code == 416:  # the part is longer than the file: start over
             self.restart()
             raise TransientError("HTTP 416 (range not satisfiable), restarting the file")
-        repo = self.listing.repo
-        if status in (401, 403):
-            raise AuthError(
-                f"{repo}/{self.remote.path}: access denied (HTTP {status})",
-                hint=_token_hint(repo),
-            )
-        if status == 404:
-            raise NotFoundOnHubError(f"{repo}/{self.remote.path}: not found at revision {self.listing.revision}")
-        raise DownloadError(f"{repo}/{self.remote.path}: HTTP {status}", hint=RESUME_HINT)
+        check_status(response, self.listing, self.remote)
+
+
+def check_status(response: httpx2.Response, listing: RepoListing, remote: RemoteFile) -> None:
+    """Raise the typed error for a failed request for `remote`'s bytes (TransientError where a retry may help)."""
+    status = response.status_code
+    if status in (200, 206):
+        return
+    if status in _TRANSIENT_STATUS:
+        raise TransientError(f"HTTP {status}")
+    repo = listing.repo
+    if status in (401, 403):
+        raise AuthError(f"{repo}/{remote.path}: access denied (HTTP {status})", hint=_token_hint(repo))
+    if status == 404:
+        raise NotFoundOnHubError(f"{repo}/{remote.path}: not found at revision {listing.revision}")
+    raise DownloadError(f"{repo}/{remote.path}: HTTP {status}", hint=RESUME_HINT)

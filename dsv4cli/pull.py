@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsv4cli import hub, safe_paths
+from dsv4cli import gguf_repo, hub, safe_paths
 from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UnsafePathError, UsageError
 from dsv4cli.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX, foreign_entries
+from dsv4cli.model_ref import split_tag
 from dsv4cli.registry import ModelSpec, get_model
 from dsv4cli.units import human_bytes
 
@@ -53,6 +54,7 @@ class PullOptions:
     workers: int = 4
     dry_run: bool = False
     verify: bool = False
+    tag: str | None = None  # the quant of a GGUF repo (`NAME:TAG`); set by `pull` from the name
 
 
 @dataclass
@@ -133,12 +135,18 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
     """
     if options.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {options.workers}")
-    spec = get_model(name)
+    base, tag = split_tag(name)
+    options = replace(options, tag=tag)
+    spec = get_model(base)
+    listing = None
+    if tag and spec.gguf_repos:  # a registry model's pre-quantized GGUF: the first of its repos with the tag
+        spec, listing, _ = gguf_repo.find_on_hub(spec, tag, lambda s: _listing(s, options, s.local_dir))
     folder = (options.folder or spec.local_dir).expanduser().resolve()
     progress = progress or _Silent()
     started = time.monotonic()
     from_disk = spec.builtin or hub.offline()
-    listing = None if from_disk and not options.dry_run else _listing(spec, options, folder)
+    if listing is None and not (from_disk and not options.dry_run):
+        listing = _listing(spec, options, folder)
     if options.dry_run:
         assert listing is not None
         return _survey(spec, options, folder, listing, mode="dry-run")[0]
@@ -176,6 +184,7 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
             try:
                 _download(folder, listing, todo, states, result, workers=options.workers, progress=progress)
                 _write_manifest(folder, listing, selected)
+                _check_ggufs(folder, selected, spec)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -296,9 +305,34 @@ def _manifest_listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hu
         ) from e
 
 
+def _check_ggufs(folder: Path, selected: list[hub.RemoteFile], spec: ModelSpec) -> None:
+    """A pulled GGUF (another producer's) passes the same header check as our own before anything loads it.
+
+    The files stay (they are exactly what the repo holds, and complete); the error says they cannot run.
+    """
+    from dsv4cli.errors import RuntimeLoadError
+    from dsv4cli.gguf_check import check_gguf
+
+    for first in gguf_repo.first_shards(f.path for f in selected):
+        try:
+            check_gguf(folder / first)
+        except RuntimeLoadError as e:
+            raise RuntimeLoadError(
+                f"{spec.name}: downloaded, but {e}", hint=f"`dsv4 rm {spec.name}` removes it; {e.hint or ''}".strip()
+            ) from e
+
+
 def _select(listing: hub.RepoListing, options: PullOptions) -> list[hub.RemoteFile]:
     from huggingface_hub.utils import filter_repo_objects
 
+    if options.tag and (options.include or options.exclude):
+        raise UsageError(
+            f"both :{options.tag} and --include/--exclude pick files of {listing.repo}", hint="use one of them"
+        )
+    patterns = options.include or options.exclude
+    if options.tag or (not patterns and gguf_repo.is_gguf_repo(f.path for f in listing.files)):
+        wanted = set(gguf_repo.select_quant((f.path for f in listing.files), options.tag, repo=listing.repo))
+        return [f for f in listing.files if f.path in wanted]
     selected = list(
         filter_repo_objects(
             listing.files,
@@ -503,12 +537,26 @@ def _write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.R
     for remote in selected:
         sha256 = remote.sha256 or hub.hash_file(folder, remote.path, remote).sha256.hexdigest()
         files[remote.path] = {"size": remote.size, "sha256": sha256}
-    manifest = {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))}
-    tmp = f"{MANIFEST_NAME}.tmp"
-    with safe_paths.open_file(folder, tmp, "wb") as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
-    safe_paths.replace(folder, tmp, MANIFEST_NAME)
+    _store_manifest(folder, {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))})
     safe_paths.unlink(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}")
     partial = folder / PARTIAL_DIR
     if _is_real_dir(partial) and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
         shutil.rmtree(partial)
+
+
+def _store_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = f"{MANIFEST_NAME}.tmp"
+    with safe_paths.open_file(folder, tmp, "wb") as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    safe_paths.replace(folder, tmp, MANIFEST_NAME)
+
+
+def forget_files(folder: Path, paths: list[str]) -> None:
+    """Drop files being removed (`dsv4 rm`) from the manifest, under the caller's folder lock; with none left
+    the manifest goes too, so the folder no longer counts as a pull."""
+    manifest = read_manifest(folder)
+    files = {p: entry for p, entry in manifest.get("files", {}).items() if p not in set(paths)}
+    if files:
+        _store_manifest(folder, {**manifest, "files": files})
+    else:
+        safe_paths.unlink(folder, MANIFEST_NAME)

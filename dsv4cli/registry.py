@@ -111,6 +111,7 @@ class ModelSpec:
     download_bytes: int | None = None
     expert_dtype: str = "fp4"
     arch: str = V4
+    gguf_repos: tuple[str, ...] = ()  # Hub repos of pre-quantized GGUFs of this model (`dsv4 pull NAME:TAG`)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,9 @@ class ModelSpec:
             raise RegistryError(f"{where}: expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
         if self.arch not in ARCHES:
             raise RegistryError(f"{where}: arch must be one of {ARCHES}, got {self.arch!r}")
+        bad = [r for r in self.gguf_repos if not _is_repo_id(r)]
+        if bad:
+            raise RegistryError(f"{where}: gguf_repos must be Hub repo ids like 'org/name', got {bad}")
         if not self.builtin and not self.repo:
             raise RegistryError(f"{where}: needs a repo (or builtin = true)")
         unknown = set(self.config) - CONFIG_KEYS
@@ -203,6 +207,7 @@ ENTRY_TYPES: dict[str, type] = {
     "download_bytes": int,
     "expert_dtype": str,
     "arch": str,
+    "gguf_repos": list,
     "config": dict,
 }
 
@@ -244,7 +249,7 @@ def _read_entries(path: Path) -> dict[str, ModelSpec]:
         if wrong:
             raise RegistryError(f"{where}: wrong type for {wrong}")
         try:
-            specs[name] = ModelSpec(name=name, **entry)
+            specs[name] = ModelSpec(name=name, **{**entry, "gguf_repos": tuple(entry.get("gguf_repos", ()))})
         except RegistryError as e:
             raise RegistryError(f"{path}: {e}", hint=e.hint) from e
     return specs

@@ -6,6 +6,7 @@ or read by the tests that need them.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+GGUF_REPO = "test-org/tiny-GGUF"  # the tiny model published as a pre-quantized GGUF repo (gguf_repo_dir)
+GGUF_TAG = "UD-Q2_K_XL"
 
 
 @pytest.fixture(autouse=True)
@@ -128,3 +131,27 @@ def fake_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return script
 
     return install
+
+
+@pytest.fixture(scope="session")
+def gguf_repo_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_gguf: Path) -> Path:
+    """The tiny model as a pre-quantized GGUF repo: a split set in a tag folder (unsloth's layout), a Q8_0 file."""
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("gguf-repo")
+    (root / GGUF_TAG).mkdir()
+    report = quantize_checkpoint(
+        tiny_checkpoint, root / GGUF_TAG / f"tiny-{GGUF_TAG}.gguf", QuantOptions(split_max_size=3 << 20)
+    )
+    assert len(report.outputs) > 2
+    shutil.copy(tiny_gguf, root / "tiny-Q8_0.gguf")
+    (root / "README.md").write_text("tiny GGUFs\n")
+    return root
+
+
+@pytest.fixture
+def gguf_hub(gguf_repo_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from tests.hub_server import published
+
+    with published(gguf_repo_dir, GGUF_REPO, monkeypatch) as server:
+        yield server

@@ -15,6 +15,7 @@ right after the first listing was served (a repo that changes between the listin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -258,11 +260,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
 
         def _send_file(self, entry: _Entry, *, body: bool, path: str) -> None:
-            start = 0
+            start, end = 0, entry.size - 1
             asked = self.headers.get("Range")
             if asked and not hub.faults.ignore_range:
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", asked)
                 start = int(m[1]) if m else 0
+                end = min(int(m[2]), end) if m and m[2] else end
                 if start >= entry.size:
                     self._record(path, 416)
                     self.send_response(416)
@@ -270,7 +273,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-            status = 206 if start else 200
+            status = 206 if start or end < entry.size - 1 else 200
             self._record(path, status)
             self.send_response(status)
             etag = entry.sha256 or entry.blob_id
@@ -280,16 +283,16 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if entry.sha256:
                 self.send_header("X-Linked-Size", str(entry.size))
                 self.send_header("X-Linked-Etag", f'"{entry.sha256}"')
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{entry.size - 1}/{entry.size}")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{entry.size}")
             extra = hub.faults.oversize.get(entry.path, 0)
             if hub.faults.chunked:
                 self.send_header("Transfer-Encoding", "chunked")
             else:
-                self.send_header("Content-Length", str(entry.size - start + extra))
+                self.send_header("Content-Length", str(end + 1 - start + extra))
             self.end_headers()
             if body:
-                self._stream(entry, start)
+                self._stream(entry, start, end + 1)
                 self._write(b"\xee" * extra)
                 if hub.faults.chunked:
                     self.wfile.write(b"0\r\n\r\n")
@@ -302,7 +305,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self.wfile.write(data)
 
-        def _stream(self, entry: _Entry, start: int) -> None:
+        def _stream(self, entry: _Entry, start: int, stop: int) -> None:
             with hub.lock:
                 drop = hub.faults.drop_after.pop(entry.path, None)
                 corrupt = hub.faults.corrupt.get(entry.path, 0) > 0
@@ -315,7 +318,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             with entry.open() as f:
                 f.seek(start)
                 pos = start
-                while chunk := f.read(piece):
+                while chunk := f.read(min(piece, stop - pos)):
                     if rate:
                         time.sleep(len(chunk) / rate)
                     if corrupt and pos <= flip_at < pos + len(chunk):
@@ -332,3 +335,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     pos += len(chunk)
 
     return Handler
+
+
+@contextlib.contextmanager
+def published(root: Path, repo: str, monkeypatch: Any) -> Iterator[HubServer]:
+    """Serve `root` as `repo`, with HF_ENDPOINT pointing at it and fast retries, for one test."""
+    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
+    with HubServer(root, repo) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server

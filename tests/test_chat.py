@@ -247,3 +247,23 @@ def test_vram_list_plans_two_gpus_and_a_cpu_build_refuses_it(dsv4, fake_tool, ti
     assert "CPU-only" in line and "make setup GPU=cuda" in line and "--cpu" in line
     res = dsv4("chat", str(tiny_gguf), "--cpu", "--vram", "24,24", "-p", "Hi")
     assert res.code != 0 and "--cpu" in res.stderr
+
+
+def test_a_multi_line_paste_and_a_triple_quoted_block_are_one_turn_each(tiny_gguf: Path, tmp_path: Path) -> None:
+    child = spawn_repl(tiny_gguf, "--max-tokens", "2", "--ctx", "4096")
+    child.expect("> ")
+    child.send("\x1b[200~first line\rsecond line\rthird line\x1b[201~\r")  # a terminal pastes newlines as CR
+    child.expect(r"\d+ prompt tokens")
+    child.expect("> ")
+    child.sendline('"""')
+    child.sendline("typed one")
+    child.sendline('typed two"""')
+    child.expect(r"\d+ prompt tokens")
+    child.expect("> ")
+    child.sendline(f"/save {tmp_path / 'conv.json'}")
+    child.expect("saved 4 messages")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    users = [m["content"] for m in json.loads((tmp_path / "conv.json").read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first line\nsecond line\nthird line", "typed one\ntyped two"]

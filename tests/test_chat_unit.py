@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.chat import ChatSession, TurnResult, prompt_renderer, run_repl
+from dsv4cli.chat import ChatSession, TurnResult, prompt_renderer, read_turn, run_repl
 from dsv4cli.engine import SampleOptions, TurnStats, TurnStream
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.gguf_check import check_gguf
@@ -190,3 +190,19 @@ def test_tiny_gguf_passes_the_header_check(tiny_gguf: Path) -> None:
     info = check_gguf(tiny_gguf)
     assert info.arch == "deepseek4" and info.bos_token == BOS and info.eos_token == EOS
     assert info.chat_template and info.block_count == 4
+
+
+@pytest.mark.parametrize(
+    ("lines", "turn"),
+    [
+        (["\x1b[200~one", "two", "three\x1b[201~"], "one\ntwo\nthree"),  # a reader that passes the markers through
+        (['"""', "a", 'b"""'], "a\nb"),
+        (['"""x', "y", '"""'], "x\ny"),
+        (['"""single"""'], "single"),
+        (["plain"], "plain"),
+    ],
+)
+def test_read_turn_joins_pasted_and_triple_quoted_lines(lines: list[str], turn: str) -> None:
+    pending = iter(lines)
+    assert read_turn(lambda prompt: next(pending)) == turn
+    assert next(pending, None) is None  # read exactly the block

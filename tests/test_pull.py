@@ -20,7 +20,7 @@ import pytest
 
 from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
 from dsv4cli.pull import PARTIAL_DIR
-from tests.hub_server import HubServer
+from tests.hub_server import HubServer, published
 
 REPO = "test-org/tiny"
 SHARD = "model-00002-of-00007.safetensors"
@@ -41,9 +41,7 @@ def cut(repo_dir: Path) -> int:
 
 @pytest.fixture
 def hub(repo_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
-    with HubServer(repo_dir, REPO) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with published(repo_dir, REPO, monkeypatch) as server:
         yield server
 
 

@@ -20,11 +20,13 @@ Examples:
   dsv4 chat                                   # the built-in tiny test model
   dsv4 chat deepseek-v4-flash --vram 24 --ram 128 --ctx 32768
   dsv4 chat model.gguf --plan plan.json --think
+  dsv4 chat unsloth/DeepSeek-V4-Flash-GGUF:UD-Q2_K_XL   # after `dsv4 pull` of the same name
   echo "Why is the sky blue?" | dsv4 chat deepseek-v4-flash --json"""
 
 
 class TerminalUI:
-    """The interactive terminal: readline line editing and history, streamed text, dimmed reasoning."""
+    """The interactive terminal: readline line editing and history, streamed text, dimmed reasoning; a pasted
+    block is one turn (bracketed paste), and so is a block typed between triple-quote lines."""
 
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
@@ -34,9 +36,19 @@ class TerminalUI:
         self._readline = readline
         self._history = history_file
         load_history(readline, history_file)
+        readline.parse_and_bind("set enable-bracketed-paste on")
+        self._paste_mode(True)
+
+    def _paste_mode(self, on: bool) -> None:
+        """Ask the terminal to mark pasted text (xterm's mode 2004), so a paste is not sent line by line."""
+        if sys.stdout.isatty():
+            sys.stdout.write("\x1b[?2004h" if on else "\x1b[?2004l")
+            sys.stdout.flush()
 
     def read_line(self) -> str:
-        return input("> ")
+        from dsv4cli.chat import read_turn
+
+        return read_turn(input)
 
     def piece(self, kind: str, text: str) -> None:
         out.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False)
@@ -56,6 +68,7 @@ class TerminalUI:
     def close(self) -> None:
         from dsv4cli.chat import save_history
 
+        self._paste_mode(False)
         save_history(self._readline, self._history)
 
 
@@ -63,7 +76,10 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=CHAT_EXAMPLES)
     def chat(
         model: Annotated[
-            str | None, typer.Argument(help="GGUF path or registry name; default: the built-in tiny test model.")
+            str | None,
+            typer.Argument(
+                help="GGUF path, registry name or GGUF repo `org/name:TAG`; default: the built-in tiny test model."
+            ),
         ] = None,
         prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,
         system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,

@@ -26,6 +26,7 @@ def models(json_output: JsonOpt = False) -> None:
                 "download_bytes": spec.download_bytes,
                 "expert_dtype": spec.expert_dtype,
                 "arch": spec.arch,
+                "gguf_repos": list(spec.gguf_repos),
                 "description": spec.description,
                 "checkpoint": checkpoint_state(spec.local_dir),
                 "ggufs": [str(p) for p in local_ggufs(spec)],

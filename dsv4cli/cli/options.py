@@ -88,7 +88,10 @@ def _check_gib_list(value: str | None) -> str | None:
     return value
 
 
-ModelArg = Annotated[str, typer.Argument(help="Registry name (see `dsv4 models`), Hub repo id `org/name`, or a path.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="Registry name (see `dsv4 models`), Hub repo id `org/name`, either with `:TAG`, or a path."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 VramOpt = Annotated[
     str | None,

@@ -171,6 +171,11 @@ def _render(result: Plan) -> None:
     out.print(result.verdict)
     for hint in result.hints:
         out.print(f"  to fit: {hint}")
+    if src.fetched_bytes is not None:
+        err.print(
+            f"planned from the GGUF headers on the Hub: read {human_bytes(src.fetched_bytes)} of a "
+            f"{human_bytes(src.download_bytes or 0)} download ({src.fetched_bytes} bytes)"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -21,6 +21,8 @@ Examples:
   dsv4 pull deepseek-v4-flash --dry-run            # what is left to download, and free disk
   dsv4 pull deepseek-v4-flash --include '*.json'   # only some files
   dsv4 pull deepseek-v4-flash --verify             # re-hash what is on disk, download nothing
+  dsv4 pull unsloth/DeepSeek-V4-Flash-GGUF:UD-Q2_K_XL   # one quant of a GGUF repo (all its shards)
+  dsv4 pull deepseek-v4-flash:ud-q2_k_xl           # the same, through the registry's gguf_repos
 """
 
 
@@ -72,7 +74,7 @@ def pull(
     workers: Annotated[int, typer.Option(help="Files downloaded in parallel.")] = 4,
     json_output: JsonOpt = False,
 ) -> None:
-    """Download a model checkpoint (or write a built-in one), checking every file's sha256."""
+    """Download a model checkpoint or a GGUF repo's quant (`REPO:TAG`), checking every file's sha256."""
     from dsv4cli.errors import IntegrityError, UsageError
     from dsv4cli.pull import PullOptions
     from dsv4cli.pull import pull as run_pull

@@ -79,6 +79,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "recipe": src.recipe,
             "checkpoint": src.checkpoint,
             "file_bytes": sum(s.nbytes for s in src.tensors),
+            "download_bytes": src.download_bytes,
+            "fetched_bytes": src.fetched_bytes,
         },
         "inputs": {
             "ctx": plan.inputs.ctx,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError, UsageError
-from dsv4cli.gguf_read import SOURCE_KEY, check_facts, read_header
+from dsv4cli.gguf_read import SOURCE_KEY, GgufHeader, check_facts, read_header
 from dsv4cli.kvcache import ModelDims
 from dsv4cli.local import default_gguf_path, find_gguf
 from dsv4cli.model_ref import ModelRef, resolve_model
@@ -58,12 +58,19 @@ class ModelSource:
     checkpoint: str | None = None  # the checkpoint folder a GGUF was converted from, as its header records it
     facts: dict[str, Any] = field(default_factory=dict, compare=False)
     target: Path | None = None  # where `dsv4 quantize` would write the estimated GGUF
+    fetched_bytes: int | None = None  # "remote": header bytes read over HTTP
+    download_bytes: int | None = None  # "remote": size of the files a pull would download
 
 
 def read_gguf(path: Path) -> ModelSource:
     """Exact tensor bytes, architecture facts and the recorded recipe from the headers of every shard."""
-    header = read_header(path)
+    return source_from_header(read_header(path), path.name)
+
+
+def source_from_header(header: GgufHeader, name: str) -> ModelSource:
+    """A GGUF's tensors and architecture facts, wherever its header was read from (a file, the Hub)."""
     fields, tensors = header.fields, header.tensors
+    path = header.files[0]
     arch = fields.get("general.architecture")
     if arch not in ARCHES:
         raise PlanError(
@@ -91,7 +98,7 @@ def read_gguf(path: Path) -> ModelSource:
     checkpoint = fields.get(SOURCE_KEY)
     return ModelSource(
         "gguf",
-        path.name,
+        name,
         dims,
         tensors,
         files=header.files,
@@ -142,8 +149,12 @@ def load_source(ref: ModelRef | str, inputs: PlanInputs) -> ModelSource:
             raise PlanError(f"{config_path}: not valid JSON ({e})") from e
         return estimate_from_config(config, name=ref.path.name, experts=inputs.experts, dense=inputs.dense)
     spec = ref.spec
-    if spec.repo and not spec.config and not spec.builtin:
-        raise PlanError(f"{ref.text}: no architecture facts for this Hub repo", hint="pull it and plan the folder")
+    if ref.tag or (spec.repo and not spec.config and not spec.builtin):  # a pre-quantized GGUF: local, or its headers
+        from dsv4cli.gguf_repo import find_local
+        from dsv4cli.plan.remote import remote_source
+
+        local = find_local(spec, ref.tag)
+        return read_gguf(local) if local else remote_source(spec, ref.tag)
     quantized = find_gguf(spec, experts=inputs.experts, dense=inputs.dense)
     if quantized:
         return read_gguf(quantized)

@@ -1,0 +1,101 @@
+"""`dsv4 list` (`ls`), `dsv4 show` and `dsv4 rm`: what is on disk under the dsv4 home, and removing it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from dsv4cli.cli.options import JsonOpt, ModelArg
+from dsv4cli.ui import err, out, print_json
+from dsv4cli.units import human_bytes
+
+
+def list_models(json_output: JsonOpt = False) -> None:
+    """List every local model: pulled checkpoints and GGUF repos, converted GGUFs, unfinished downloads."""
+    from dsv4cli.inventory import list_local
+
+    found = list_local()
+    if json_output:
+        print_json([m.to_dict() for m in found])
+        return
+    if not found:
+        err.print("nothing in the dsv4 home yet; `dsv4 pull NAME` downloads a model")
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("name", "kind", "recipe", "size", "path"):
+        table.add_column(column, no_wrap=column != "path", overflow="fold")
+    for m in found:
+        recipe = f"{m.recipe['experts']}/{m.recipe['dense']}" if m.recipe else "-"
+        kind = m.kind + (" (partial)" if m.state == "partial" else "")
+        table.add_row(m.name, kind, recipe, human_bytes(m.bytes), str(m.path))
+    out.print(table)
+
+
+def show(model: ModelArg, json_output: JsonOpt = False) -> None:
+    """Show a model: architecture, tensor types and bytes per class, files, expert error, chat template, source."""
+    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.show import describe
+
+    info = describe(resolve_model(model))
+    if json_output:
+        print_json(info)
+        return
+    _render(info)
+
+
+def _render(info: dict[str, Any]) -> None:
+    recipe = f", {info['recipe']['experts']}/{info['recipe']['dense']}" if info["recipe"] else ""
+    out.print(f"{info['name']}  ({info['arch']}{recipe}, {human_bytes(info['bytes'])})", markup=False)
+    out.print("  " + ", ".join(f"{k} {v}" for k, v in info["dims"].items()), markup=False)
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("class", "tensors", "bytes", "types"):
+        table.add_column(column)
+    for name, row in info["classes"].items():
+        types = ", ".join(f"{t} {human_bytes(b)}" for t, b in row["types"].items())
+        table.add_row(name, str(row["tensors"]), human_bytes(row["bytes"]), types)
+    out.print(table)
+    for f in info["files"]:
+        out.print(f"  file {f['path']}" + (f" ({human_bytes(f['bytes'])})" if f["bytes"] is not None else ""))
+    if info["expert_error_summary"]:
+        summary = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info["expert_error_summary"].items()
+        )
+        out.print(f"  expert error: {summary}", markup=False)
+    template = {True: "yes", False: "no", None: "unknown (not downloaded)"}[info["chat_template"]]
+    out.print(f"  chat template: {template}", markup=False)
+    out.print(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}", markup=False)
+    if info["fetched_bytes"] is not None:
+        err.print(f"read from the Hub: {human_bytes(info['fetched_bytes'])} of headers")
+
+
+def rm(
+    model: ModelArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove a local model's files (asks first); refuses files outside the dsv4 home or held by `dsv4 serve`."""
+    from dsv4cli.errors import UsageError
+    from dsv4cli.inventory import check_removable, find_local_model, remove
+    from dsv4cli.model_ref import resolve_model
+
+    target = find_local_model(resolve_model(model))
+    check_removable(target)
+    what = (
+        f"{target.name} ({target.kind}{', partial' if target.state == 'partial' else ''}, {human_bytes(target.bytes)})"
+    )
+    if not yes:
+        if not typer.get_text_stream("stdin").isatty():
+            raise UsageError(f"not removing {what} without confirmation", hint="pass --yes")
+        if not typer.confirm(f"remove {what}: {', '.join(map(str, target.files))}?", default=False):
+            raise typer.Exit(1)
+    remove(target, on_wait=lambda message: err.print(message, markup=False))
+    err.print(f"removed {what}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list")(list_models)
+    app.command("ls", hidden=True)(list_models)
+    app.command("show")(show)
+    app.command("rm")(rm)

@@ -1,0 +1,58 @@
+"""Plan a pre-quantized GGUF before downloading it: read only the headers of its shards over HTTP range requests
+(`dsv4cli.remote_file`) and place them exactly as the same files on disk would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dsv4cli import gguf_repo, hub
+from dsv4cli.errors import PlanError
+from dsv4cli.gguf_read import TOKENIZER_PREFIX, GgufHeader
+from dsv4cli.local import STATE_PREFIX
+from dsv4cli.plan.source import ModelSource, source_from_header
+from dsv4cli.registry import ModelSpec
+from dsv4cli.remote_file import FetchBudget, HubByteSource
+from quant.errors import QuantError
+from quant.gguf_header import parse_header
+
+
+def _listing(spec: ModelSpec) -> hub.RepoListing:
+    assert spec.repo is not None
+    listing = hub.list_repo(spec.repo, spec.revision)
+    hub.check_listing(listing, reserved_prefix=STATE_PREFIX)  # names become local paths below
+    return listing
+
+
+def _not_tokenizer(key: str) -> bool:
+    return not key.startswith(TOKENIZER_PREFIX)  # the vocabulary is not planned (as gguf_read.read_header)
+
+
+def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | None = None) -> ModelSource:
+    """The tensors of the GGUF `spec:tag` on the Hub, from its headers only.
+
+    `files` are the paths `dsv4 pull` will give the shards, so `--llama-args` names where they will be;
+    `fetched_bytes` is what the headers cost.
+    """
+    budget = budget or FetchBudget()
+    repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
+    remotes = {f.path: f for f in listing.files}
+    folder = repo_spec.local_dir
+    fields: dict[str, Any] = {}
+    tensors: list[Any] = []
+    with hub.open_client() as client:
+        for path in paths:  # metadata in the first shard, tensors spread over all of them (as gguf_read)
+            try:
+                shard = parse_header(HubByteSource(client, listing, remotes[path], budget), keep=_not_tokenizer)
+            except QuantError as e:
+                raise PlanError(str(e), hint=getattr(e, "hint", None)) from e
+            for key, value in shard.fields.items():
+                fields.setdefault(key, value)
+            tensors += shard.tensors
+    header = GgufHeader(tuple(folder / p for p in paths), fields, tuple(tensors))
+    source = source_from_header(header, Path(paths[0]).name)
+    return dataclasses.replace(
+        source, kind="remote", fetched_bytes=budget.fetched, download_bytes=sum(remotes[p].size for p in paths)
+    )

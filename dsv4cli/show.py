@@ -1,0 +1,89 @@
+"""`dsv4 show MODEL`: what a model is, from its GGUF header (local, or on the Hub before a download) or from
+the tensor list `dsv4 quantize` would write: architecture and dimensions, tensor types and bytes per plan class
+(`dsv4cli.plan.groups`), split files, the expert error summary `dsv4 quantize` records, chat template, source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dsv4cli.model_ref import ModelRef
+from dsv4cli.plan.groups import tensor_class
+
+TEMPLATE_KEY = "tokenizer.chat_template"
+DIMS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _type_name(kind: int) -> str:
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(kind).name
+    except ValueError:
+        return str(kind)
+
+
+def _header_extras(path: Path) -> dict[str, Any]:
+    """The chat template's presence and the expert error summary, from a local first shard."""
+    from quant.convert import SUMMARY_KEY
+    from quant.gguf_header import read_gguf_header
+
+    wanted = {TEMPLATE_KEY, SUMMARY_KEY}
+    fields = read_gguf_header(path, keep=wanted.__contains__).fields
+    try:
+        summary = json.loads(str(fields[SUMMARY_KEY]).strip()) if SUMMARY_KEY in fields else None
+    except ValueError:
+        summary = None
+    return {"chat_template": TEMPLATE_KEY in fields, "expert_error_summary": summary}
+
+
+def _pulled_from(path: Path) -> str | None:
+    """The Hub repo a pulled file came from (its folder's manifest), None for other files."""
+    from dsv4cli.home import models_dir
+    from dsv4cli.pull import read_manifest
+
+    folder = next((p for p in path.parents if p.parent == models_dir()), None)
+    return read_manifest(folder).get("repo") if folder else None
+
+
+def describe(ref: ModelRef) -> dict[str, Any]:
+    """Everything `dsv4 show` prints, as JSON data."""
+    from dsv4cli.plan import PlanInputs
+    from dsv4cli.plan.source import load_source
+
+    src = load_source(ref, PlanInputs())
+    classes: dict[str, dict[str, Any]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "types": defaultdict(int)})
+    for t in src.tensors:
+        row = classes[tensor_class(t.name, src.dims.n_layer)]
+        row["tensors"] += 1
+        row["bytes"] += t.nbytes
+        row["types"][_type_name(t.ggml_type)] += t.nbytes
+    local = src.kind == "gguf"
+    extras = _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None}
+    return {
+        "name": src.name,
+        "kind": src.kind,
+        "arch": src.dims.arch,
+        "dims": {k: src.facts[k] for k in DIMS if k in src.facts},
+        "recipe": src.recipe,
+        "bytes": sum(t.nbytes for t in src.tensors),
+        "classes": {
+            name: {**row, "types": dict(sorted(row["types"].items()))} for name, row in sorted(classes.items())
+        },
+        "files": [{"path": str(f), "bytes": f.stat().st_size if local else None} for f in src.files],
+        **extras,
+        "source": src.checkpoint,  # the checkpoint `dsv4 quantize` converted (None for other producers' files)
+        "repo": (_pulled_from(src.files[0]) if local else None) or (ref.spec and ref.spec.repo),
+        "fetched_bytes": src.fetched_bytes,
+    }
