@@ -141,8 +141,8 @@ def test_plan_is_bound_to_its_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> No
     check_plan_model(load_plan(tiny), tiny_gguf, plan_path=tiny)
     exact = tmp_path / "exact.json"
     assert dsv4("plan", str(tiny_gguf), "--ram", "4", "-o", str(exact)).code == 0
-    files = load_plan(exact)["model"]["files"]
-    assert files == [{"name": tiny_gguf.name, "bytes": tiny_gguf.stat().st_size}]
+    model = load_plan(exact)["model"]
+    assert model["files"] == [tiny_gguf.name] and model["file_bytes"] == tiny_gguf.stat().st_size
     argv = [sys.executable, "-m", "dsv4cli", "chat", str(tiny_gguf), "--plan", str(flash), "-p", "Hi"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "made for 'deepseek-v4-flash'" in result.stderr

@@ -53,7 +53,7 @@ SCHEMA = """\
                          "source": "measured" | "flag" | "default..." | "assumed" | "detected" | ...}}
       names: threads, ram_bw, disk_bw, cpu_dense_gemv, cpu_expert_gemv, cpu_layer_cost, ctx, kv_type,
              flash_attn, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
-  "model": {"name": str, "files": [{"name": str, "bytes": int}] (empty for an estimate),
+  "model": {"name": str, "files": [file name] (empty for an estimate), "file_bytes": int | null,
             "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every placed tensor)}
       (`dsv4 chat --plan` refuses a GGUF whose tensor table differs: check_plan_model),
   "llama": {"n_gpu_layers": int, "override_tensor": [{"pattern": regex, "buffer": "CPU"}], "n_ctx": int,
@@ -178,10 +178,18 @@ def model_binding(src: ModelSource) -> dict[str, Any]:
     """The model a plan was made for (its `model` section)."""
     return {
         "name": src.name,
-        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in src.files],
+        "files": [f.name for f in src.files],
+        "file_bytes": _file_bytes(src),
         "tensor_bytes": sum(s.nbytes for s in src.tensors),
         "tensor_table_sha256": tensor_table_digest(src.tensors, src.dims.n_layer),
     }
+
+
+def _file_bytes(src: ModelSource) -> int | None:
+    """Size of the model's files: on disk, or announced by the Hub for a plan made before download."""
+    if src.download_bytes is not None:
+        return src.download_bytes
+    return sum(f.stat().st_size for f in src.files) if src.files else None
 
 
 def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> None:
