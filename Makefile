@@ -45,7 +45,7 @@ endif
 
 demo: setup
 	$(DSV4) pull tiny
-	$(DSV4) quantize tiny
+	$(DSV4) quantize tiny --force
 	$(DSV4) plan tiny
 	$(DSV4) chat tiny -p "Hello" --max-tokens 48
 
