@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dsv4cli.atomic import write_text_atomic
+
 GB = 1e9
 
 # Effective decode-time bandwidths (GB/s): roughly 80 % of the spec sheet for GPUs (docs/formats.md §Hardware figures).
@@ -237,10 +239,7 @@ def update_machine_cache(folder: Path, entries: dict[str, Any]) -> None:
     """Merge `entries` into `folder`/machine.json: a temporary name, then a rename, so no reader sees a torn file."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {**read_machine_cache(folder), **entries, "machine": machine_id(), "folder": str(folder)}
-    cache = folder / "machine.json"
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(cache)
+    write_text_atomic(folder / "machine.json", json.dumps(data, indent=2) + "\n")
 
 
 def measured_bandwidths(folder: Path, *, remeasure: bool = False) -> Bandwidths:
