@@ -135,16 +135,21 @@ def total_ram() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def _cpuinfo_field(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys` (None where there is none, e.g. macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.partition(":")[2].split())
-    return set()
+        if line.startswith(keys):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo_field("flags", "Features") or "").split())
 
 
 def cpu_threads() -> int:
@@ -215,13 +220,8 @@ def machine_id() -> str:
 
 def cpu_model() -> str:
     """The CPU's model name (e.g. "AMD EPYC 9B14"), part of the calibration cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo_field("model name", "Model", "Hardware")
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def read_machine_cache(folder: Path) -> dict[str, Any]:
