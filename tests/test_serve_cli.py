@@ -23,6 +23,13 @@ def test_non_loopback_host_needs_a_key(dsv4) -> None:
     assert "refusing to serve without an API key" in result.stderr and "--api-key" in result.stderr
 
 
+def test_key_file_must_be_a_file(dsv4, tmp_path: Path) -> None:
+    result = dsv4("serve", "tiny", "--host", "0.0.0.0", "--api-key-file", str(tmp_path))
+    assert result.code == 1
+    assert f"--api-key-file {tmp_path}: no such file (or not a regular file)" in result.stderr
+    assert "one per line" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", ["serve", "chat"])
 def test_placement_flags_are_checked_alike(dsv4, command: str, tmp_path: Path, isolated_env: Path) -> None:
     """chat and serve share the placement flags and their refusals (cli/options.placement), before any work."""

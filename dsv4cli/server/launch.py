@@ -70,7 +70,10 @@ def check_access(opts: ServeOptions) -> None:
     if opts.api_key and opts.api_key_file:
         raise UsageError("give --api-key or --api-key-file, not both")
     if opts.api_key_file is not None and not opts.api_key_file.is_file():
-        raise UsageError(f"--api-key-file {opts.api_key_file}: no such file")
+        raise UsageError(
+            f"--api-key-file {opts.api_key_file}: no such file (or not a regular file)",
+            hint="pass a file holding the API keys, one per line, as llama-server's --api-key-file reads it",
+        )
     if not is_loopback(opts.host) and not (opts.api_key or opts.api_key_file):
         raise UsageError(
             f"--host {opts.host} is reachable from other machines; refusing to serve without an API key",
