@@ -30,6 +30,18 @@ def test_key_file_must_be_a_file(dsv4, tmp_path: Path) -> None:
     assert "one per line" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_missing_model_is_one_line(dsv4, tmp_path: Path) -> None:
+    """No "starting llama-server" line before a refusal of the model."""
+    from dsv4cli.engine.build import build_engine
+
+    build_engine("cpu")
+    result = dsv4("serve", str(tmp_path / "absent.gguf"))
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: GGUF file not found: {tmp_path / 'absent.gguf'} (give a .gguf path or a model name from `dsv4 models`)"
+    ]
+
+
 @pytest.mark.parametrize("command", ["serve", "chat"])
 def test_placement_flags_are_checked_alike(dsv4, command: str, tmp_path: Path, isolated_env: Path) -> None:
     """chat and serve share the placement flags and their refusals (cli/options.placement), before any work."""

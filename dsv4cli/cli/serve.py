@@ -90,7 +90,6 @@ def register(app: typer.Typer) -> None:
         ref = resolve_model(model)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C: the server stops
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it (`&`)
-        note(f"starting llama-server {engine.version} ...")
         server = start_server(ref, where, opts, engine, note=note)
         try:
             if json_output:

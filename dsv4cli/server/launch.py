@@ -110,6 +110,7 @@ def start_server(
     port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
     check_port_free(opts.host, port)
     planned = plan_model(ref, placement, note=note)
+    note(f"starting llama-server {engine.version} ...")  # after the model's checks: a refusal stays one line
     alias = opts.alias or ref.text
     url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     url_host = f"[{url_host}]" if ":" in url_host else url_host
