@@ -52,11 +52,11 @@ def in_range(flag: str, lo: float, hi: float, *, above: bool = False) -> Callabl
     return check
 
 
-def _threads(value: int | None) -> int | None:
+def check_threads(value: int | None) -> int | None:
     if value is not None and not 1 <= value <= max_threads():
         raise UsageError(
             f"--threads {value}: this machine has {os.cpu_count()} logical CPUs; use 1..{max_threads()}",
-            hint="leave it out to use the physical cores",
+            hint="leave it out for the command's default",
         )
     return value
 
@@ -108,7 +108,7 @@ RamOpt = Annotated[
     ),
 ]
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", callback=_threads, help="CPU threads (default: physical cores).")
+    int | None, typer.Option("--threads", callback=check_threads, help="CPU threads (default: physical cores).")
 ]
 CtxOpt = Annotated[
     int | None,
