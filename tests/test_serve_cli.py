@@ -30,6 +30,11 @@ def test_key_file_must_be_a_file(dsv4, tmp_path: Path) -> None:
     assert "one per line" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_parallel_is_bounded_by_llama_cpp_sequences(dsv4) -> None:
+    result = dsv4("serve", "tiny", "--parallel", "257")  # LLAMA_MAX_SEQ is 256; more aborts llama-server
+    assert result.code == 1 and result.stderr.strip() == "error: --parallel 257: expected 1..256"
+
+
 def test_missing_model_is_one_line(dsv4, tmp_path: Path) -> None:
     """No "starting llama-server" line before a refusal of the model."""
     from dsv4cli.engine.build import build_engine

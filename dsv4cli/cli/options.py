@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, max_threads
+from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, MAX_SEQ, max_threads
 from dsv4cli.errors import UsageError
 from dsv4cli.kvcache import KV_TYPES
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
@@ -114,6 +114,12 @@ CtxOpt = Annotated[
     int | None,
     typer.Option(
         "--ctx", callback=_whole("--ctx", 64, MAX_CTX), help="Context length in tokens (default: 32768 or the model's)."
+    ),
+]
+ParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel", callback=_whole("--parallel", 1, MAX_SEQ), help="Request slots (default: llama-server's, 4)."
     ),
 ]
 UbatchOpt = Annotated[
