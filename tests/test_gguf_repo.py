@@ -137,6 +137,14 @@ def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, gguf_hub, isolated
     assert wrong.code == 1 and "no GGUF matches the tag 'Q5_K_M'" in wrong.stderr
 
 
+def test_a_tag_on_a_builtin_model_is_refused_as_plan_and_show_refuse_it(dsv4, isolated_env) -> None:
+    for command in ("pull", "plan", "show"):
+        result = dsv4(command, "tiny:Q4_K_M")
+        assert result.code == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "tiny: a tag picks a pre-quantized GGUF, and this model names no GGUF repo" in result.stderr
+    assert not (isolated_env / "models").exists()
+
+
 def test_gguf_of_another_architecture_is_one_line_at_pull_end(dsv4, tmp_path, monkeypatch) -> None:
     import gguf
 
