@@ -1,7 +1,8 @@
 """Small files written whole or not at all: a unique temporary name beside the target, then a rename.
 
-Used for plan files (`dsv4 plan -o`) and saved conversations (`/save`): a full disk or a kill mid-write leaves
-the previous file intact, and two writers at once never interleave (the last rename wins, complete).
+Used for plan files (`dsv4 plan -o`), saved conversations (`/save`), serve's run records and the machine cache
+(`machine.json`): a full disk or a kill mid-write leaves the previous file intact, and two writers at once never
+interleave (the last rename wins, complete).
 """
 
 from __future__ import annotations

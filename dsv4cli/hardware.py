@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dsv4cli.atomic import write_text_atomic
+
 GB = 1e9
 
 # Effective decode-time bandwidths (GB/s): roughly 80 % of the spec sheet for GPUs (docs/formats.md §Hardware figures).
@@ -133,16 +135,21 @@ def total_ram() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def _cpuinfo_field(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys` (None where there is none, e.g. macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.partition(":")[2].split())
-    return set()
+        if line.startswith(keys):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo_field("flags", "Features") or "").split())
 
 
 def cpu_threads() -> int:
@@ -213,13 +220,8 @@ def machine_id() -> str:
 
 def cpu_model() -> str:
     """The CPU's model name (e.g. "AMD EPYC 9B14"), part of the calibration cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo_field("model name", "Model", "Hardware")
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def read_machine_cache(folder: Path) -> dict[str, Any]:
@@ -237,10 +239,7 @@ def update_machine_cache(folder: Path, entries: dict[str, Any]) -> None:
     """Merge `entries` into `folder`/machine.json: a temporary name, then a rename, so no reader sees a torn file."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {**read_machine_cache(folder), **entries, "machine": machine_id(), "folder": str(folder)}
-    cache = folder / "machine.json"
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(cache)
+    write_text_atomic(folder / "machine.json", json.dumps(data, indent=2) + "\n")
 
 
 def measured_bandwidths(folder: Path, *, remeasure: bool = False) -> Bandwidths:

@@ -139,7 +139,9 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
     options = replace(options, tag=tag)
     spec = get_model(base)
     listing = None
-    if tag and spec.gguf_repos:  # a registry model's pre-quantized GGUF: the first of its repos with the tag
+    # A registry model's pre-quantized GGUF: the first of its repos with the tag (a built-in model has none, and
+    # find_on_hub says so in one line, as plan and show do)
+    if tag and (spec.gguf_repos or spec.builtin):
         spec, listing, _ = gguf_repo.find_on_hub(spec, tag, lambda s: _listing(s, options, s.local_dir))
     folder = (options.folder or spec.local_dir).expanduser().resolve()
     progress = progress or _Silent()

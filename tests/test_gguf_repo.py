@@ -137,6 +137,23 @@ def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, gguf_hub, isolated
     assert wrong.code == 1 and "no GGUF matches the tag 'Q5_K_M'" in wrong.stderr
 
 
+def test_a_tag_on_a_builtin_model_is_refused_as_plan_and_show_refuse_it(dsv4, isolated_env) -> None:
+    for command in ("pull", "plan", "show"):
+        result = dsv4(command, "tiny:Q4_K_M")
+        assert result.code == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "tiny: a tag picks a pre-quantized GGUF, and this model names no GGUF repo" in result.stderr
+    assert not (isolated_env / "models").exists()
+
+
+def test_unreachable_hub_before_download_is_not_called_a_partial_pull(dsv4, monkeypatch) -> None:
+    monkeypatch.setenv("DSV4_RETRY_BASE", "0.01")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    for command in ("plan", "show"):
+        result = dsv4(command, f"{REPO}:Q8_0")
+        assert result.code == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "nothing was downloaded" in result.stderr and "partial files are kept" not in result.stderr
+
+
 def test_gguf_of_another_architecture_is_one_line_at_pull_end(dsv4, tmp_path, monkeypatch) -> None:
     import gguf
 

@@ -223,6 +223,21 @@ def test_absurd_flags_are_refused_at_parse_time(dsv4, flags: list[str], message:
     assert res.code == 1 and res.stderr.startswith("error: ") and message in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mem", "inf"], "--mem inf"),
+        (["--mem", "nan"], "--mem nan"),
+        (["--mem", "-3"], "--mem -3"),
+        (["--threads", "100000"], f"logical CPUs; use 1..{max_threads()}"),
+    ],
+)
+def test_absurd_worker_flags_are_refused_at_parse_time(dsv4, flags: list[str], message: str) -> None:
+    res = dsv4("worker", "--port", "0", *flags)
+    assert res.code == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert message in res.stderr
+
+
 # -- chat templates ----------------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,30 @@ def test_non_loopback_host_needs_a_key(dsv4) -> None:
     assert "refusing to serve without an API key" in result.stderr and "--api-key" in result.stderr
 
 
+def test_key_file_must_be_a_file(dsv4, tmp_path: Path) -> None:
+    result = dsv4("serve", "tiny", "--host", "0.0.0.0", "--api-key-file", str(tmp_path))
+    assert result.code == 1
+    assert f"--api-key-file {tmp_path}: no such file (or not a regular file)" in result.stderr
+    assert "one per line" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_parallel_is_bounded_by_llama_cpp_sequences(dsv4) -> None:
+    result = dsv4("serve", "tiny", "--parallel", "257")  # LLAMA_MAX_SEQ is 256; more aborts llama-server
+    assert result.code == 1 and result.stderr.strip() == "error: --parallel 257: expected 1..256"
+
+
+def test_missing_model_is_one_line(dsv4, tmp_path: Path) -> None:
+    """No "starting llama-server" line before a refusal of the model."""
+    from dsv4cli.engine.build import build_engine
+
+    build_engine("cpu")
+    result = dsv4("serve", str(tmp_path / "absent.gguf"))
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: GGUF file not found: {tmp_path / 'absent.gguf'} (give a .gguf path or a model name from `dsv4 models`)"
+    ]
+
+
 @pytest.mark.parametrize("command", ["serve", "chat"])
 def test_placement_flags_are_checked_alike(dsv4, command: str, tmp_path: Path, isolated_env: Path) -> None:
     """chat and serve share the placement flags and their refusals (cli/options.placement), before any work."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, max_threads
+from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, MAX_SEQ, max_threads
 from dsv4cli.errors import UsageError
 from dsv4cli.kvcache import KV_TYPES
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
@@ -52,11 +52,11 @@ def in_range(flag: str, lo: float, hi: float, *, above: bool = False) -> Callabl
     return check
 
 
-def _threads(value: int | None) -> int | None:
+def check_threads(value: int | None) -> int | None:
     if value is not None and not 1 <= value <= max_threads():
         raise UsageError(
             f"--threads {value}: this machine has {os.cpu_count()} logical CPUs; use 1..{max_threads()}",
-            hint="leave it out to use the physical cores",
+            hint="leave it out for the command's default",
         )
     return value
 
@@ -108,12 +108,18 @@ RamOpt = Annotated[
     ),
 ]
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", callback=_threads, help="CPU threads (default: physical cores).")
+    int | None, typer.Option("--threads", callback=check_threads, help="CPU threads (default: physical cores).")
 ]
 CtxOpt = Annotated[
     int | None,
     typer.Option(
         "--ctx", callback=_whole("--ctx", 64, MAX_CTX), help="Context length in tokens (default: 32768 or the model's)."
+    ),
+]
+ParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel", callback=_whole("--parallel", 1, MAX_SEQ), help="Request slots (default: llama-server's, 4)."
     ),
 ]
 UbatchOpt = Annotated[

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
+from dsv4cli.cli.options import (
+    CpuOpt,
+    CtxOpt,
+    JsonOpt,
+    ModelArg,
+    ParallelOpt,
+    PlanFileOpt,
+    RamOpt,
+    RpcOpt,
+    VramOpt,
+    placement,
+)
 from dsv4cli.ui import note, out
 
 if TYPE_CHECKING:
@@ -53,9 +64,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--think/--no-think", help="Thinking by default (clients can override per request).")
         ] = False,
         mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="MTP drafting when the GGUF has the block.")] = True,
-        parallel: Annotated[
-            int | None, typer.Option("--parallel", min=1, help="Request slots (default: llama-server's, 4).")
-        ] = None,
+        parallel: ParallelOpt = None,
         plan: PlanFileOpt = None,
         vram: VramOpt = None,
         ram: RamOpt = None,
@@ -90,7 +99,6 @@ def register(app: typer.Typer) -> None:
         ref = resolve_model(model)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C: the server stops
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it (`&`)
-        note(f"starting llama-server {engine.version} ...")
         server = start_server(ref, where, opts, engine, note=note)
         try:
             if json_output:

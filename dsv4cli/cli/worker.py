@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import JsonOpt
+from dsv4cli.cli.options import MAX_GIB, JsonOpt, check_threads, in_range
 from dsv4cli.ui import err, out
 from dsv4cli.units import human_bytes
 
@@ -30,10 +30,16 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option(help="Address to listen on (loopback unless --allow-remote).")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 50052,
         mem: Annotated[
-            float | None, typer.Option("--mem", help="GiB this worker lends (default: what its device reports).")
+            float | None,
+            typer.Option(
+                "--mem",
+                callback=in_range("--mem", 0, MAX_GIB, above=True),
+                help="GiB this worker lends (default: what its device reports).",
+            ),
         ] = None,
         threads: Annotated[
-            int | None, typer.Option(min=1, help="CPU threads (default: llama.cpp's, half the cores).")
+            int | None,
+            typer.Option(callback=check_threads, help="CPU threads (default: llama.cpp's, half the cores)."),
         ] = None,
         allow_remote: Annotated[
             bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (no auth, no encryption).")

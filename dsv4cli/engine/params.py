@@ -27,6 +27,7 @@ HOST_BUFFER = "CPU"  # the only buffer type a tensor override may name: keep the
 MAX_CTX = 1 << 24  # tokens (DeepSeek V4 is trained for 1M)
 MAX_BATCH = 1 << 16
 MAX_GPUS = 16  # LLAMA_MAX_DEVICES
+MAX_SEQ = 256  # LLAMA_MAX_SEQ (src/llama-cparams.h): llama-server's --parallel slots at most
 MAX_GPU_LAYERS = (1 << 31) - 1  # a C int; anything past the layer count means "all"
 GGML_MAX_N_THREADS = 512  # ggml.h
 MAX_OVERRIDES = 256

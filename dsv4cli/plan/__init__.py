@@ -1,8 +1,10 @@
 """`dsv4 plan`: place every GGUF tensor on a GPU, in host RAM or memory-mapped from disk, and predict speed.
 
-Modules, by job: `source` (the tensor list: a GGUF's header or an estimate), `groups` (tensor classes, per-layer
-sums), `placement` (the tier steps), `speed` (the speed model), `make` (`make_plan`, the steps in order),
-`model` (the types; `Plan.load_params()` is what an engine loads with) and `schema` (the JSON form).
+Modules, by job: `source` (the tensor list: a GGUF's header or an estimate; `remote` reads a GGUF repo's headers
+over HTTP range requests, before download), `groups` (tensor classes, per-layer sums), `placement` (the tier
+steps), `machine` and `calibrate` (this machine's figures), `speed` (the speed model), `verdict` (the one-line
+answer and its hints), `make` (`make_plan`, the steps in order), `model` (the types; `Plan.load_params()` is what
+an engine loads with) and `schema` (the JSON form).
 
 Inputs are exact (a GGUF's tensor headers; all shards of a split file) or estimated (a registry name or checkpoint
 folder run through `quant.mapping.gguf_tensor_specs` for the chosen recipe, so nothing needs downloading).

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dsv4cli import gguf_repo, hub
-from dsv4cli.errors import PlanError
+from dsv4cli.errors import DownloadError, PlanError
 from dsv4cli.gguf_read import TOKENIZER_PREFIX, GgufHeader
 from dsv4cli.local import STATE_PREFIX
 from dsv4cli.plan.source import ModelSource, source_from_header
@@ -26,6 +28,17 @@ def _listing(spec: ModelSpec) -> hub.RepoListing:
     return listing
 
 
+@contextlib.contextmanager
+def _reading_only() -> Iterator[None]:
+    """A network failure while reading headers: the pull hint (partial files kept, resume) is not true here."""
+    try:
+        yield
+    except DownloadError as e:
+        if e.hint == hub.RESUME_HINT:
+            e.hint = "nothing was downloaded; check the network or HF_ENDPOINT and run the command again"
+        raise
+
+
 def _not_tokenizer(key: str) -> bool:
     return not key.startswith(TOKENIZER_PREFIX)  # the vocabulary is not planned (as gguf_read.read_header)
 
@@ -37,12 +50,13 @@ def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | Non
     `fetched_bytes` is what the headers cost.
     """
     budget = budget or FetchBudget()
-    repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
+    with _reading_only():
+        repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
     remotes = {f.path: f for f in listing.files}
     folder = repo_spec.local_dir
     fields: dict[str, Any] = {}
     tensors: list[Any] = []
-    with hub.open_client() as client:
+    with hub.open_client() as client, _reading_only():
         for path in paths:  # metadata in the first shard, tensors spread over all of them (as gguf_read)
             try:
                 shard = parse_header(HubByteSource(client, listing, remotes[path], budget), keep=_not_tokenizer)

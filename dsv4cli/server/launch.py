@@ -70,7 +70,10 @@ def check_access(opts: ServeOptions) -> None:
     if opts.api_key and opts.api_key_file:
         raise UsageError("give --api-key or --api-key-file, not both")
     if opts.api_key_file is not None and not opts.api_key_file.is_file():
-        raise UsageError(f"--api-key-file {opts.api_key_file}: no such file")
+        raise UsageError(
+            f"--api-key-file {opts.api_key_file}: no such file (or not a regular file)",
+            hint="pass a file holding the API keys, one per line, as llama-server's --api-key-file reads it",
+        )
     if not is_loopback(opts.host) and not (opts.api_key or opts.api_key_file):
         raise UsageError(
             f"--host {opts.host} is reachable from other machines; refusing to serve without an API key",
@@ -107,6 +110,7 @@ def start_server(
     port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
     check_port_free(opts.host, port)
     planned = plan_model(ref, placement, note=note)
+    note(f"starting llama-server {engine.version} ...")  # after the model's checks: a refusal stays one line
     alias = opts.alias or ref.text
     url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     url_host = f"[{url_host}]" if ":" in url_host else url_host

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from dsv4cli.atomic import write_text_atomic
 from dsv4cli.home import dsv4_home
 from quant.errors import CheckpointError
 from quant.files import load_json_object
@@ -34,9 +35,7 @@ def write_record(files: list[Path], *, url: str, model: str) -> Path:
     pid = os.getpid()
     record = {"pid": pid, "files": [str(Path(f).resolve()) for f in files], "url": url, "model": model}
     path = folder / f"serve-{pid}.json"
-    tmp = folder / f".serve-{pid}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path
 
 
