@@ -23,6 +23,7 @@ from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
 from dsv4cli.pull import PARTIAL_DIR
 from tests import test_pull
 from tests.hub_server import HubServer
+from tests.mounts import tmpfs
 from tests.test_pull import REPO, SHARD, assert_complete, file_requests, served_files
 
 EVIL = b'{"evil": true}\n'
@@ -235,19 +236,6 @@ def test_dry_run_of_an_existing_pull_changes_nothing(dsv4, hub, tmp_path, target
     before = snapshot(tmp_path)
     assert dsv4("pull", REPO, "--dir", str(target), "--dry-run").code == 0
     assert snapshot(tmp_path) == before
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, size: int):
-    """A tmpfs of `size` bytes at `mount`, or a skip where this machine cannot mount one (not root, no caps)."""
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'mount failed'})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from quant.gguf_out import temp_dir_for
+from tests.mounts import tmpfs
 
 
 @pytest.fixture
@@ -159,16 +160,9 @@ def test_bad_config(dsv4, ckpt: Path, tmp_path: Path, edit: Callable[[dict], obj
 
 
 def test_not_enough_disk(dsv4, ckpt: Path, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({mount.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path / "small", 1 << 20) as small:
         out = small / "o.gguf"
         assert_clean_failure(dsv4("quantize", str(ckpt), "-o", str(out)), out, "not enough free disk", str(small))
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def run_until_writing(python: str, source: Path, out: Path, *extra: str, at_least: int = 1 << 20) -> subprocess.Popen:

@@ -6,6 +6,7 @@ runs are quick and need no ggml.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from quant.errors import OutputError
 from quant.gguf_out import StreamingGGUF, temp_dir_for
 from quant.gguf_set import SET_ID_KEY, complete_split_set
 from quant.mapping import TensorSpec
+from tests.mounts import tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = QuantOptions(dense="bf16")
@@ -131,38 +133,24 @@ def test_mixed_split_set_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> No
 
 @pytest.mark.skipif(sys.platform == "win32", reason="tmpfs")
 def test_disk_full_mid_write_removes_everything(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path / "small", 4 << 20) as small:
         out = small / "o.gguf"
         with pytest.raises(OutputError, match="disk full") as err:
             quantize_checkpoint(tiny_checkpoint, out, OPTIONS)  # the library call skips the CLI's size check
         assert "removed" in str(err.value) and "kept" not in str(err.value)
         assert list(small.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_read_only_folder_is_one_line(dsv4, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    if os.geteuid() == 0:
+    with contextlib.ExitStack() as stack:
         folder = tmp_path / "ro"
-        folder.mkdir()
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-        if mount.returncode != 0:
-            pytest.skip("cannot mount a read-only tmpfs here")
-    else:
-        folder = tmp_path / "ro"
-        folder.mkdir(mode=0o555)
-    try:
+        if os.geteuid() == 0:  # root ignores permission bits: only a read-only mount stops its writes
+            stack.enter_context(tmpfs(folder, 1 << 20, read_only=True))
+        else:
+            folder.mkdir(mode=0o555)
         result = dsv4("quantize", str(tiny_checkpoint), "-o", str(folder / "o.gguf"), "--dense", "bf16")
         lines = result.stderr.strip().splitlines()
         assert result.code == 1 and len(lines) == 1 and "cannot write" in lines[0] and str(folder) in lines[0]
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_writer_rejects_out_of_order_and_short_tensors(tmp_path: Path) -> None:
