@@ -20,7 +20,7 @@ from pathlib import Path
 BARE_LOOP = """
 import json, sys, time
 from llama_cpp import Llama
-from dsv4cli.llama_lib import apply_to_llama_class
+from dsv4cli.system.llama_lib import apply_to_llama_class
 apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
 path, prompt, n, n_ctx, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
@@ -70,7 +70,7 @@ def decode_speed(gguf: Path, *, tokens: int, repeats: int, n_ctx: int, threads: 
 
 def second_turn_latency(gguf: Path, *, n_ctx: int, first_tokens: int = 1500) -> dict:
     """TTFT of turn 1 (~1,500 prompt tokens), of a short turn 2 on the same session, and of turn 2 from scratch."""
-    from dsv4cli.chat import ChatSession, prompt_renderer
+    from dsv4cli.chat.session import ChatSession, prompt_renderer
     from dsv4cli.engine import LoadParams, SampleOptions
     from dsv4cli.engine.inprocess import LlamaEngine
 
@@ -112,8 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args()
-    from dsv4cli.chat import resolve_gguf
-    from dsv4cli.hardware import cpu_threads
+    from dsv4cli.chat.session import resolve_gguf
+    from dsv4cli.system.hardware import cpu_threads
 
     gguf = args.gguf or resolve_gguf(None, note=lambda m: print(m, file=sys.stderr))
     decode = decode_speed(gguf, tokens=args.tokens, repeats=args.repeats, n_ctx=args.ctx, threads=cpu_threads())

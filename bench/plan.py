@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_models import REAL_CONFIG, make_gguf
+
 MIB = 2**20
 THREADS = 1  # one thread: on a shared 2-core box a second OpenMP thread mostly waits at barriers
 BUFFER_RE = {
@@ -36,36 +38,14 @@ BUFFER_RE = {
     "kv": re.compile(r"(?:KV buffer size|state buffer size) =\s*([\d.]+) MiB"),
     "compute": re.compile(r"CPU compute buffer size =\s*([\d.]+) MiB"),
 }
-# V4-Flash's real widths (docs/formats.md), 3 layers and 8 experts: ~0.5 GB, the memory and speed of one real layer.
-REAL_CONFIG = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 64,
-    "head_dim": 512,
-    "qk_rope_head_dim": 64,
-    "q_lora_rank": 1024,
-    "o_lora_rank": 1024,
-    "o_groups": 8,
-    "moe_intermediate_size": 2048,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 6,
-    "vocab_size": 512,
-    "index_n_heads": 64,
-    "index_head_dim": 128,
-    "index_topk": 512,
-    "sliding_window": 128,
-    "num_hash_layers": 1,
-    "max_position_embeddings": 65536,
-    "compress_ratios": [0, 4, 128, 0],
-}
 
 
 def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     """Load (and optionally decode) in this process; the parent reads stderr."""
     from llama_cpp import Llama
 
-    from dsv4cli.llama_lib import apply_to_llama_class
     from dsv4cli.plan.calibrate import decode_seconds
+    from dsv4cli.system.llama_lib import apply_to_llama_class
 
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
@@ -88,9 +68,9 @@ def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[s
 
 def calibrate() -> None:
     """Measure the machine terms once for this run (bandwidths and kernels, at the bench's thread count)."""
-    from dsv4cli.hardware import measured_bandwidths
     from dsv4cli.home import dsv4_home
     from dsv4cli.plan.calibrate import calibration
+    from dsv4cli.system.hardware import measured_bandwidths
 
     home = dsv4_home()
     bw = measured_bandwidths(home, remeasure=True)
@@ -126,23 +106,9 @@ def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int) -> dict[str, f
     return row
 
 
-def make_gguf(folder: Path, name: str, config: dict) -> Path:
-    """A generated checkpoint with `config`, converted with the default recipe (kept in `folder` once written)."""
-    from dsv4cli.registry import ModelSpec
-    from dsv4cli.tiny import write_tiny_checkpoint
-    from quant.convert import QuantOptions, quantize_checkpoint
-
-    out = folder / f"{name}.gguf"
-    if out.is_file():
-        return out
-    write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), folder / name)
-    quantize_checkpoint(folder / name, out, QuantOptions())
-    return out
-
-
 def bench_models(folder: Path, given: list[Path]) -> list[Path]:
     """The files to measure: those given, else the tiny model and the real-width one."""
-    from dsv4cli.registry import get_model
+    from dsv4cli.models.registry import get_model
 
     if given:
         return list(given)

@@ -29,7 +29,7 @@ REPO = "bench-org/loopback"
 DSV4_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from dsv4cli.pull import PullOptions, pull
+from dsv4cli.hub.pull import PullOptions, pull
 t = time.perf_counter()
 result = pull(sys.argv[1], PullOptions(folder=Path(sys.argv[2])))
 seconds = time.perf_counter() - t

@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint for another run")
     parser.add_argument("--repeat", type=int, default=3, help="measurements of each (medians are compared)")
     args = parser.parse_args()
-    from dsv4cli.registry import ModelSpec
-    from dsv4cli.tiny import write_tiny_checkpoint
+    from dsv4cli.models.registry import ModelSpec
+    from dsv4cli.models.tiny import write_tiny_checkpoint
 
     folder, out = args.dir / "bench-ckpt", args.dir / "bench.gguf"
     if not (folder / "config.json").is_file():

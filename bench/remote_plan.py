@@ -32,7 +32,7 @@ def write_headers(folder: Path) -> tuple[int, int]:
     """The shards' headers with sparse data; (header bytes, file bytes) over all shards."""
     import gguf
 
-    from dsv4cli.registry import get_model
+    from dsv4cli.models.registry import get_model
     from quant.mapping import gguf_metadata, gguf_tensor_specs
 
     config = get_model("deepseek-v4-flash").hf_config()
@@ -76,10 +76,10 @@ def main() -> None:
         os.environ["DSV4_HOME"] = str(Path(tmp) / "home")
         with HubServer(repo, REPO) as hub:
             os.environ["HF_ENDPOINT"] = hub.url
+            from dsv4cli.hub.remote_file import FetchBudget
+            from dsv4cli.models.registry import get_model
             from dsv4cli.plan import PlanInputs, make_plan
             from dsv4cli.plan.remote import remote_source
-            from dsv4cli.registry import get_model
-            from dsv4cli.remote_file import FetchBudget
 
             budget = FetchBudget()
             started = time.perf_counter()

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from dsv4cli import llama_lib
+    from dsv4cli.system import llama_lib
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-repack-") as tmp:

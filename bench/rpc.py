@@ -76,8 +76,8 @@ def complete(base_url: str, tokens: int) -> dict:
 
 def serve(engine, gguf: Path, plan, folder: Path, name: str, rpc: tuple[str, ...]):
     """llama-server with the plan's flags on the given workers, or with none (one process, same flags)."""
-    from dsv4cli.chat import Placement
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.chat.session import Placement
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
 
     data = plan.to_dict()
@@ -98,9 +98,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args()
 
-    from dsv4cli.chat import resolve_gguf
+    from dsv4cli.chat.session import resolve_gguf
     from dsv4cli.engine.build import find_engine
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan
     from dsv4cli.plan.source import read_gguf
     from dsv4cli.rpc.protocol import Endpoint

@@ -48,7 +48,7 @@ def api_decode(client, alias: str, tokens: int) -> dict:
 
 
 def chat_decode(engine, renderer, tokens: int) -> float:
-    from dsv4cli.chat import ChatSession
+    from dsv4cli.chat.session import ChatSession
     from dsv4cli.engine import SampleOptions
 
     engine.reset()
@@ -92,7 +92,7 @@ def growing_conversation(client, alias: str, turns: int, first_tokens: int = 150
 
 def serve(gguf: Path, placement, *, mtp: bool = True):
     from dsv4cli.engine.build import build_engine
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
 
     engine = build_engine("cpu").engine
@@ -103,8 +103,8 @@ def serve(gguf: Path, placement, *, mtp: bool = True):
 def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
     import openai
 
-    from dsv4cli.chat import Placement, open_chat
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.chat.session import Placement, open_chat
+    from dsv4cli.models.ref import resolve_model
 
     server = serve(gguf, Placement(ctx=args.ctx))
     try:
@@ -141,9 +141,9 @@ def bench_mtp(args: argparse.Namespace) -> None:
     """Drafting on vs off on `tiny` quantized with `--mtp`, placed with the plain tiny model's plan."""
     import openai
 
-    from dsv4cli.chat import Placement, resolve_gguf
+    from dsv4cli.chat.session import Placement, resolve_gguf
     from dsv4cli.home import models_dir
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from quant.convert import QuantOptions, quantize_checkpoint
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--mtp", action="store_true", help="also measure MTP drafting on a tiny GGUF with the block")
     args = parser.parse_args()
-    from dsv4cli.chat import resolve_gguf
+    from dsv4cli.chat.session import resolve_gguf
 
     gguf = args.gguf or resolve_gguf(None, note=lambda m: print(m, file=sys.stderr))
     bench_decode(gguf, args)

@@ -2,7 +2,7 @@
 every layer has plus those that depend on its compress ratio (src/llama-model.cpp, LLM_ARCH_DEEPSEEK4).
 
 `quant.mapping` writes this layout (a test checks that its plan for a V4 config yields exactly these names) and
-`dsv4cli.gguf_check` checks a GGUF against it before llama.cpp sees the file.
+`dsv4cli.gguf_io.check` checks a GGUF against it before llama.cpp sees the file.
 """
 
 from __future__ import annotations

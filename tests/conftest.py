@@ -65,8 +65,8 @@ def python() -> str:
 def _write_builtin_checkpoint(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """Write a built-in tiny checkpoint once per session; the registry is read with an empty home so a
     user's own models.toml cannot change the built-in entry."""
-    from dsv4cli.registry import get_model
-    from dsv4cli.tiny import write_tiny_checkpoint
+    from dsv4cli.models.registry import get_model
+    from dsv4cli.models.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp(f"{name}-checkpoint")
     with pytest.MonkeyPatch.context() as patch:

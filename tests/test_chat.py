@@ -37,7 +37,7 @@ def python_script(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 REFERENCE = """
 import json, sys
 from llama_cpp import Llama
-from dsv4cli.llama_lib import apply_to_llama_class
+from dsv4cli.system.llama_lib import apply_to_llama_class
 apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
 llm = Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
 prompt = sys.argv[2]
@@ -108,7 +108,7 @@ def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path
 TURNS = """
 import json, sys
 from pathlib import Path
-from dsv4cli.chat import ChatSession, prompt_renderer
+from dsv4cli.chat.session import ChatSession, prompt_renderer
 from dsv4cli.engine import LoadParams, SampleOptions
 from dsv4cli.engine.inprocess import LlamaEngine
 
@@ -226,8 +226,8 @@ def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None
 def test_vram_list_plans_two_gpus_and_a_cpu_build_refuses_it(dsv4, fake_tool, tiny_gguf: Path) -> None:
     """`--vram 24,24` (or two detected GPUs) is a two-GPU load with whole layer counts as tensor_split; on a
     CPU-only build chat stops with the fix instead of silently running that placement on the CPU."""
-    from dsv4cli import llama_lib
-    from dsv4cli.chat import Placement, load_params
+    from dsv4cli.chat.session import Placement, load_params
+    from dsv4cli.system import llama_lib
 
     fake_tool("nvidia-smi", "NVIDIA GeForce RTX 4090, 24564, 1024\nNVIDIA GeForce RTX 4090, 24564, 1024")
     for placement in (Placement(vram_gib=(24.0, 24.0)), Placement()):

@@ -12,7 +12,7 @@ import gguf
 import pytest
 
 from dsv4cli.errors import RuntimeLoadError
-from dsv4cli.gguf_check import check_gguf
+from dsv4cli.gguf_io.check import check_gguf
 
 A = "deepseek4."
 

@@ -62,8 +62,8 @@ def test_facts_match_proc_and_statvfs_and_bandwidth_is_cached(dsv4, isolated_env
 
 
 def test_gpus_and_the_cpu_only_build_problem(dsv4, isolated_env: Path, fake_tool) -> None:
-    from dsv4cli import llama_lib
-    from dsv4cli.hardware import machine_id
+    from dsv4cli.system import llama_lib
+    from dsv4cli.system.hardware import machine_id
 
     fake_tool("nvidia-smi", "NVIDIA GeForce RTX 4090, 24564, 1024\nNVIDIA RTX A6000, 49140, 0")
     isolated_env.mkdir(parents=True)  # bandwidths as if measured before: this test is about GPUs

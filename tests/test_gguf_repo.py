@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dsv4cli.errors import IntegrityError, UsageError
-from dsv4cli.gguf_repo import select_quant
+from dsv4cli.hub.gguf_repo import select_quant
 from tests.conftest import GGUF_REPO as REPO
 from tests.conftest import GGUF_TAG as TAG
 from tests.hub_server import published
@@ -82,9 +82,9 @@ def test_plan_before_download_reads_only_headers_and_equals_the_plan_on_disk(dsv
 
 def test_plan_stops_at_the_fetch_budget(gguf_hub) -> None:
     from dsv4cli.errors import PlanError
+    from dsv4cli.hub.remote_file import FetchBudget
+    from dsv4cli.models.registry import get_model
     from dsv4cli.plan.remote import remote_source
-    from dsv4cli.registry import get_model
-    from dsv4cli.remote_file import FetchBudget
 
     with pytest.raises(PlanError, match="would fetch more than 1000 bytes"):
         remote_source(get_model(REPO), TAG, budget=FetchBudget(limit=1000))
@@ -111,8 +111,8 @@ def test_pull_by_tag_then_chat_by_the_same_name(dsv4, gguf_hub, gguf_repo_dir, i
     assert run.returncode == 0, run.stderr
     assert "prompt tokens" in run.stderr
 
-    from dsv4cli.chat import Placement
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.chat.session import Placement
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.model import plan_model
 
     served = plan_model(resolve_model(f"{REPO}:{TAG.lower()}"), Placement(cpu=True), note=print)  # serve's resolver
@@ -128,8 +128,8 @@ def test_registry_gguf_repos_make_a_tag_of_a_model_name(dsv4, gguf_hub, isolated
     result = dsv4("pull", "tiny-hub:q8_0", "--json")
     assert result.code == 0, result.stderr
     assert [f["path"] for f in json.loads(result.stdout)["files"]] == ["tiny-Q8_0.gguf"]
-    from dsv4cli.gguf_repo import find_local
-    from dsv4cli.registry import get_model
+    from dsv4cli.hub.gguf_repo import find_local
+    from dsv4cli.models.registry import get_model
 
     found = find_local(get_model("tiny-hub"), "Q8_0")
     assert found == isolated_env / "models" / "test-org--tiny-GGUF" / "tiny-Q8_0.gguf"

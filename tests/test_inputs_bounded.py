@@ -14,11 +14,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from dsv4cli.chat import ChatSession, load_history
+from dsv4cli.chat.session import ChatSession, load_history
+from dsv4cli.chat.template_sandbox import TemplateFailure, TemplateSandbox
 from dsv4cli.engine.params import LoadParams, max_threads
 from dsv4cli.errors import UsageError
 from dsv4cli.plan.schema import load_plan_params
-from dsv4cli.template_sandbox import TemplateFailure, TemplateSandbox
 from quant.gguf_header import GgufHeaderError, parse_header, read_gguf_header
 from tests.test_input_fuzz import ARR, STR, Lie, encode, parse_tiny
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli import llama_lib
+from dsv4cli.system import llama_lib
 
 GENERATE = """
 import json, sys
@@ -75,7 +75,7 @@ def test_repack_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 TRIP_ASSERT = """
 import ctypes, sys
 from pathlib import Path
-from dsv4cli import llama_lib
+from dsv4cli.system import llama_lib
 
 llama_lib.install_abort_handler(Path(sys.argv[1]))
 ggml = llama_lib.ggml()
@@ -169,7 +169,7 @@ def test_llama_args_carry_the_repack_choice(dsv4, monkeypatch: pytest.MonkeyPatc
 LLAMA_CLASS = """
 import sys
 from llama_cpp import Llama
-from dsv4cli.llama_lib import apply_to_llama_class
+from dsv4cli.system.llama_lib import apply_to_llama_class
 apply_to_llama_class()
 apply_to_llama_class()  # idempotent
 llm = Llama(sys.argv[1], n_ctx=256, n_threads=2, verbose=True)

@@ -58,7 +58,7 @@ def test_list_shows_one_of_each_kind_with_recipe_and_size(dsv4, home, gguf_repo_
 
 
 def test_show_reports_classes_files_error_summary_and_source(dsv4, home, gguf_repo_dir) -> None:
-    from dsv4cli.gguf_read import read_header
+    from dsv4cli.gguf_io.read import read_header
 
     result = dsv4("show", TAGGED, "--json")
     assert result.code == 0, result.stderr
@@ -123,7 +123,7 @@ def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from dsv4cli import safe_paths\n"
+            "import sys; from pathlib import Path; from dsv4cli.hub import safe_paths\n"
             "with safe_paths.folder_lock(Path(sys.argv[1]), '.dsv4-pull.lock', what='pull', on_wait=print):\n"
             "    print('locked', flush=True); sys.stdin.readline()",
             str(folder),

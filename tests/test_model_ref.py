@@ -1,4 +1,4 @@
-"""MODEL resolved once (`dsv4cli.model_ref`), load parameters as a plan file and as llama.cpp flags, recipes
+"""MODEL resolved once (`dsv4cli.models.ref`), load parameters as a plan file and as llama.cpp flags, recipes
 checked at parse time, and the recipe recorded in a GGUF read back by plan and chat."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from dsv4cli.engine import LoadParams
 from dsv4cli.errors import UnknownModelError, UsageError
-from dsv4cli.model_ref import resolve_model
+from dsv4cli.models.ref import resolve_model
 from tests.test_chat_gguf_check import rewrite
 
 
@@ -90,7 +90,7 @@ def test_help_is_h_everywhere(dsv4) -> None:
 
 def test_plan_and_chat_read_the_recipe_from_the_header(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
     """A GGUF whose name claims the default recipe but whose header says q4_0 is not taken for the default."""
-    from dsv4cli.chat import resolve_gguf
+    from dsv4cli.chat.session import resolve_gguf
     from dsv4cli.home import gguf_dir
 
     folder = gguf_dir()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dsv4cli.errors import PlanError
-from dsv4cli.kvcache import ModelDims, kv_cache
+from dsv4cli.models.registry import get_model
 from dsv4cli.plan import GIB, ModelSource, PlanInputs, load_plan, make_plan
-from dsv4cli.registry import get_model
+from dsv4cli.plan.kvcache import ModelDims, kv_cache
 from quant.mapping import TensorSpec
 
 I8 = int(gguf.GGMLQuantizationType.I8)
@@ -293,7 +293,7 @@ def test_detects_gpus_with_nvidia_smi(dsv4, tmp_path: Path, monkeypatch: pytest.
 
 def test_attention_flops_bounded_only_with_flash_attention() -> None:
     """Without flash attention llama.cpp attends over every compressed cell; with it CSA layers read top-k only."""
-    from dsv4cli.kvcache import attention_flops
+    from dsv4cli.plan.kvcache import attention_flops
 
     dims = ModelDims.from_facts(get_model("deepseek-v4-flash").facts, arch="deepseek4")
     short, long = (kv_cache(dims, n_ctx=n, n_ubatch=512) for n in (2**14, 2**16))
@@ -333,7 +333,7 @@ def test_two_detected_gpus_both_carry_layers(dsv4, fake_tool) -> None:
 def test_mtp_gguf_places_the_main_model_and_skips_the_block(tiny_gguf: Path, mtp_gguf: Path) -> None:
     """`dsv4 quantize --mtp` adds the MTP block as layer n_layer (block_count counts it); planning used to index
     past the main layers. The plan must be the plain model's plus that whole layer skipped."""
-    from dsv4cli.gguf_check import check_gguf
+    from dsv4cli.gguf_io.check import check_gguf
 
     plain_info, mtp_info = check_gguf(tiny_gguf), check_gguf(mtp_gguf)
     n_layer = plain_info.block_count

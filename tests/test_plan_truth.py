@@ -11,11 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dsv4cli import hardware
 from dsv4cli.errors import PlanError
 from dsv4cli.plan import GIB, PlanInputs, check_plan_model, load_plan, make_plan
 from dsv4cli.plan.calibrate import cache_key, solve
 from dsv4cli.plan.verdict import recipe_bytes
+from dsv4cli.system import hardware
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 
@@ -166,8 +166,8 @@ def test_calibration_solve_recovers_the_terms() -> None:
 
 def test_serve_refuses_a_plan_for_another_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
     """`dsv4 serve --plan` places the model through the same check as chat (`server.model.plan_model`)."""
-    from dsv4cli.chat import Placement
-    from dsv4cli.model_ref import ModelRef
+    from dsv4cli.chat.session import Placement
+    from dsv4cli.models.ref import ModelRef
     from dsv4cli.server.model import plan_model
 
     flash = tmp_path / "flash.json"

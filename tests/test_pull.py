@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
-from dsv4cli.pull import PARTIAL_DIR
+from dsv4cli.hub.pull import PARTIAL_DIR
+from dsv4cli.models.local import LOCK_NAME, MANIFEST_NAME
 from tests.hub_server import HubServer, published
 
 REPO = "test-org/tiny"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.local import LOCK_NAME, MANIFEST_NAME
-from dsv4cli.pull import PARTIAL_DIR
+from dsv4cli.hub.pull import PARTIAL_DIR
+from dsv4cli.models.local import LOCK_NAME, MANIFEST_NAME
 from tests import test_pull
 from tests.hub_server import HubServer
 from tests.mounts import tmpfs
@@ -371,7 +371,7 @@ def test_hostile_redirects_are_one_line(dsv4, hub, tmp_path, target, location):
 
 
 def test_ordinary_repo_names_are_accepted():
-    from dsv4cli.safe_paths import listing_problem
+    from dsv4cli.hub.safe_paths import listing_problem
 
     names = [
         ".gitattributes",

@@ -33,7 +33,7 @@ LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from llama_cpp import Llama
-    from dsv4cli.llama_lib import apply_to_llama_class
+    from dsv4cli.system.llama_lib import apply_to_llama_class
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
     llm = Llama(sys.argv[1], n_ctx=256, verbose=False, seed=1)
     plain = llm.create_completion("The quick brown fox", max_tokens=8, temperature=0)

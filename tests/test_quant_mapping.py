@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from dsv4cli.registry import get_model
+from dsv4cli.models.registry import get_model
 from quant.errors import CheckpointError, UnsupportedError
 from quant.mapping import gguf_metadata, gguf_name, gguf_tensor_specs
 

@@ -174,8 +174,8 @@ def test_writer_rejects_out_of_order_and_short_tensors(tmp_path: Path) -> None:
 
 def test_experts_falling_back_to_a_type_without_search(dsv4, tmp_path: Path) -> None:
     """Expert rows that fit no Q4_K block (192 wide) fall back to Q8_0, which has no per-expert search."""
-    from dsv4cli.registry import ModelSpec, get_model
-    from dsv4cli.tiny import write_tiny_checkpoint
+    from dsv4cli.models.registry import ModelSpec, get_model
+    from dsv4cli.models.tiny import write_tiny_checkpoint
 
     config = {**get_model("tiny-base").config, "moe_intermediate_size": 192}
     folder = tmp_path / "odd"

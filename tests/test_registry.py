@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dsv4cli.errors import RegistryError, UnknownModelError
-from dsv4cli.local import MANIFEST_NAME
-from dsv4cli.registry import get_model, load_registry
+from dsv4cli.models.local import MANIFEST_NAME
+from dsv4cli.models.registry import get_model, load_registry
 
 EXPECTED_NAMES = {
     "deepseek-v4-flash",

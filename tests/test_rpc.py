@@ -18,7 +18,7 @@ import pytest
 
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
-from dsv4cli.model_ref import resolve_model
+from dsv4cli.models.ref import resolve_model
 from dsv4cli.rpc.protocol import (
     ALLOC_REPLY,
     ALLOC_REQUEST,
@@ -80,7 +80,7 @@ def _plan(tiny_gguf: Path, *workers, margin: float = 0.0):
 def _budget(tiny_gguf: Path) -> float:
     """GiB for a worker's compute buffer (the CPU one plus a micro-batch of logits), KV and 60% of the tiny model's
     weights: over half of it, so two workers hold it all and one alone does not."""
-    from dsv4cli.kvcache import compute_buffer_bytes, kv_cache
+    from dsv4cli.plan.kvcache import compute_buffer_bytes, kv_cache
     from dsv4cli.plan.source import read_gguf
 
     source = read_gguf(tiny_gguf)
@@ -202,7 +202,7 @@ def test_plan_places_layers_on_both_workers(start_worker, tiny_gguf: Path) -> No
 
 
 def test_chat_refuses_an_rpc_placement(tiny_gguf: Path) -> None:
-    from dsv4cli import llama_lib
+    from dsv4cli.system import llama_lib
 
     with pytest.raises(RuntimeLoadError, match="RPC workers") as e:
         llama_lib.prepare_load(tiny_gguf, n_gpu_layers=5, rpc=("127.0.0.1:50052",))
@@ -220,7 +220,7 @@ def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False
     """llama-server with the plan's flags; `local`: the same flags without the workers (one process)."""
     from dataclasses import replace
 
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
 
     data = plan.to_dict()
@@ -239,7 +239,7 @@ def _complete(server, n: int = 24, stream: bool = False):
 
 
 def test_serve_names_an_unreachable_worker_before_starting(engine, tiny_gguf: Path, tmp_path: Path) -> None:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
     from dsv4cli.server.process import free_port
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.model_ref import resolve_model
+from dsv4cli.models.ref import resolve_model
 
 openai = pytest.importorskip("openai")
 
@@ -44,7 +44,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
 
     with pytest.MonkeyPatch.context() as patch:

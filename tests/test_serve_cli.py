@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dsv4cli.model_ref import resolve_model
+from dsv4cli.models.ref import resolve_model
 
 
 def test_non_loopback_host_needs_a_key(dsv4) -> None:
@@ -149,7 +149,7 @@ def test_server_that_fails_to_start_reports_its_log(dsv4, tiny_gguf: Path, tmp_p
 
 
 def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.engine.build import ServerBinary
     from dsv4cli.server.launch import ServeOptions, server_argv
     from dsv4cli.server.model import plan_model

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.model_ref import resolve_model
+from dsv4cli.models.ref import resolve_model
 
 openai = pytest.importorskip("openai")
 
@@ -25,7 +25,7 @@ def sibling_plan(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.engine.build import build_engine
     from dsv4cli.server.launch import ServeOptions, start_server
 
@@ -43,7 +43,7 @@ def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.Temp
 
 
 def test_nextn_block_is_detected(mtp_gguf: Path, tiny_gguf: Path, sibling_plan: Path) -> None:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.server.model import plan_model
 
     planned = plan_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
@@ -52,7 +52,7 @@ def test_nextn_block_is_detected(mtp_gguf: Path, tiny_gguf: Path, sibling_plan: 
 
 
 def test_no_mtp_flag_turns_drafting_off(mtp_gguf: Path, sibling_plan: Path) -> None:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.engine.build import ServerBinary
     from dsv4cli.server.launch import ServeOptions, server_argv
     from dsv4cli.server.model import plan_model

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsv4cli.registry import ModelSpec, get_model
-from dsv4cli.tiny import write_tiny_checkpoint
+from dsv4cli.models.registry import ModelSpec, get_model
+from dsv4cli.models.tiny import write_tiny_checkpoint
 from quant.codecs import bf16_to_f32, dequant_fp8_block, fp4_e2m1_to_f32
 from quant.safetensors import read_header
 

@@ -1,4 +1,4 @@
-"""`dsv4 chat`: parse options, open the model through dsv4cli.chat, and render the conversation."""
+"""`dsv4 chat`: parse options, open the model through dsv4cli.chat.session, and render the conversation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dsv4cli.errors import UsageError
 from dsv4cli.ui import err, note, out, print_json
 
 if TYPE_CHECKING:
-    from dsv4cli.chat import ChatSession, TurnResult
+    from dsv4cli.chat.session import ChatSession, TurnResult
 
 CHAT_EXAMPLES = """\b
 Examples:
@@ -31,7 +31,7 @@ class TerminalUI:
     def __init__(self, history_file: Path) -> None:
         import readline  # importing it gives input() line editing and history
 
-        from dsv4cli.chat import load_history
+        from dsv4cli.chat.session import load_history
 
         self._readline = readline
         self._history = history_file
@@ -46,7 +46,7 @@ class TerminalUI:
             sys.stdout.flush()
 
     def read_line(self) -> str:
-        from dsv4cli.chat import read_turn
+        from dsv4cli.chat.session import read_turn
 
         return read_turn(input)
 
@@ -55,7 +55,7 @@ class TerminalUI:
         out.file.flush()
 
     def end_answer(self, turn: TurnResult) -> None:
-        from dsv4cli.chat import format_stats
+        from dsv4cli.chat.session import format_stats
 
         out.print()
         if turn.interrupted:
@@ -66,7 +66,7 @@ class TerminalUI:
         note(message)
 
     def close(self) -> None:
-        from dsv4cli.chat import save_history
+        from dsv4cli.chat.session import save_history
 
         self._paste_mode(False)
         save_history(self._readline, self._history)
@@ -98,9 +98,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
-        from dsv4cli.chat import ChatSession, open_chat
+        from dsv4cli.chat.session import ChatSession, open_chat
         from dsv4cli.engine import SampleOptions
-        from dsv4cli.model_ref import resolve_model
+        from dsv4cli.models.ref import resolve_model
 
         if rpc:
             raise UsageError(
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
 def _read_stdin_prompt() -> str:
     """The piped prompt, at most MAX_PROMPT_BYTES (`cat /dev/zero | dsv4 chat` must not fill memory); bytes that are
     not UTF-8 become U+FFFD."""
-    from dsv4cli.template_sandbox import MAX_OUTPUT_CHARS
+    from dsv4cli.chat.template_sandbox import MAX_OUTPUT_CHARS
 
     data = sys.stdin.buffer.read(MAX_OUTPUT_CHARS + 1)
     if len(data) > MAX_OUTPUT_CHARS:
@@ -138,7 +138,7 @@ def _read_stdin_prompt() -> str:
 
 
 def _interactive(session: ChatSession, gguf: Path) -> None:
-    from dsv4cli.chat import run_repl
+    from dsv4cli.chat.session import run_repl
     from dsv4cli.home import dsv4_home
 
     ui = TerminalUI(dsv4_home() / "chat_history")
@@ -151,7 +151,7 @@ def _interactive(session: ChatSession, gguf: Path) -> None:
 
 def _one_shot(session: ChatSession, prompt: str, *, gguf: Path, as_json: bool) -> None:
     """Only the answer on stdout (reasoning and stats on stderr), or one JSON object with --json."""
-    from dsv4cli.chat import format_stats
+    from dsv4cli.chat.session import format_stats
 
     for kind, text in session.send(prompt):
         if not as_json:

@@ -11,7 +11,7 @@ from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 
 if TYPE_CHECKING:
-    from dsv4cli.doctor import Report
+    from dsv4cli.system.doctor import Report
 
 
 def doctor(
@@ -21,7 +21,7 @@ def doctor(
     json_output: JsonOpt = False,
 ) -> None:
     """Check the llama.cpp build, GPUs, CPU, RAM, disk and bandwidths; list problems with their fixes."""
-    from dsv4cli.doctor import diagnose
+    from dsv4cli.system.doctor import diagnose
 
     with err.status("checking this machine (measuring bandwidth takes a few seconds the first time)"):
         report = diagnose(remeasure=remeasure)

@@ -15,7 +15,7 @@ from dsv4cli.units import human_bytes
 
 def list_models(json_output: JsonOpt = False) -> None:
     """List every local model: pulled checkpoints and GGUF repos, converted GGUFs, unfinished downloads."""
-    from dsv4cli.inventory import list_local
+    from dsv4cli.models.inventory import list_local
 
     found = list_local()
     if json_output:
@@ -36,8 +36,8 @@ def list_models(json_output: JsonOpt = False) -> None:
 
 def show(model: ModelArg, json_output: JsonOpt = False) -> None:
     """Show a model: architecture, tensor types and bytes per class, files, expert error, chat template, source."""
-    from dsv4cli.model_ref import resolve_model
-    from dsv4cli.show import describe
+    from dsv4cli.models.ref import resolve_model
+    from dsv4cli.models.show import describe
 
     info = describe(resolve_model(model))
     if json_output:
@@ -77,8 +77,8 @@ def rm(
 ) -> None:
     """Remove a local model's files (asks first); refuses files outside the dsv4 home or held by `dsv4 serve`."""
     from dsv4cli.errors import UsageError
-    from dsv4cli.inventory import check_removable, find_local_model, remove
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.models.inventory import check_removable, find_local_model, remove
+    from dsv4cli.models.ref import resolve_model
 
     target = find_local_model(resolve_model(model))
     check_removable(target)

@@ -7,8 +7,8 @@ from rich import box
 from rich.table import Table
 
 from dsv4cli.cli.options import JsonOpt
-from dsv4cli.local import checkpoint_state, local_ggufs
-from dsv4cli.registry import load_registry
+from dsv4cli.models.local import checkpoint_state, local_ggufs
+from dsv4cli.models.registry import load_registry
 from dsv4cli.ui import out, print_json
 from dsv4cli.units import human_bytes
 

@@ -17,11 +17,11 @@ import typer
 
 from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, MAX_SEQ, max_threads
 from dsv4cli.errors import UsageError
-from dsv4cli.kvcache import KV_TYPES
+from dsv4cli.plan.kvcache import KV_TYPES
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 if TYPE_CHECKING:
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
 
 
 def _one_of(flag: str, allowed: Iterable[str]) -> Callable[[str | None], str | None]:
@@ -161,7 +161,7 @@ def placement(
     plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool, rpc: str | None = None
 ) -> Placement:
     """The placement flags of the commands that load a model (chat, serve), checked the same way for both."""
-    from dsv4cli.chat import Placement
+    from dsv4cli.chat.session import Placement
     from dsv4cli.rpc.protocol import parse_endpoints
 
     if plan and (vram is not None or ram is not None or ctx is not None):

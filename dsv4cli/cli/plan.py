@@ -27,7 +27,7 @@ from dsv4cli.cli.options import (
     gib_list,
     in_range,
 )
-from dsv4cli.kvcache import DEFAULT_KV_TYPE
+from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -81,7 +81,7 @@ def plan(
     json_output: JsonOpt = False,
 ) -> None:
     """Plan GPU / RAM / disk placement for a GGUF, a checkpoint folder or a registry name, with predicted speed."""
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from dsv4cli.rpc.protocol import parse_endpoints
 

@@ -13,7 +13,7 @@ from dsv4cli.ui import byte_progress, err, out, print_json
 from dsv4cli.units import human_bytes
 
 if TYPE_CHECKING:
-    from dsv4cli.pull import PullResult
+    from dsv4cli.hub.pull import PullResult
 
 PULL_EXAMPLES = """\b
 Examples:
@@ -76,8 +76,8 @@ def pull(
 ) -> None:
     """Download a model checkpoint or a GGUF repo's quant (`REPO:TAG`), checking every file's sha256."""
     from dsv4cli.errors import IntegrityError, UsageError
-    from dsv4cli.pull import PullOptions
-    from dsv4cli.pull import pull as run_pull
+    from dsv4cli.hub.pull import PullOptions
+    from dsv4cli.hub.pull import pull as run_pull
 
     if dry_run and verify:
         raise UsageError("--dry-run and --verify cannot be combined")

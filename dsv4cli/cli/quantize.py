@@ -40,9 +40,9 @@ def quantize(
     json_output: JsonOpt = False,
 ) -> None:
     """Convert an official DeepSeek V4 checkpoint into a deepseek4 GGUF in one streaming pass."""
-    from dsv4cli.model_ref import resolve_model
-    from dsv4cli.quantize import parse_size
-    from dsv4cli.quantize import quantize as run_quantize
+    from dsv4cli.models.quantize import parse_size
+    from dsv4cli.models.quantize import quantize as run_quantize
+    from dsv4cli.models.ref import resolve_model
     from quant.convert import QuantOptions
 
     options = QuantOptions(

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
         from dsv4cli.engine.build import find_engine
-        from dsv4cli.model_ref import resolve_model
+        from dsv4cli.models.ref import resolve_model
         from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError

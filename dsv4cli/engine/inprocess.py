@@ -1,6 +1,6 @@
 """The in-process engine: llama.cpp through llama-cpp-python, loading a deepseek4 GGUF with `LoadParams`.
 
-This and `dsv4cli.llama_lib` (what the build can do, process-wide settings) are the only modules that import
+This and `dsv4cli.system.llama_lib` (what the build can do, process-wide settings) are the only modules that import
 `llama_cpp`. This one uses the low-level C API rather than the `Llama` class, because that class cannot pass
 what a DeepSeek V4 chat needs (docs/formats.md §Running in llama.cpp): tensor buffer overrides that keep experts
 in host RAM (`tensor_buft_overrides`, declared `void *` in the bindings, filled here through ctypes) and context
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv4cli import llama_lib
 from dsv4cli.engine.base import SampleOptions, TurnStats, TurnStream
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
-from dsv4cli.kvcache import KV_TYPES
+from dsv4cli.plan.kvcache import KV_TYPES
+from dsv4cli.system import llama_lib
 
 
 class _LogSink:

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsv4cli import llama_lib
 from dsv4cli.errors import UsageError
-from dsv4cli.hardware import cpu_threads
-from dsv4cli.kvcache import DEFAULT_KV_TYPE, KV_TYPES
+from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE, KV_TYPES
 from dsv4cli.rpc.protocol import parse_endpoints
+from dsv4cli.system import llama_lib
+from dsv4cli.system.hardware import cpu_threads
 from quant.files import shown
 
 HOST_BUFFER = "CPU"  # the only buffer type a tensor override may name: keep the tensor in host RAM

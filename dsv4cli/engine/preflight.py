@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsv4cli.errors import RuntimeLoadError
-from dsv4cli.gguf_check import V41_HINT, V41_UNSUPPORTED, GgufInfo, check_gguf
+from dsv4cli.gguf_io.check import V41_HINT, V41_UNSUPPORTED, GgufInfo, check_gguf
 from quant.arch import V41
 
 

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv4cli import hardware
 from dsv4cli.errors import PlanError
+from dsv4cli.system import hardware
 
 CHUNKS = 10
 CHUNK_S = 0.05
@@ -75,7 +75,7 @@ class Calibration:
 
 def cache_key(*, experts: str, dense: str, threads: int) -> str:
     """CPU model and flags, llama.cpp build, recipe and threads: anything that changes the kernels' speed."""
-    from dsv4cli import llama_lib
+    from dsv4cli.system import llama_lib
 
     build = llama_lib.build_info()
     cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(hardware.cpu_flags()))}".encode()).hexdigest()[:16]
@@ -159,8 +159,8 @@ def solve(runs: list[tuple[float, int, float, float]]) -> tuple[float, float, fl
 
 def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> Path:
     """A generated calibration GGUF, written once under `folder`/calibration (a temp name, then renamed)."""
-    from dsv4cli.registry import ModelSpec, get_model
-    from dsv4cli.tiny import write_tiny_checkpoint
+    from dsv4cli.models.registry import ModelSpec, get_model
+    from dsv4cli.models.tiny import write_tiny_checkpoint
     from quant.convert import QuantOptions, quantize_checkpoint
 
     out = folder / "calibration" / f"{name}-{experts}-{dense}.gguf"
@@ -225,7 +225,7 @@ def child(path: str, threads: int) -> None:
     """The calibration child: load `path` and print its steady-state seconds per token."""
     from llama_cpp import Llama
 
-    from dsv4cli.llama_lib import apply_to_llama_class
+    from dsv4cli.system.llama_lib import apply_to_llama_class
 
     apply_to_llama_class()
     llm = Llama(path, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False, swa_full=False)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsv4cli import hardware
 from dsv4cli.errors import Dsv4Error
 from dsv4cli.home import dsv4_home
 from dsv4cli.plan.calibrate import Calibration, cache_key, calibration
 from dsv4cli.plan.model import PlanInputs
+from dsv4cli.system import hardware
 
 # Without a calibration: one core of a recent x86 CPU through llama.cpp's GEMV (GB/s of weights per thread) and
 # the per-layer graph cost (~170 nodes at ~1.6 µs each on one thread). Replaced by `dsv4 plan --calibrate`.

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsv4cli import hardware, llama_lib
 from dsv4cli.errors import PlanError, UsageError
-from dsv4cli.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
-from dsv4cli.model_ref import ModelRef
+from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import group_layers, layer_of, tensor_class
+from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
 from dsv4cli.plan.machine import Figure, assumptions, resolve_machine
 from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier, flash_attn
 from dsv4cli.plan.placement import (
@@ -23,6 +22,7 @@ from dsv4cli.plan.placement import (
 from dsv4cli.plan.source import ModelSource, load_source
 from dsv4cli.plan.speed import estimate_speed
 from dsv4cli.plan.verdict import disk_hints, verdict
+from dsv4cli.system import hardware, llama_lib
 from dsv4cli.units import GIB, gib
 from quant.arch import V41
 

@@ -5,13 +5,13 @@ See `dsv4cli.plan` for the rules; these are the steps `make_plan` runs in order.
 
 from __future__ import annotations
 
-from dsv4cli import hardware
 from dsv4cli.errors import UsageError
-from dsv4cli.kvcache import KV_TYPES, KvCache, ModelDims
 from dsv4cli.plan.groups import Layers, layer_of, tensor_class
+from dsv4cli.plan.kvcache import KV_TYPES, KvCache, ModelDims
 from dsv4cli.plan.model import PlanInputs, Tier
 from dsv4cli.plan.source import ModelSource
 from dsv4cli.rpc.protocol import probe
+from dsv4cli.system import hardware
 from dsv4cli.units import GIB
 
 

@@ -1,5 +1,5 @@
 """Plan a pre-quantized GGUF before downloading it: read only the headers of its shards over HTTP range requests
-(`dsv4cli.remote_file`) and place them exactly as the same files on disk would be.
+(`dsv4cli.hub.remote_file`) and place them exactly as the same files on disk would be.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dsv4cli import gguf_repo, hub
 from dsv4cli.errors import DownloadError, PlanError
-from dsv4cli.gguf_read import TOKENIZER_PREFIX, GgufHeader
-from dsv4cli.local import STATE_PREFIX
+from dsv4cli.gguf_io.read import TOKENIZER_PREFIX, GgufHeader
+from dsv4cli.hub import api as hub
+from dsv4cli.hub import gguf_repo
+from dsv4cli.hub.remote_file import FetchBudget, HubByteSource
+from dsv4cli.models.local import STATE_PREFIX
+from dsv4cli.models.registry import ModelSpec
 from dsv4cli.plan.source import ModelSource, source_from_header
-from dsv4cli.registry import ModelSpec
-from dsv4cli.remote_file import FetchBudget, HubByteSource
 from quant.errors import QuantError
 from quant.gguf_header import parse_header
 

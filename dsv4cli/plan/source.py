@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError, UsageError
-from dsv4cli.gguf_read import SOURCE_KEY, GgufHeader, check_facts, read_header
-from dsv4cli.kvcache import ModelDims
-from dsv4cli.local import default_gguf_path, find_gguf
-from dsv4cli.model_ref import ModelRef, resolve_model
+from dsv4cli.gguf_io.read import SOURCE_KEY, GgufHeader, check_facts, read_header
+from dsv4cli.models.local import default_gguf_path, find_gguf
+from dsv4cli.models.ref import ModelRef, resolve_model
+from dsv4cli.plan.kvcache import ModelDims
 from quant.arch import ARCHES
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def load_source(ref: ModelRef | str, inputs: PlanInputs) -> ModelSource:
         return estimate_from_config(config, name=ref.path.name, experts=inputs.experts, dense=inputs.dense)
     spec = ref.spec
     if ref.tag or (spec.repo and not spec.config and not spec.builtin):  # a pre-quantized GGUF: local, or its headers
-        from dsv4cli.gguf_repo import find_local
+        from dsv4cli.hub.gguf_repo import find_local
         from dsv4cli.plan.remote import remote_source
 
         local = find_local(spec, ref.tag)

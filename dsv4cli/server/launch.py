@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dsv4cli.chat import Placement
+from dsv4cli.chat.session import Placement
 from dsv4cli.engine.build import ServerBinary, tool_template
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
-from dsv4cli.model_ref import ModelRef
+from dsv4cli.models.ref import ModelRef
 from dsv4cli.server.model import PlannedModel, plan_model
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.server.records import remove_record, write_record

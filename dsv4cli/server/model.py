@@ -1,6 +1,6 @@
 """The one place `dsv4 serve` reaches into model resolution and planning, which it shares with `dsv4 chat`.
 
-Serve resolves, checks and places a model exactly as chat does (`dsv4cli.chat`), then hands llama-server the
+Serve resolves, checks and places a model exactly as chat does (`dsv4cli.chat.session`), then hands llama-server the
 same load parameters as command-line flags (`LoadParams.cli_args`).
 """
 
@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv4cli.chat import Placement, load_params, resolve_gguf
+from dsv4cli.chat.session import Placement, load_params, resolve_gguf
 from dsv4cli.engine.preflight import check_model_file
-from dsv4cli.model_ref import ModelRef
+from dsv4cli.models.ref import ModelRef
 from dsv4cli.rpc.health import check_workers, rpc_endpoints
 
 

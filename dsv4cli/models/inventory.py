@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsv4cli import gguf_repo, safe_paths
 from dsv4cli.errors import IntegrityError, UsageError
-from dsv4cli.gguf_read import read_recipe
+from dsv4cli.gguf_io.read import read_recipe
 from dsv4cli.home import dsv4_home, gguf_dir, models_dir
-from dsv4cli.local import LOCK_NAME
-from dsv4cli.model_ref import ModelRef
-from dsv4cli.pull import PARTIAL_DIR, forget_files, read_manifest
+from dsv4cli.hub import gguf_repo, safe_paths
+from dsv4cli.hub.pull import PARTIAL_DIR, forget_files, read_manifest
+from dsv4cli.models.local import LOCK_NAME
+from dsv4cli.models.ref import ModelRef
 from dsv4cli.server.records import running_servers
 
 REPORT_SUFFIX = ".report.json"  # `dsv4 quantize` writes FILE.gguf.report.json beside its output

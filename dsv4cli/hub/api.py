@@ -26,8 +26,8 @@ from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import build_hf_headers
 
-from dsv4cli import safe_paths
 from dsv4cli.errors import AuthError, DownloadError, IntegrityError, NotFoundOnHubError, UnsafePathError
+from dsv4cli.hub import safe_paths
 
 CHUNK = 8 << 20
 MAX_ATTEMPTS = 6
@@ -121,7 +121,7 @@ def list_repo(repo: str, revision: str) -> RepoListing:
 def check_listing(listing: RepoListing, *, reserved_prefix: str) -> None:
     """Refuse a listing that could write outside the target or that cannot be verified, before any write.
 
-    Every name must be a safe relative path (dsv4cli.safe_paths), the set must be creatable together and leave
+    Every name must be a safe relative path (dsv4cli.hub.safe_paths), the set must be creatable together and leave
     names starting with `reserved_prefix` to dsv4; every size must be a plausible byte count and every file
     must carry a digest to check the bytes against.
     """
@@ -246,7 +246,7 @@ class Transfer:
     listing: RepoListing
     remote: RemoteFile
     root: Path
-    part: str  # relative to root; opened through dsv4cli.safe_paths only
+    part: str  # relative to root; opened through dsv4cli.hub.safe_paths only
     on_bytes: Callable[[int], None]
     stop: threading.Event
 

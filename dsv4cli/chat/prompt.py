@@ -3,7 +3,7 @@
 llama-cpp-python's chat handler cannot pass a thinking flag and lacks the template's `from_json` filter
 (docs/formats.md §Chat format), so dsv4 renders `tokenizer.chat_template` itself with jinja2 and hands the text to
 the runtime. Thinking prompts end in `<｜Assistant｜><think>`; the template drops past reasoning from history.
-The template comes from the GGUF, so it is a stranger's code: it runs in `dsv4cli.template_sandbox`, bounded in
+The template comes from the GGUF, so it is a stranger's code: it runs in `dsv4cli.chat.template_sandbox`, bounded in
 time, memory and output length.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dsv4cli.chat.template_sandbox import TemplateFailure, TemplateSandbox
 from dsv4cli.errors import RuntimeLoadError
-from dsv4cli.template_sandbox import TemplateFailure, TemplateSandbox
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

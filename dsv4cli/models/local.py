@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsv4cli.gguf_read import read_recipe
+from dsv4cli.gguf_io.read import read_recipe
 from dsv4cli.home import gguf_dir
-from dsv4cli.registry import ModelSpec
+from dsv4cli.models.registry import ModelSpec
 
 STATE_PREFIX = ".dsv4-"  # every name dsv4 keeps in a checkpoint folder starts with this; no Hub file may
 MANIFEST_NAME = ".dsv4-pull.json"

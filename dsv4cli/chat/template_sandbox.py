@@ -3,7 +3,7 @@
 Jinja's sandbox stops a template from reaching Python internals but, as its documentation says, not from
 exhausting resources: `{{ 'x' * 10**10 }}`, `{{ 10**10**8 }}`, nested loops or unbounded macro recursion run as
 single C operations that no in-process watchdog can interrupt. So templates compile and render in a child
-(`python -m dsv4cli.template_sandbox`) started before llama.cpp loads: address space capped by RLIMIT_AS, each
+(`python -m dsv4cli.chat.template_sandbox`) started before llama.cpp loads: address space capped by RLIMIT_AS, each
 render given a wall-clock deadline after which the child is killed (and started again for the next render), the
 output capped in length. Requests and replies are JSON lines on the child's stdin/stdout.
 """
@@ -45,7 +45,7 @@ class TemplateSandbox:
 
     def _start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dsv4cli.template_sandbox"],
+            [sys.executable, "-m", "dsv4cli.chat.template_sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

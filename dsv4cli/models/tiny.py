@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dsv4cli.registry import ModelSpec
-from dsv4cli.tiny_tokenizer import tokenizer_files
+from dsv4cli.models.registry import ModelSpec
+from dsv4cli.models.tiny_tokenizer import tokenizer_files
 from quant.arch import V41
 from quant.codecs import f32_to_bf16, quantize_fp4_e2m1, quantize_fp8_block
 from quant.safetensors import DTYPES, write_safetensors

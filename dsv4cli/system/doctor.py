@@ -1,8 +1,8 @@
 """`dsv4 doctor`: what this machine and this install can do for DeepSeek V4, and what to fix first.
 
-Facts come from the loaded llama.cpp build (`dsv4cli.llama_lib`), the GPU tools (`dsv4cli.hardware`), the OS
-(psutil, statvfs, /proc/cpuinfo) and a short bandwidth measurement cached per machine. Each problem carries the
-command that fixes it.
+Facts come from the loaded llama.cpp build (`dsv4cli.system.llama_lib`), the GPU tools
+(`dsv4cli.system.hardware`), the OS (psutil, statvfs, /proc/cpuinfo) and a short bandwidth measurement cached per
+machine. Each problem carries the command that fixes it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsv4cli import hardware
 from dsv4cli.errors import Dsv4Error
 from dsv4cli.home import dsv4_home
+from dsv4cli.system import hardware
 
 GB = 1e9
 MIN_FREE_DISK = 50 * GB  # a quantized Flash model plus headroom; Pro needs far more, plan says how much
@@ -62,7 +62,7 @@ def diagnose(*, remeasure: bool = False, measure: bool = True) -> Report:
     """Collect the facts and the problems; `measure` takes the bandwidths (cached per machine unless `remeasure`)."""
     import psutil
 
-    from dsv4cli import llama_lib
+    from dsv4cli.system import llama_lib
 
     problems: list[Problem] = []
     try:

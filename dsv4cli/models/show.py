@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.model_ref import ModelRef
+from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
 
 TEMPLATE_KEY = "tokenizer.chat_template"
@@ -51,7 +51,7 @@ def _header_extras(path: Path) -> dict[str, Any]:
 def _pulled_from(path: Path) -> str | None:
     """The Hub repo a pulled file came from (its folder's manifest), None for other files."""
     from dsv4cli.home import models_dir
-    from dsv4cli.pull import read_manifest
+    from dsv4cli.hub.pull import read_manifest
 
     folder = next((p for p in path.parents if p.parent == models_dir()), None)
     return read_manifest(folder).get("repo") if folder else None

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from dsv4cli.errors import DiskSpaceError, UsageError
-from dsv4cli.local import checkpoint_state, default_gguf_path
-from dsv4cli.model_ref import ModelRef, resolve_model
+from dsv4cli.models.local import checkpoint_state, default_gguf_path
+from dsv4cli.models.ref import ModelRef, resolve_model
 from dsv4cli.units import human_bytes
 from quant.convert import Progress, QuantOptions, QuantReport, quantize_checkpoint
 from quant.errors import QuantError

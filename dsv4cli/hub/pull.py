@@ -1,9 +1,9 @@
 """`dsv4 pull`: get a checkpoint onto disk, complete and verified, resumable after any interruption.
 
 Hub models: list the repo (sizes, LFS sha256), decide per file what is left, check free disk, then download
-in parallel (dsv4cli.hub does the bytes). A file reaches its final path only after its hash matched; the
-manifest (dsv4cli.local.MANIFEST_NAME) is written only after every selected file did. Built-in models are
-written offline by dsv4cli.tiny and get the same manifest.
+in parallel (dsv4cli.hub.api does the bytes). A file reaches its final path only after its hash matched; the
+manifest (dsv4cli.models.local.MANIFEST_NAME) is written only after every selected file did. Built-in models are
+written offline by dsv4cli.models.tiny and get the same manifest.
 
 State on disk, per target folder (every name of ours starts with STATE_PREFIX, which no Hub file may use):
     <dir>/<file>                      verified files only
@@ -12,8 +12,8 @@ State on disk, per target folder (every name of ours starts with STATE_PREFIX, w
     <dir>/.dsv4-pull.json             the manifest: repo, commit, {path: {size, sha256}}
     <dir>/.dsv4-pull.lock             held (flock) by the one pull or verify writing the folder
 
-The listing is checked (dsv4cli.hub.check_listing) before anything is created, every file operation goes
-through dsv4cli.safe_paths (no symlink is followed below the folder), and a dry run writes nothing.
+The listing is checked (dsv4cli.hub.api.check_listing) before anything is created, every file operation goes
+through dsv4cli.hub.safe_paths (no symlink is followed below the folder), and a dry run writes nothing.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsv4cli import gguf_repo, hub, safe_paths
 from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UnsafePathError, UsageError
-from dsv4cli.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX, foreign_entries
-from dsv4cli.model_ref import split_tag
-from dsv4cli.registry import ModelSpec, get_model
+from dsv4cli.hub import api as hub
+from dsv4cli.hub import gguf_repo, safe_paths
+from dsv4cli.models.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX, foreign_entries
+from dsv4cli.models.ref import split_tag
+from dsv4cli.models.registry import ModelSpec, get_model
 from dsv4cli.units import human_bytes
 
 PARTIAL_DIR = ".dsv4-partial"
@@ -230,7 +231,7 @@ def _write_builtin(spec: ModelSpec, folder: Path) -> None:
     if read_manifest(folder).get("revision") == BUILTIN_REVISION:
         return
     _check_builtin_target(folder)
-    from dsv4cli.tiny import write_tiny_checkpoint
+    from dsv4cli.models.tiny import write_tiny_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     safe_paths.make_dirs(folder, PARTIAL_DIR)
@@ -313,7 +314,7 @@ def _check_ggufs(folder: Path, selected: list[hub.RemoteFile], spec: ModelSpec) 
     The files stay (they are exactly what the repo holds, and complete); the error says they cannot run.
     """
     from dsv4cli.errors import RuntimeLoadError
-    from dsv4cli.gguf_check import check_gguf
+    from dsv4cli.gguf_io.check import check_gguf
 
     for first in gguf_repo.first_shards(f.path for f in selected):
         try:

@@ -1,5 +1,5 @@
 """Read what a GGUF's header says without touching its data: the shards of a split file, the key/value fields and
-the tensor list. `dsv4 plan`, the chat preflight (`dsv4cli.gguf_check`) and the local model lookup all read GGUFs
+the tensor list. `dsv4 plan`, the chat preflight (`dsv4cli.gguf_io.check`) and the local model lookup all read GGUFs
 through here, and this reads them through the one bounded parser, `quant.gguf_header`.
 
 Split files follow llama.cpp's `gguf-split` naming (`NAME-00001-of-00003.gguf`, see `examples/gguf-split` in

@@ -9,7 +9,7 @@ The forms, in the order they are tried:
 * `org/name/file.gguf`: one GGUF in a Hub repo;
 * a registry name (`dsv4 models`) or a Hub repo id `org/name`, either with an optional `:TAG`
   (a quantization tag such as `:Q4_K_M`, as Ollama and llama.cpp's `-hf` spell it: it picks the files of a
-  pre-quantized GGUF repo, `dsv4cli.gguf_repo`).
+  pre-quantized GGUF repo, `dsv4cli.hub.gguf_repo`).
 
 Adding an input kind is one branch in `resolve_model` and one value of `ModelRef.kind`.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsv4cli.home import gguf_dir
-from dsv4cli.registry import ModelSpec, get_model
+from dsv4cli.models.registry import ModelSpec, get_model
 
 HUB_FILE_RE = re.compile(r"^([\w.-]+/[\w.-]+)/(.+\.gguf)$")
 TAG_RE = re.compile(r"^(.+?):([\w.-]+)$")

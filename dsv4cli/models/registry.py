@@ -16,7 +16,7 @@ from typing import Any
 
 from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
-from dsv4cli.safe_paths import name_problem
+from dsv4cli.hub.safe_paths import name_problem
 from quant.arch import ARCHES, HF_CLASS, V4, V41
 from quant.errors import CheckpointError
 from quant.files import read_bounded

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dsv4cli.chat.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
 from dsv4cli.engine import Engine, LoadParams, SampleOptions, TurnStats, stop
 from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
-from dsv4cli.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
 
 if TYPE_CHECKING:
-    from dsv4cli.gguf_check import GgufInfo
-    from dsv4cli.model_ref import ModelRef
+    from dsv4cli.gguf_io.check import GgufInfo
+    from dsv4cli.models.ref import ModelRef
     from dsv4cli.plan import PlanInputs
     from dsv4cli.rpc.protocol import Endpoint
 
@@ -346,9 +346,9 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
     recipe when there are several, told apart by their headers); the built-in tiny model when MODEL is None.
     """
     from dsv4cli.engine.preflight import require_runnable
-    from dsv4cli.gguf_repo import find_local
-    from dsv4cli.local import find_gguf, local_ggufs
-    from dsv4cli.model_ref import resolve_model
+    from dsv4cli.hub.gguf_repo import find_local
+    from dsv4cli.models.local import find_gguf, local_ggufs
+    from dsv4cli.models.ref import resolve_model
     from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
     if ref is None:
@@ -380,8 +380,8 @@ def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
 
 def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
     """Pull (write) and quantize a built-in test model on first use: it takes seconds and needs no network."""
-    from dsv4cli.pull import PullOptions, pull
-    from dsv4cli.quantize import quantize
+    from dsv4cli.hub.pull import PullOptions, pull
+    from dsv4cli.models.quantize import quantize
     from quant.convert import QuantOptions
 
     pull(ref.spec.name, PullOptions())
@@ -392,7 +392,7 @@ def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
 def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None] | None = None) -> LoadParams:
     """The load parameters from a plan file (checked; `note` hears of values adapted to this machine), or from a
     plan made now for the given budgets."""
-    from dsv4cli.model_ref import ModelRef
+    from dsv4cli.models.ref import ModelRef
     from dsv4cli.plan import make_plan
     from dsv4cli.plan.schema import load_plan_params
 

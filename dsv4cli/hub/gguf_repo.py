@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsv4cli.errors import IntegrityError, UsageError
-from dsv4cli.registry import ModelSpec, get_model
+from dsv4cli.models.registry import ModelSpec, get_model
 
 if TYPE_CHECKING:
-    from dsv4cli.hub import RepoListing
+    from dsv4cli.hub.api import RepoListing
 
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
 NOT_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
@@ -118,7 +118,7 @@ def find_local(spec: ModelSpec, tag: str | None) -> Path | None:
 
     Only files the pull manifest records (verified) count, so a half-finished download is never picked.
     """
-    from dsv4cli.pull import read_manifest
+    from dsv4cli.hub.pull import read_manifest
 
     for repo in gguf_repos(spec):
         folder = get_model(repo).local_dir

@@ -4,7 +4,7 @@ so a remote header is parsed by the same code as a local one.
 
 Each `read_at` is one HTTP range request (the parser asks for about a MiB at a time and buffers); every byte
 fetched counts against a `FetchBudget` shared by the shards of one plan, so a hostile header cannot make us
-download the file. URLs, auth and retries are those of `dsv4cli.hub`; a server that ignores the range (a 200
+download the file. URLs, auth and retries are those of `dsv4cli.hub.api`; a server that ignores the range (a 200
 with the whole file) is refused at once, before its body is read.
 """
 
@@ -17,8 +17,8 @@ import httpx2
 from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-from dsv4cli import hub
 from dsv4cli.errors import DownloadError, IntegrityError, PlanError
+from dsv4cli.hub import api as hub
 
 DEFAULT_BUDGET = 256 << 20  # far above any real header (a 129k-token vocabulary is a few MB)
 

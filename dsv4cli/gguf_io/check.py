@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import PlanError, RuntimeLoadError
-from dsv4cli.gguf_read import read_header
+from dsv4cli.gguf_io.read import read_header
 from quant.arch import V4, V41
 from quant.files import shown
 from quant.layout import model_tensors, nextn_tensors
@@ -47,7 +47,7 @@ class GgufInfo:
 
 
 def check_gguf(path: Path) -> GgufInfo:
-    """Read only the header of `path` (through the bounded reader, `dsv4cli.gguf_read`) and verify the deepseek4
+    """Read only the header of `path` (through the bounded reader, `dsv4cli.gguf_io.read`) and verify the deepseek4
     hard constraints.
 
     Raises:

@@ -219,7 +219,7 @@ def offload_warning(n_gpu_layers: int, source: str) -> str | None:
 def require_gpu_offload(n_gpu_layers: int) -> None:
     """Refuse a GPU placement that a CPU-only build would silently run on the CPU."""
     if n_gpu_layers > 0 and not gpu_offload():
-        from dsv4cli.hardware import detect_gpus
+        from dsv4cli.system.hardware import detect_gpus
 
         kind = gpu_kind(detect_gpus().source)
         raise RuntimeLoadError(

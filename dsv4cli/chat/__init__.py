@@ -1,0 +1,1 @@
+"""The conversation: the chat session and REPL, prompt rendering, the sandboxed chat template."""

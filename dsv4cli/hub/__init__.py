@@ -1,0 +1,1 @@
+"""Hugging Face Hub access: the API client, verified resumable pulls, GGUF repo tags, range reads, safe writes."""

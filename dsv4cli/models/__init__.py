@@ -1,0 +1,1 @@
+"""Which models exist and what is on disk: the registry, model references, local folders, list/show/rm, tiny models."""

@@ -1,0 +1,1 @@
+"""This machine and this install: hardware facts, the loaded llama.cpp library, `dsv4 doctor`."""
