@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
+from dsv4cli.engine.kvcache import ModelDims, kv_cache
 from dsv4cli.errors import PlanError
 from dsv4cli.models.registry import get_model
 from dsv4cli.plan import GIB, ModelSource, PlanInputs, load_plan, make_plan
-from dsv4cli.plan.kvcache import ModelDims, kv_cache
 from quant.mapping import TensorSpec
 
 I8 = int(gguf.GGMLQuantizationType.I8)
@@ -293,7 +293,7 @@ def test_detects_gpus_with_nvidia_smi(dsv4, tmp_path: Path, monkeypatch: pytest.
 
 def test_attention_flops_bounded_only_with_flash_attention() -> None:
     """Without flash attention llama.cpp attends over every compressed cell; with it CSA layers read top-k only."""
-    from dsv4cli.plan.kvcache import attention_flops
+    from dsv4cli.engine.kvcache import attention_flops
 
     dims = ModelDims.from_facts(get_model("deepseek-v4-flash").facts, arch="deepseek4")
     short, long = (kv_cache(dims, n_ctx=n, n_ubatch=512) for n in (2**14, 2**16))

@@ -80,7 +80,7 @@ def _plan(tiny_gguf: Path, *workers, margin: float = 0.0):
 def _budget(tiny_gguf: Path) -> float:
     """GiB for a worker's compute buffer (the CPU one plus a micro-batch of logits), KV and 60% of the tiny model's
     weights: over half of it, so two workers hold it all and one alone does not."""
-    from dsv4cli.plan.kvcache import compute_buffer_bytes, kv_cache
+    from dsv4cli.engine.kvcache import compute_buffer_bytes, kv_cache
     from dsv4cli.plan.source import read_gguf
 
     source = read_gguf(tiny_gguf)

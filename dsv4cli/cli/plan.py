@@ -27,7 +27,7 @@ from dsv4cli.cli.options import (
     gib_list,
     in_range,
 )
-from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE
+from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS

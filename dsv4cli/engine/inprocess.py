@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.engine.base import SampleOptions, TurnStats, TurnStream
+from dsv4cli.engine.kvcache import KV_TYPES
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.errors import RuntimeLoadError, UsageError
-from dsv4cli.plan.kvcache import KV_TYPES
 from dsv4cli.system import llama_lib
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, KV_TYPES
 from dsv4cli.errors import UsageError
-from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE, KV_TYPES
 from dsv4cli.rpc.protocol import parse_endpoints
 from dsv4cli.system import llama_lib
 from dsv4cli.system.hardware import cpu_threads

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
 from dsv4cli.errors import PlanError, UsageError
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import group_layers, layer_of, tensor_class
-from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
 from dsv4cli.plan.machine import Figure, assumptions, resolve_machine
 from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier, flash_attn
 from dsv4cli.plan.placement import (

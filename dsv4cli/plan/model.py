@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.plan.groups import tensor_class
-from dsv4cli.plan.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.plan.source import ModelSource
 from dsv4cli.rpc.protocol import Endpoint
 from dsv4cli.system import llama_lib

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsv4cli.engine.kvcache import ModelDims
 from dsv4cli.errors import PlanError, UsageError
 from dsv4cli.gguf_io.read import SOURCE_KEY, GgufHeader, check_facts, read_header
 from dsv4cli.models.local import default_gguf_path, find_gguf
 from dsv4cli.models.ref import ModelRef, resolve_model
-from dsv4cli.plan.kvcache import ModelDims
 from quant.arch import ARCHES
 
 if TYPE_CHECKING:

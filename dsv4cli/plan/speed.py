@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dsv4cli.engine.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
 from dsv4cli.plan.groups import tensor_class
-from dsv4cli.plan.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
 from dsv4cli.plan.machine import CPU_PREFILL_GFLOPS_PER_THREAD, GPU_TFLOPS, NODES_PER_LAYER, Machine
 from dsv4cli.plan.model import Plan, flash_attn
 
