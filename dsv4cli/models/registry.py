@@ -21,7 +21,7 @@ from quant.arch import ARCHES, HF_CLASS, V4, V41
 from quant.errors import CheckpointError
 from quant.files import read_bounded
 
-BUILTIN_REGISTRY = Path(__file__).resolve().parent.parent / "models.toml"
+BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "models.toml"
 
 EXPERT_DTYPES = ("fp4", "fp8")
 MAX_REGISTRY_BYTES = 1 << 20
