@@ -28,7 +28,7 @@ from quant.gguf_out import StreamingGGUF
 from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
 from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
-from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
+from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS, RECIPES
 from quant.safetensors import Checkpoint
 from quant.source import CHUNK_BYTES, SCALE_DTYPES, SourceTensors, fp4_scale_shape, fp8_block, scale_name
 from quant.tokenizer import load_vocab
@@ -193,7 +193,7 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     vocab = load_vocab(ckpt.folder, ckpt.config)
     source = SourceTensors(ckpt, facts)
     total = sum(source.nbytes(s) for p in plans for s in p.sources)
-    fp4_experts = facts["expert_dtype"] == "fp4" and options.experts == "mxfp4"
+    fp4_experts = facts["expert_dtype"] == "fp4" and RECIPES[options.experts].fp4_repack
     report = QuantReport(
         source=str(ckpt.folder),
         outputs=[],

@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from quant.quantizers import dequantize, ggml_quantize, quantize
+from quant.recipes import BY_TYPE
 
 T = GGMLQuantizationType
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float32)  # ggml's doubled e2m1 magnitudes
@@ -113,11 +114,12 @@ def _candidates(blocks: np.ndarray, ggml_type: int) -> Iterator[tuple[np.ndarray
 
 
 def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
-    """Quantize one expert's [out, in] float32 weights with the per-expert search described above."""
+    """Quantize one expert's [out, in] float32 weights the way its recipe says (`Recipe.expert_search`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if ggml_type == T.Q4_K:
-        return _search_q4_k(x)
-    if ggml_type not in (T.MXFP4, T.Q4_0):
+    search = BY_TYPE[ggml_type].expert_search if ggml_type in BY_TYPE else "plain"
+    if search == "imatrix":
+        return _search_imatrix(x, ggml_type)
+    if search != "scale":
         return _plain(x, ggml_type)
     blocks = x.reshape(-1, 32)
     candidates = _candidates(blocks, ggml_type)
@@ -145,12 +147,12 @@ def _plain(x: np.ndarray, ggml_type: int) -> ExpertResult:
     return ExpertResult(data=data.reshape(x.shape[0], -1), rms=rms, max_abs=max_abs, plain_rms=rms)
 
 
-def _search_q4_k(x: np.ndarray) -> ExpertResult:
-    """Q4_K: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
-    plain = ggml_quantize(x, T.Q4_K)
-    weighted = ggml_quantize(x, T.Q4_K, imatrix=np.mean(x * x, axis=0) + 1e-12)
-    plain_diff = dequantize(plain, T.Q4_K).reshape(x.shape) - x
-    weighted_diff = dequantize(weighted, T.Q4_K).reshape(x.shape) - x
+def _search_imatrix(x: np.ndarray, ggml_type: int) -> ExpertResult:
+    """K-quants: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
+    plain = ggml_quantize(x, ggml_type)
+    weighted = ggml_quantize(x, ggml_type, imatrix=np.mean(x * x, axis=0) + 1e-12)
+    plain_diff = dequantize(plain, ggml_type).reshape(x.shape) - x
+    weighted_diff = dequantize(weighted, ggml_type).reshape(x.shape) - x
     plain_sq = plain_diff**2
     plain_sse, weighted_sse = plain_sq.sum(axis=1), (weighted_diff**2).sum(axis=1)
     better = weighted_sse < plain_sse

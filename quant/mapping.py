@@ -19,12 +19,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from quant.arch import V41
 from quant.config import HC, facts_of
 from quant.errors import CheckpointError, UnsupportedError
-from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
+from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES, RECIPES, check_recipe, fallback_type
 
 T = GGMLQuantizationType
-# When a row is not a multiple of a type's block, the next type in the chain is used (only tiny models hit this).
-FALLBACK = {T.Q4_K: T.Q8_0, T.Q8_0: T.BF16, T.Q4_0: T.Q8_0, T.MXFP4: T.Q8_0}
-FTYPE = {T.MXFP4: 38, T.Q4_0: 2, T.Q4_K: 15}  # llama_ftype of the expert recipe (MXFP4_MOE, Q4_0, Q4_K_M)
 
 
 @dataclass(frozen=True)
@@ -57,11 +54,14 @@ def nbytes_of(ne: tuple[int, ...], ggml_type: int) -> int:
 
 
 def fit_type(wanted: int, row: int) -> int:
-    """`wanted`, or its fallback when `row` is not a multiple of its block size."""
-    t = T(wanted)
-    while GGML_QUANT_SIZES[t][0] > 1 and row % GGML_QUANT_SIZES[t][0]:
-        t = FALLBACK[t]
-    return int(t)
+    """`wanted`, or its fallback (`quant.recipes`) when `row` is not a multiple of its block size."""
+    t = int(wanted)
+    while GGML_QUANT_SIZES[T(t)][0] > 1 and row % GGML_QUANT_SIZES[T(t)][0]:
+        fallback = fallback_type(t)
+        if fallback is None:
+            raise UnsupportedError(f"{T(t).name} has no fallback for rows of {row} values")
+        t = fallback
+    return t
 
 
 # ---- checkpoint name -> GGUF name ---------------------------------------------------------------------------
@@ -189,10 +189,7 @@ class _Builder:
     """Collects TensorPlans; the checkpoint sources of each GGUF tensor come from NAME_TABLE, never written twice."""
 
     def __init__(self, facts: dict[str, Any], experts: str, dense: str) -> None:
-        if experts not in EXPERT_RECIPES:
-            raise UnsupportedError(f"--experts {experts!r}: choose one of {', '.join(EXPERT_RECIPES)}")
-        if dense not in DENSE_RECIPES:
-            raise UnsupportedError(f"--dense {dense!r}: choose one of {', '.join(DENSE_RECIPES)}")
+        check_recipe(experts, dense)
         self.facts, self.experts, self.dense = facts, EXPERT_RECIPES[experts], DENSE_RECIPES[dense]
         self.plans: list[TensorPlan] = []
         self.layer: int | None = None  # the block being built, and its checkpoint prefix ("layers.N." / "mtp.N.")
@@ -347,7 +344,7 @@ def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool =
     a = arch + "."
     kv: list[KeyValue] = [
         ("general.architecture", arch, V.STRING, None),
-        ("general.file_type", FTYPE[EXPERT_RECIPES[experts]], V.UINT32, None),
+        ("general.file_type", RECIPES[experts].ftype, V.UINT32, None),
         ("general.quantization_version", 2, V.UINT32, None),
         (a + "context_length", f["max_position_embeddings"], V.UINT32, None),
         (a + "embedding_length", f["hidden_size"], V.UINT32, None),

@@ -1,6 +1,7 @@
 """float32 rows -> ggml block bytes, using existing quantizers only (no block math is re-derived here).
 
-Block types go through ggml's own `ggml_quantize_chunk` in the libggml-base bundled with llama-cpp-python
+Which path a type takes is its `quantizer` in `quant.recipes`. Block types go through ggml's own
+`ggml_quantize_chunk` in the libggml-base bundled with llama-cpp-python
 (ctypes): for Q8_0/Q4_0/MXFP4 it writes the same bytes as the `gguf` package's numpy quantizers (the tests check
 this) but 4-10x faster, which keeps conversion near disk speed; K-quants exist only there. BF16 comes from the
 `gguf` package; F32 is a plain copy.
@@ -18,10 +19,9 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from quant.mapping import nbytes_of
+from quant.recipes import BY_TYPE
 
 T = GGMLQuantizationType
-NUMPY_TYPES = (T.BF16,)
-GGML_TYPES = (T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_K)
 
 
 @functools.cache
@@ -62,9 +62,10 @@ def quantize(x: np.ndarray, ggml_type: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if t == T.F32:
         return np.ascontiguousarray(x).view(np.uint8)
-    if t in NUMPY_TYPES:
+    quantizer = BY_TYPE[t].quantizer if t in BY_TYPE else None
+    if quantizer == "gguf":
         return gguf_quants.quantize(x, t)
-    if t in GGML_TYPES:
+    if quantizer == "ggml":
         return ggml_quantize(x.reshape(-1, x.shape[-1]), t).reshape(*x.shape[:-1], -1)
     raise ValueError(f"no quantizer for {t.name}")
 

@@ -16,6 +16,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_REPO = "test-org/tiny-GGUF"  # the tiny model published as a pre-quantized GGUF repo (gguf_repo_dir)
 GGUF_TAG = "UD-Q2_K_XL"
+# The test tiers (README, "Tests"): `make test-fast` deselects these, `make test` runs everything.
+MARKERS = {
+    "slow": "converts several GGUFs or loads models in llama.cpp subprocesses (seconds each)",
+    "fuzz": "hundreds of generated hostile inputs",
+    "server": "starts llama-server or rpc-server processes from the engine build",
+    "engine_build": "builds (or checks the cached build of) the llama.cpp engine",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, why in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
 
 
 @pytest.fixture(autouse=True)

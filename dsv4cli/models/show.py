@@ -12,6 +12,7 @@ from typing import Any
 
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
+from quant.recipes import type_name
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 DIMS = (
@@ -23,15 +24,6 @@ DIMS = (
     "vocab_size",
     "max_position_embeddings",
 )
-
-
-def _type_name(kind: int) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(kind).name
-    except ValueError:
-        return str(kind)
 
 
 def _header_extras(path: Path) -> dict[str, Any]:
@@ -68,7 +60,7 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         row = classes[tensor_class(t.name, src.dims.n_layer)]
         row["tensors"] += 1
         row["bytes"] += t.nbytes
-        row["types"][_type_name(t.ggml_type)] += t.nbytes
+        row["types"][type_name(t.ggml_type)] += t.nbytes
     local = src.kind == "gguf"
     extras = _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None}
     return {
