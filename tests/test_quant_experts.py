@@ -14,6 +14,7 @@ from quant.codecs import dequant_fp8_block
 from quant.convert import QuantOptions, QuantReport, quantize_checkpoint
 from quant.experts import quantize_expert
 from quant.quantizers import quantize
+from quant.recipes import EXPERT_RECIPES
 from quant.safetensors import Checkpoint
 
 MXFP4 = GGMLQuantizationType.MXFP4
@@ -63,7 +64,7 @@ def test_report_matches_gguf(base_gguf: tuple[Path, QuantReport]) -> None:
     assert report.worst(1)[0].rms == summary["rms_max"]
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, MXFP4])
+@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType(t) for t in EXPERT_RECIPES.values()])
 def test_quantize_expert_never_worse_than_plain(ggml_type: GGMLQuantizationType) -> None:
     x = np.random.default_rng(7).standard_normal((64, 256)).astype(np.float32) * 0.02
     result = quantize_expert(x, ggml_type)
