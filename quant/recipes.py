@@ -57,6 +57,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("q4_0", 2, 32, 18, (EXPERTS,), fallback="q8_0", expert_search="scale", ftype=2),
         Recipe("q4_k", 12, 256, 144, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=15),  # Q4_K_M
         Recipe("bf16", 30, 1, 2, (DENSE,), quantizer="gguf"),
+        Recipe("q6_k", 14, 256, 210, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=18),
     )
 }
 BY_TYPE: dict[int, Recipe] = {r.ggml_type: r for r in RECIPES.values()}
