@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from quant.errors import CheckpointError, QuantError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.files import PULL_HINT
+from quant.gguf_keys import DENSE_KEY, EXPERTS_KEY, NAME, SOURCE_KEY, SUMMARY_KEY
 from quant.gguf_out import StreamingGGUF
 from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
 from quant.outlock import output_lock, write_error
@@ -35,7 +36,6 @@ from quant.tokenizer import load_vocab
 
 T = GGMLQuantizationType
 WORKERS = 2
-SUMMARY_KEY = "dsv4.expert_error_summary"
 FP4_METHOD = "lossless FP4 repack"
 SUMMARY_WIDTH = 384  # fixed-width placeholder, patched in place once the experts are done
 Progress = Callable[[int, int], None]  # (source bytes done, source bytes total)
@@ -215,10 +215,10 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     placeholder = b"{" + b" " * (SUMMARY_WIDTH - 2) + b"}"
     kv = [
         *gguf_metadata(ckpt.config, experts=options.experts, mtp=options.mtp),
-        ("general.name", ckpt.folder.name, GGUFValueType.STRING, None),
-        ("dsv4.experts", options.experts, GGUFValueType.STRING, None),
-        ("dsv4.dense", options.dense, GGUFValueType.STRING, None),
-        ("dsv4.source", ckpt.folder.name, GGUFValueType.STRING, None),
+        (NAME, ckpt.folder.name, GGUFValueType.STRING, None),
+        (EXPERTS_KEY, options.experts, GGUFValueType.STRING, None),
+        (DENSE_KEY, options.dense, GGUFValueType.STRING, None),
+        (SOURCE_KEY, ckpt.folder.name, GGUFValueType.STRING, None),
         (SUMMARY_KEY, placeholder.decode(), GGUFValueType.STRING, None),
         *vocab.metadata(),
     ]

@@ -12,9 +12,9 @@ from typing import Any
 
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
+from quant.gguf_keys import CHAT_TEMPLATE, SUMMARY_KEY
 from quant.recipes import type_name
 
-TEMPLATE_KEY = "tokenizer.chat_template"
 DIMS = (
     "hidden_size",
     "num_hidden_layers",
@@ -28,16 +28,15 @@ DIMS = (
 
 def _header_extras(path: Path) -> dict[str, Any]:
     """The chat template's presence and the expert error summary, from a local first shard."""
-    from quant.convert import SUMMARY_KEY
     from quant.gguf_header import read_gguf_header
 
-    wanted = {TEMPLATE_KEY, SUMMARY_KEY}
+    wanted = {CHAT_TEMPLATE, SUMMARY_KEY}
     fields = read_gguf_header(path, keep=wanted.__contains__).fields
     try:
         summary = json.loads(str(fields[SUMMARY_KEY]).strip()) if SUMMARY_KEY in fields else None
     except ValueError:
         summary = None
-    return {"chat_template": TEMPLATE_KEY in fields, "expert_error_summary": summary}
+    return {"chat_template": CHAT_TEMPLATE in fields, "expert_error_summary": summary}
 
 
 def _pulled_from(path: Path) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from dsv4cli.models.registry import ModelSpec
 from dsv4cli.models.tiny_tokenizer import tokenizer_files
-from quant.arch import V41
+from quant.archs import deepseek41
 from quant.codecs import f32_to_bf16, quantize_fp4_e2m1, quantize_fp8_block
 from quant.safetensors import DTYPES, write_safetensors
 
@@ -208,7 +208,7 @@ def _shards(spec: ModelSpec) -> list[Tensors]:
     """Shard contents in release order: embed, one per layer, head/norm, MTP stages, then (V4.1) vision, Engram."""
     facts = {**spec.facts, "expert_dtype": spec.expert_dtype}
     s = _Shapes.of(facts)
-    v41 = spec.arch == V41
+    v41 = spec.arch == deepseek41.ARCH.name
     n_layers, ratios = facts["num_hidden_layers"], facts["compress_ratios"]
     shards: list[_Builder] = []
 

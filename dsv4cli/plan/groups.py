@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from quant.archs import ARCHS
+
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
 LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -18,7 +20,7 @@ CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("token_embd", re.compile(r"^token_embd\.")),
     ("output_head", re.compile(r"^output")),
     ("routed_experts", EXPERT_RE),
-    ("engram", re.compile(r"\.engram_embd\.")),
+    *((cls, re.compile(pattern)) for arch in ARCHS.values() for cls, pattern in arch.plan_classes),  # e.g. engram
     ("shared_expert", re.compile(r"_shexp\.")),
     ("router", re.compile(r"\.(ffn_gate_inp|exp_probs_b\w*|ffn_gate_tid2eid)\.")),
     ("hyper_connection", re.compile(r"\.hc_")),
@@ -37,6 +39,11 @@ def tensor_class(name: str, n_layer: int) -> str:
         if pattern.search(name):
             return cls
     return "attention"
+
+
+def class_pattern(cls: str) -> str:
+    """The regular expression of a tensor class (for llama.cpp's tensor overrides)."""
+    return next(pattern.pattern for name, pattern in CLASS_RULES if name == cls)
 
 
 def layer_of(name: str) -> int | None:
