@@ -55,7 +55,7 @@ def source_from_header(header: GgufHeader, name: str) -> ModelSource:
     if arch not in ARCHS:
         raise PlanError(
             f"{path}: architecture {arch!r} is not DeepSeek V4",
-            hint="dsv4 plans deepseek4 and deepseek41 GGUFs",
+            hint=f"dsv4 plans {' and '.join(ARCHS)} GGUFs",
         )
     # The keys the GGUF was written with (`quant.gguf_keys`), read back under their config.json names so a GGUF
     # and a config feed the same ModelDims.
