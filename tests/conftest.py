@@ -20,7 +20,7 @@ GGUF_TAG = "UD-Q2_K_XL"
 MARKERS = {
     "slow": "converts several GGUFs or loads models in llama.cpp subprocesses (seconds each)",
     "fuzz": "hundreds of generated hostile inputs",
-    "server": "starts llama-server or rpc-server processes from the engine build",
+    "server": "starts llama-server or rpc-server from the engine build (every test using the `engine` fixture)",
     "engine_build": "builds (or checks the cached build of) the llama.cpp engine",
 }
 
@@ -28,6 +28,13 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for name, why in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {why}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the engine build, however indirectly, is in the server tier."""
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(autouse=True)
@@ -124,6 +131,15 @@ def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) ->
     out = tmp_path_factory.mktemp("tiny-mtp") / "tiny-mtp.gguf"
     quantize_checkpoint(tiny_checkpoint, out, QuantOptions(mtp=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The CPU engine build (llama-server, rpc-server) from the engine cache: built once if missing (`make setup`
+    builds it; about 10 minutes on 2 cores), then shared by every test that starts a server."""
+    from dsv4cli.engine.build import build_engine
+
+    return build_engine("cpu").engine
 
 
 @pytest.fixture
