@@ -262,6 +262,7 @@ def test_ctrl_c_keeps_partial_files_and_a_rerun_resumes(dsv4, hub, repo_dir, tar
     assert_complete(target, repo_dir, hub)
 
 
+@pytest.mark.slow
 def test_builtin_model_is_written_offline_with_a_manifest(dsv4, tiny_checkpoint, monkeypatch, isolated_env):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail

@@ -31,6 +31,7 @@ def rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2)))
 
 
+@pytest.mark.slow
 def test_search_beats_plain_quantization_for_every_expert(
     base_gguf: tuple[Path, QuantReport], tiny_base_checkpoint: Path
 ) -> None:
@@ -53,6 +54,7 @@ def test_search_beats_plain_quantization_for_every_expert(
     print(f"median RMS reduction vs plain MXFP4: {np.median(gains):.2%} (min {min(gains):.2%})")
 
 
+@pytest.mark.slow
 def test_report_matches_gguf(base_gguf: tuple[Path, QuantReport]) -> None:
     out, report = base_gguf
     data = json.loads(out.with_name(out.name + ".report.json").read_text())
