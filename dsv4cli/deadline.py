@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from dsv4cli.errors import UsageError
+
+T = TypeVar("T")
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -44,3 +49,25 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return time.monotonic() >= self.end
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """`fn()` on a helper thread, waited for until the deadline: TimeoutError then, however `fn` is stuck
+        (a read that trickles in under every per-read timeout). `fn` should bound its own waits by `left()`, so
+        a thread given up on ends soon after; it is a daemon and never holds the process open."""
+        outcome: list[tuple[bool, object]] = []
+
+        def target() -> None:
+            try:
+                outcome.append((True, fn()))
+            except BaseException as e:
+                outcome.append((False, e))
+
+        worker = threading.Thread(target=target, daemon=True)
+        worker.start()
+        worker.join(max(self.end - time.monotonic(), 0))
+        if not outcome:
+            raise TimeoutError(f"deadline of {self.seconds:g} s passed")
+        ok, value = outcome[0]
+        if not ok:
+            raise value  # type: ignore[misc]
+        return value  # type: ignore[return-value]
