@@ -217,7 +217,7 @@ class _Relayed:
         elif cmd == Cmd.SET_TENSOR:
             if size < SET_HEADER:
                 raise Refused(f"SET_TENSOR of {size} bytes, shorter than its header")
-            header = recv_exact(self.client, SET_HEADER, deadline)
+            header = recv_exact(self.client, SET_HEADER, Deadline(self.idle_s))  # checked before the data is read
             offset = check_set_tensor(header, size - SET_HEADER, self.session)
             self._set_in_pieces(header, offset, size - SET_HEADER, deadline)
         elif cmd == Cmd.GRAPH_COMPUTE:
