@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -123,10 +124,13 @@ def worker(engine, tmp_path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _rss_mib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return 0
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) // 1024
+
+
+def _listening_ports(tcp_table: str) -> set[int]:
+    rows = [line.split() for line in Path(tcp_table).read_text().splitlines()[1:]]
+    return {int(row[1].split(":")[1], 16) for row in rows if row[3] == "0A"}
 
 
 class Client:
@@ -138,7 +142,7 @@ class Client:
         hello(self.sock, where)
 
     def alloc(self, size: int) -> tuple[int, int]:
-        ptr, got = ALLOC_REPLY.unpack(request(self.sock, Cmd.ALLOC_BUFFER, ALLOC_REQUEST.pack(0, size)))
+        ptr, _ = ALLOC_REPLY.unpack(request(self.sock, Cmd.ALLOC_BUFFER, ALLOC_REQUEST.pack(0, size)))
         base = U64.unpack(request(self.sock, Cmd.BUFFER_GET_BASE, U64.pack(ptr)))[0] if ptr else 0
         return ptr, base
 
@@ -167,12 +171,8 @@ def test_the_server_is_reachable_only_through_the_relay(worker) -> None:
     import os
 
     assert os.readlink(f"/proc/{worker.process.pid}/ns/net") != os.readlink("/proc/self/ns/net")
-    listening = {int(line.split()[1].split(":")[1], 16) for line in open("/proc/self/net/tcp").readlines()[1:]
-                 if line.split()[3] == "0A"}  # fmt: skip
-    inside = {int(line.split()[1].split(":")[1], 16)
-              for line in open(f"/proc/{worker.process.pid}/net/tcp").readlines()[1:] if line.split()[3] == "0A"}  # fmt: skip
-    assert worker.launcher.server.port in inside
-    assert parse_endpoints(worker.address)[0].port in listening  # the relay, here
+    assert worker.launcher.server.port in _listening_ports(f"/proc/{worker.process.pid}/net/tcp")
+    assert parse_endpoints(worker.address)[0].port in _listening_ports("/proc/self/net/tcp")  # the relay, here
     assert not worker.notes
 
 
@@ -204,18 +204,24 @@ def _graph(nodes: list[int], tensors: list[bytes]) -> bytes:
         "<I", len(tensors)) + b"".join(tensors)  # fmt: skip
 
 
+def _chain(p: int, b: int, n: int) -> bytes:
+    """A graph whose one node has a chain of n sources (each tensor the source of the next)."""
+    return _graph([n], [tensor(p, b, 1, op=1, src=(i - 1,) if i > 1 else (), tid=i) for i in range(1, n + 1)])
+
+
+NO_SRCS = bytes(10 * TENSOR.size)
 MALFORMED = {
-    "set-past-buffer-end": lambda p, b: (Cmd.SET_TENSOR, tensor(p, b + 4096 - 64, 1024) + b"\0" + U64.pack(0) + bytes(64)),
+    "set-past-buffer-end": lambda p, b: (Cmd.SET_TENSOR, tensor(p, b + 4032, 1024) + b"\0" + U64.pack(0) + bytes(64)),
     "set-past-tensor-end": lambda p, b: (Cmd.SET_TENSOR, tensor(p, b, 16) + b"\0" + U64.pack(60) + bytes(64)),
     "get-past-tensor-end": lambda p, b: (Cmd.GET_TENSOR, tensor(p, b, 16) + struct.pack("<QQ", 0, 4096)),
     "unknown-buffer": lambda p, b: (Cmd.GET_TENSOR, tensor(p + 8, b, 16) + struct.pack("<QQ", 0, 4)),
     "copy-past-end": lambda p, b: (Cmd.COPY_TENSOR, tensor(p, b, 1024) + tensor(p, b + 2048, 16)),
     "init-past-end": lambda p, b: (Cmd.INIT_TENSOR, tensor(p, b + 4000, 1024)),
-    "alloc-size-past-end": lambda p, b: (Cmd.GET_ALLOC_SIZE, struct.pack("<I", 0) + tensor(p, b, 1 << 20) + bytes(2960)),
+    "alloc-size-past-end": lambda p, b: (Cmd.GET_ALLOC_SIZE, struct.pack("<I", 0) + tensor(p, b, 1 << 20) + NO_SRCS),
     "null-graph-node": lambda p, b: (Cmd.GRAPH_COMPUTE, _graph([0], [tensor(p, b, 16)])),
     "graph-node-not-sent": lambda p, b: (Cmd.GRAPH_COMPUTE, _graph([7], [tensor(p, b, 16)])),
     "custom-op": lambda p, b: (Cmd.GRAPH_COMPUTE, _graph([1], [tensor(p, b, 16, op=95)])),
-    "deep-sources": lambda p, b: (Cmd.GRAPH_COMPUTE, _graph([5000], [tensor(p, b, 1, op=1, src=(i - 1,) if i > 1 else (), tid=i) for i in range(1, 5001)])),
+    "deep-sources": lambda p, b: (Cmd.GRAPH_COMPUTE, _chain(p, b, 5000)),
     "bad-device": lambda p, b: (Cmd.GET_DEVICE_MEMORY, struct.pack("<I", 7)),
     "hello-again": lambda p, b: (Cmd.HELLO, bytes(24)),
     "unknown-command": lambda p, b: (99, b""),
