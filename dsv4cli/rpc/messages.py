@@ -88,10 +88,24 @@ class Session:
         return self.buffers[ptr]
 
     def tensor(self, raw: bytes | memoryview, what: str, *, allocated: bool = True) -> tuple[int, int]:
-        """Check one rpc_tensor; (data, nbytes). `allocated`: it must lie in one of this client's buffers."""
-        t = np.frombuffer(raw, TENSOR_DTYPE, count=1)
-        self.tensors(t, what, allocated=allocated)
-        return int(t["data"][0]), int(nbytes(t)[0])
+        """Check one rpc_tensor as `tensors` does (in plain integers: one tensor per request is the common case,
+        and numpy's per-call cost would dominate); (data, nbytes)."""
+        f = TENSOR.unpack_from(raw)
+        ttype, buffer, ne, nb, op, data = f[1], f[2], f[3:7], f[7:11], f[11], f[-3]
+        if ttype not in TYPE_SIZES:
+            raise Refused(f"{what}: tensor of unknown ggml type {ttype}")
+        if op >= OP_COUNT or op in CUSTOM_OPS:
+            raise Refused(f"{what}: tensor with op {op} (unknown, or a custom op)")
+        size = _nbytes(ttype, ne, nb)
+        if buffer == 0:
+            if allocated or data:
+                raise Refused(f"{what}: tensor without a buffer" if allocated else f"{what}: data but no buffer")
+            return data, size
+        b = self.buffer(buffer, what)
+        if data < b.base or data + size > b.base + b.size:
+            name = f[-2].split(b"\0", 1)[0].decode(errors="replace")
+            raise Refused(f"{what}: tensor {name!r} lies outside its buffer")
+        return data, size
 
     def tensors(self, t: np.ndarray, what: str, *, allocated: bool = True) -> None:
         """Check rpc_tensors at once: known type and op, and (when `allocated`, or when they name a buffer) data that
@@ -131,6 +145,15 @@ def nbytes(t: np.ndarray) -> np.ndarray:
     first = np.where(unit, size + (ne[:, 0] - 1) * nb[:, 0], np.floor(ne[:, 0] * nb[:, 0] / np.maximum(block, 1)))
     total = first + ((ne[:, 1:] - 1) * nb[:, 1:]).sum(axis=1)
     return np.where((ne == 0).any(axis=1), 0.0, total)
+
+
+def _nbytes(ttype: int, ne: tuple[int, ...], nb: tuple[int, ...]) -> int:
+    """ggml_nbytes of one tensor, in integers."""
+    if 0 in ne:
+        return 0
+    block, size = TYPE_SIZES[ttype]
+    first = size + (ne[0] - 1) * nb[0] if block == 1 else ne[0] * nb[0] // block
+    return first + sum((ne[i] - 1) * nb[i] for i in range(1, 4))
 
 
 def _name(t: np.void) -> str:
@@ -199,7 +222,8 @@ def check_graph(payload: bytes, session: Session) -> None:
     if not np.isin(links[links != 0], ids).all():
         raise Refused("GRAPH_COMPUTE: a tensor's source is not among the message's tensors")
     session.tensors(tensors, "GRAPH_COMPUTE", allocated=False)  # a tensor of another device's buffer has none
-    _check_depth(nodes, tensors["id"], links)
+    if n_tensors > MAX_SOURCE_DEPTH:  # a chain cannot be longer than the tensors there are
+        _check_depth(nodes, tensors["id"], links)
 
 
 def _check_depth(nodes: np.ndarray, ids: np.ndarray, links: np.ndarray) -> None:
