@@ -49,6 +49,7 @@ INTS: dict[str, tuple[int, int]] = {
 FLOATS = ("routed_scaling_factor", "hc_eps", "rms_norm_eps", "rope_theta", "compress_rope_theta", "swiglu_limit")
 LAYER_LISTS = tuple(key for arch in ARCHS.values() for key in arch.layer_lists)  # lists of layer ids
 INT_LISTS = ("compress_ratios", *LAYER_LISTS)
+ROW_COUNTS = {key: layers for arch in ARCHS.values() for key, layers in arch.row_counts.items()}
 
 
 def _bad(key: str, what: str, value: Any) -> CheckpointError:
@@ -159,10 +160,11 @@ def _check_relations(facts: dict[str, Any], layers: int, n_all: int) -> None:
     for key in LAYER_LISTS:
         if any(i >= n_all for i in facts.get(key, [])):
             raise _bad(key, f"layer ids below {n_all}", facts[key])
-    if "engram_num_embeddings" in facts:
-        rows = _int_list("engram_num_embeddings", facts["engram_num_embeddings"], 1, 1 << 34, 256)
-        if len(rows) != len(facts["engram_layer_ids"]):
-            raise _bad("engram_num_embeddings", "one row count per engram layer", rows)
+    for key, layers_key in ROW_COUNTS.items():
+        if key in facts:
+            rows = _int_list(key, facts[key], 1, 1 << 34, 256)
+            if len(rows) != len(facts[layers_key]):
+                raise _bad(key, f"one row count per {layers_key.removesuffix('_layer_ids')} layer", rows)
     for key in ("bos_token_id", "eos_token_id"):
         if facts.get(key, 0) >= facts["vocab_size"]:
             raise _bad(key, f"below vocab_size ({facts['vocab_size']})", facts[key])

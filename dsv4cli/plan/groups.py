@@ -13,6 +13,8 @@ from typing import Any
 
 from quant.archs import ARCHS
 
+# The families' lookup-table classes (`quant.archs`: Engram tables), by name.
+LOOKUP_CLASSES = {c.name: c for arch in ARCHS.values() for c in arch.plan_classes}
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
 LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -20,7 +22,7 @@ CLASS_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("token_embd", re.compile(r"^token_embd\.")),
     ("output_head", re.compile(r"^output")),
     ("routed_experts", EXPERT_RE),
-    *((cls, re.compile(pattern)) for arch in ARCHS.values() for cls, pattern in arch.plan_classes),  # e.g. engram
+    *((c.name, re.compile(c.pattern)) for c in LOOKUP_CLASSES.values()),
     ("shared_expert", re.compile(r"_shexp\.")),
     ("router", re.compile(r"\.(ffn_gate_inp|exp_probs_b\w*|ffn_gate_tid2eid)\.")),
     ("hyper_connection", re.compile(r"\.hc_")),

@@ -41,18 +41,30 @@ class Row:
 
 
 @dataclass(frozen=True)
+class LookupClass:
+    """Tensors a family reads a few rows of per token (lookup tables such as Engram's): their plan class name, the
+    pattern of their GGUF names, and the rows one such tensor serves per token from the facts. Placement keeps them
+    off GPUs and fills RAM with them last; the speed model charges those rows (`dsv4cli.plan`)."""
+
+    name: str
+    pattern: str
+    rows_per_token: Callable[[dict[str, Any]], int]
+
+
+@dataclass(frozen=True)
 class Arch:
     """One model family.
 
     - `name`: GGUF `general.architecture`; `title`: how messages name it; `hf_class`, `model_type`: its config.json
       (`text_config`: the facts are nested there, as V4.1 ships them).
     - `required`: config.json keys the converter needs; `int_bounds`, `layer_lists`: its own integer keys with their
-      sane range and its lists of layer ids (`quant.config` checks both); `config_defaults`: registry facts with no
+      sane range, its lists of layer ids and `row_counts` (a list with one count per layer of a layer list;
+      `quant.config` checks all three); `config_defaults`: registry facts with no
       V4 default (`dsv4cli.models.registry`).
     - `root`, `block`: the tensor layout; `keys`: its own metadata rows after `quant.gguf_keys.ARCH_KEYS`.
-    - `plan_classes`: its own tensor classes for placement (`dsv4cli.plan.groups`); `kv_by_source_layers`: the
-      compressed and indexer caches live on the listed KV-/index-source layers (V4.1) instead of following each
-      layer's compress ratio (V4), see `dsv4cli.engine.kvcache`.
+    - `plan_classes`: its lookup-table tensor classes for placement and speed (`dsv4cli.plan.groups`).
+    - `kv_by_source_layers`: the compressed and indexer caches live on the listed KV-/index-source layers (V4.1)
+      instead of following each layer's compress ratio (V4), see `dsv4cli.engine.kvcache`.
     - `runs`: the installed llama.cpp loads it; else `refusal` says why, `refusal_hint` what to do instead, and
       `plan_warning` goes on its plans.
     """
@@ -69,7 +81,8 @@ class Arch:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     int_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
     layer_lists: tuple[str, ...] = ()
-    plan_classes: tuple[tuple[str, str], ...] = ()
+    row_counts: dict[str, str] = field(default_factory=dict)
+    plan_classes: tuple[LookupClass, ...] = ()
     kv_by_source_layers: bool = False
     runs: bool = True
     refusal: str = ""

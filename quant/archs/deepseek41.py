@@ -7,8 +7,10 @@ and KV cache are our best guess) and refuses to run it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from quant.archs import deepseek4 as v4
-from quant.archs.base import BF16, DENSE, F32, HC, Arch, Dims, Row
+from quant.archs.base import BF16, DENSE, F32, HC, Arch, Dims, LookupClass, Row
 from quant.gguf_keys import INT32_ARRAY, UINT32, Key
 
 REQUIRED = (
@@ -57,6 +59,11 @@ def engram(d: Dims) -> bool:
     return d.L in d.f["engram_layer_ids"]
 
 
+def engram_rows_per_token(facts: dict[str, Any]) -> int:
+    """Rows one Engram layer reads per token: one per head for each n-gram order 2..max (docs/formats.md §Engram)."""
+    return (int(facts.get("engram_max_ngram_size", 4)) - 1) * int(facts.get("engram_n_heads", 8))
+
+
 def _engram_rows(d: Dims) -> tuple[int, int]:
     """One table per Engram layer, `engram_num_embeddings` rows in the layer's order."""
     return (d.f["engram_head_dim"], d.f["engram_num_embeddings"][d.f["engram_layer_ids"].index(d.L)])
@@ -96,7 +103,8 @@ ARCH = Arch(
     config_defaults=CONFIG_DEFAULTS,
     int_bounds={"engram_max_ngram_size": (2, 64), "engram_n_heads": (1, 1 << 12), "engram_head_dim": (1, 1 << 13)},
     layer_lists=("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids"),
-    plan_classes=(("engram", r"\.engram_embd\."),),  # sparse lookups: host RAM or disk, never a GPU
+    row_counts={"engram_num_embeddings": "engram_layer_ids"},
+    plan_classes=(LookupClass("engram", r"\.engram_embd\.", engram_rows_per_token),),
     kv_by_source_layers=True,
     runs=False,
     refusal=(
