@@ -59,3 +59,32 @@ def test_engine_refuses_exactly_the_families_it_cannot_run(name: str) -> None:
     else:
         with pytest.raises(RuntimeLoadError, match=re.escape(arch.refusal)):
             require_runnable(name, "m")
+
+
+def test_a_new_family_is_one_registered_descriptor(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family that only exists as an `Arch` in the registry converts, plans with its warning and is refused
+    with its own message: nothing else names it."""
+    import dataclasses
+    import json
+    import shutil
+
+    from dsv4cli.plan import PlanInputs, make_plan
+    from quant.archs import deepseek4
+
+    family = dataclasses.replace(
+        deepseek4.ARCH, name="deepseek4x", title="DeepSeek V4-X", hf_class="DeepseekV4XForCausalLM", runs=False,
+        refusal="no engine runs it yet", refusal_hint="wait", plan_warning="deepseek4x: a best guess",
+    )  # fmt: skip
+    monkeypatch.setitem(ARCHS, family.name, family)
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "tiny-x")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": [family.hf_class]}))
+    report = quantize_checkpoint(folder, tmp_path / "x.gguf", QuantOptions())
+    assert report.arch == "deepseek4x"
+    assert GGUFReader(tmp_path / "x.gguf").fields["deepseek4x.block_count"].contents() == config["num_hidden_layers"]
+    plan = make_plan(str(tmp_path / "x.gguf"), PlanInputs(ram_gib=8, vram_gib=(), threads=1))
+    assert plan.source.dims.arch == "deepseek4x" and plan.warnings == ["deepseek4x: a best guess"]
+    with pytest.raises(RuntimeLoadError, match="m is a DeepSeek V4-X model: no engine runs it yet"):
+        require_runnable("deepseek4x", "m")
