@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
 
 from quant.errors import CheckpointError, QuantError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.files import PULL_HINT
-from quant.gguf_keys import DENSE_KEY, EXPERTS_KEY, NAME, SOURCE_KEY, SUMMARY_KEY
+from quant.gguf_keys import DENSE_KEY, DSV4_KEYS, EXPERTS_KEY, NAME, SOURCE_KEY, SUMMARY_KEY
 from quant.gguf_out import StreamingGGUF
-from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
+from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors, typed_kv
 from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS, RECIPES
@@ -215,11 +215,16 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     placeholder = b"{" + b" " * (SUMMARY_WIDTH - 2) + b"}"
     kv = [
         *gguf_metadata(ckpt.config, experts=options.experts, mtp=options.mtp),
-        (NAME, ckpt.folder.name, GGUFValueType.STRING, None),
-        (EXPERTS_KEY, options.experts, GGUFValueType.STRING, None),
-        (DENSE_KEY, options.dense, GGUFValueType.STRING, None),
-        (SOURCE_KEY, ckpt.folder.name, GGUFValueType.STRING, None),
-        (SUMMARY_KEY, placeholder.decode(), GGUFValueType.STRING, None),
+        *(
+            typed_kv(key, value, DSV4_KEYS[key])
+            for key, value in (
+                (NAME, ckpt.folder.name),
+                (EXPERTS_KEY, options.experts),
+                (DENSE_KEY, options.dense),
+                (SOURCE_KEY, ckpt.folder.name),
+                (SUMMARY_KEY, placeholder.decode()),
+            )
+        ),
         *vocab.metadata(),
     ]
     try:

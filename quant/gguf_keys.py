@@ -95,6 +95,7 @@ ARCHITECTURE = "general.architecture"
 FILE_TYPE = "general.file_type"
 QUANTIZATION_VERSION = "general.quantization_version"
 NAME = "general.name"
+ALIGNMENT = "general.alignment"
 CHAT_TEMPLATE = "tokenizer.chat_template"
 TOKENS = "tokenizer.ggml.tokens"
 BOS_TOKEN_ID = "tokenizer.ggml.bos_token_id"
@@ -107,7 +108,14 @@ DENSE_KEY = "dsv4.dense"
 SOURCE_KEY = "dsv4.source"
 SUMMARY_KEY = "dsv4.expert_error_summary"
 SET_ID_KEY = "dsv4.split.set_id"
-DSV4_KEYS = {EXPERTS_KEY: STRING, DENSE_KEY: STRING, SOURCE_KEY: STRING, SUMMARY_KEY: STRING, SET_ID_KEY: STRING}
+DSV4_KEYS = {  # what dsv4 writes into every GGUF besides the tensors, vocabulary and architecture keys
+    NAME: STRING,
+    EXPERTS_KEY: STRING,
+    DENSE_KEY: STRING,
+    SOURCE_KEY: STRING,
+    SUMMARY_KEY: STRING,
+    SET_ID_KEY: STRING,
+}
 RECIPE_KEYS = {"experts": EXPERTS_KEY, "dense": DENSE_KEY}  # recipe role -> key
 
 
