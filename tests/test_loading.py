@@ -103,3 +103,45 @@ def test_org_name_file_gguf_works_in_every_command(dsv4, gguf_hub, gguf_repo_dir
 def test_serve_does_not_import_the_repl() -> None:
     code = "import sys, dsv4cli.server.launch, dsv4cli.cli.serve; print('dsv4cli.chat.session' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_scoring_runs_the_engine_builds_perplexity_with_the_load_parameters(tiny_gguf: Path) -> None:
+    from dsv4cli.engine.scoring import TOOL, scoring_argv
+    from dsv4cli.toolchain.build import build_engine
+
+    binary = build_engine("cpu").engine.tool(TOOL)  # instant when cached (`make setup` builds it)
+    prepared = prepare_model(tiny_gguf, Placement(ctx=1024, cpu=True), note=lambda _: None)
+    argv = scoring_argv(prepared, ctx=256, extra=["-f", "text.txt"], engine_bin=binary.with_name("llama-server"))
+    assert Path(argv[0]) == binary and binary.is_file() and argv[-2:] == ["-f", "text.txt"]
+    expected = prepared.llama_args  # the load flags chat and serve use, with the chunk length and batch cut to it
+    for flag, value in (("-c", "256"), ("-b", "256"), ("-ub", "256")):
+        expected[expected.index(flag) + 1] = value
+    assert argv[1:-2] == expected and str(tiny_gguf) in argv
+
+
+def test_chat_runs_on_llama_server_through_the_same_repl(tiny_gguf: Path, isolated_env: Path) -> None:
+    """`dsv4 chat --engine server`: the same session and prompts on a llama-server child; greedy answers equal the
+    in-process engine's (one llama.cpp), and a follow-up turn reuses the server's prompt cache."""
+    from dsv4cli.chat.session import ChatSession
+    from dsv4cli.engine import SampleOptions
+    from dsv4cli.load.engines import open_engine
+    from dsv4cli.toolchain.build import build_engine
+
+    build_engine("cpu")  # instant when cached
+    prepared = prepare_model(tiny_gguf, Placement(ctx=1024, cpu=True), note=lambda _: None)
+    options = SampleOptions(max_tokens=8, temp=0.0, seed=1)
+    answers = {}
+    for name in ("inprocess", "server"):
+        engine = open_engine(name, prepared, note=lambda _: None)
+        try:
+            session = ChatSession(engine, prepared.renderer(), options=options)
+            first = "".join(text for _, text in session.send("Hello there"))
+            assert session.last.stats.generated_tokens > 0 and session.last.stats.stopped in ("eos", "length")
+            list(session.send("And again"))
+            answers[name] = (first.rstrip("\ufffd"), session.last.stats.reused_tokens)
+        finally:
+            engine.close()
+    # equal up to how each shows a UTF-8 sequence cut by --max-tokens (random weights emit byte tokens)
+    assert answers["server"][0] == answers["inprocess"][0]
+    assert answers["server"][1] > 0  # the second turn prefilled only its new tokens
+    assert not list((isolated_env / "run").glob("serve-*.json"))  # the server and its record are gone
