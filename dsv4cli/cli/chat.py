@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None,
             typer.Argument(
-                help="GGUF path, registry name, GGUF repo `org/name:TAG` or `org/name/file.gguf`; default: the built-in tiny test model."
+                help="GGUF path, registry name, GGUF repo `org/name:TAG` or `org/name/file.gguf`; "
+                "default: the built-in tiny test model."
             ),
         ] = None,
         prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,

@@ -91,7 +91,8 @@ def _check_gib_list(value: str | None) -> str | None:
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="Registry name (see `dsv4 models`), Hub repo id `org/name`, either with `:TAG`, `org/name/file.gguf`, or a path."
+        help="Registry name (see `dsv4 models`), Hub repo id `org/name`, either with `:TAG`, "
+        "`org/name/file.gguf`, or a path."
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
