@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from dsv4cli.load.placement import Placement
 from dsv4cli.load.prepared import prepare_model
 from dsv4cli.models.ref import RefKind, resolve_model
@@ -26,6 +28,14 @@ def _audit(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_audit)  # hooks cannot be removed: it records only inside `opens()`
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The CPU engine build from the engine cache (built if missing, as `make setup` does)."""
+    from dsv4cli.toolchain.build import build_engine
+
+    return build_engine("cpu").engine
 
 
 @contextmanager
@@ -105,11 +115,10 @@ def test_serve_does_not_import_the_repl() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_scoring_runs_the_engine_builds_perplexity_with_the_load_parameters(tiny_gguf: Path) -> None:
+def test_scoring_runs_the_engine_builds_perplexity_with_the_load_parameters(engine, tiny_gguf: Path) -> None:
     from dsv4cli.engine.scoring import TOOL, scoring_argv
-    from dsv4cli.toolchain.build import build_engine
 
-    binary = build_engine("cpu").engine.tool(TOOL)  # instant when cached (`make setup` builds it)
+    binary = engine.tool(TOOL)
     prepared = prepare_model(tiny_gguf, Placement(ctx=1024, cpu=True), note=lambda _: None)
     argv = scoring_argv(prepared, ctx=256, extra=["-f", "text.txt"], engine_bin=binary.with_name("llama-server"))
     assert Path(argv[0]) == binary and binary.is_file() and argv[-2:] == ["-f", "text.txt"]
@@ -119,28 +128,26 @@ def test_scoring_runs_the_engine_builds_perplexity_with_the_load_parameters(tiny
     assert argv[1:-2] == expected and str(tiny_gguf) in argv
 
 
-def test_chat_runs_on_llama_server_through_the_same_repl(tiny_gguf: Path, isolated_env: Path) -> None:
+def test_chat_runs_on_llama_server_through_the_same_repl(engine, tiny_gguf: Path, isolated_env: Path) -> None:
     """`dsv4 chat --engine server`: the same session and prompts on a llama-server child; greedy answers equal the
     in-process engine's (one llama.cpp), and a follow-up turn reuses the server's prompt cache."""
     from dsv4cli.chat.session import ChatSession
     from dsv4cli.engine import SampleOptions
     from dsv4cli.load.engines import open_engine
-    from dsv4cli.toolchain.build import build_engine
 
-    build_engine("cpu")  # instant when cached
     prepared = prepare_model(tiny_gguf, Placement(ctx=1024, cpu=True), note=lambda _: None)
     options = SampleOptions(max_tokens=8, temp=0.0, seed=1)
     answers = {}
     for name in ("inprocess", "server"):
-        engine = open_engine(name, prepared, note=lambda _: None)
+        runner = open_engine(name, prepared, engine_bin=engine.server, note=lambda _: None)
         try:
-            session = ChatSession(engine, prepared.renderer(), options=options)
+            session = ChatSession(runner, prepared.renderer(), options=options)
             first = "".join(text for _, text in session.send("Hello there"))
             assert session.last.stats.generated_tokens > 0 and session.last.stats.stopped in ("eos", "length")
             list(session.send("And again"))
             answers[name] = (first.rstrip("\ufffd"), session.last.stats.reused_tokens)
         finally:
-            engine.close()
+            runner.close()
     # equal up to how each shows a UTF-8 sequence cut by --max-tokens (random weights emit byte tokens)
     assert answers["server"][0] == answers["inprocess"][0]
     assert answers["server"][1] > 0  # the second turn prefilled only its new tokens
