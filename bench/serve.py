@@ -113,11 +113,11 @@ def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
         prepared = prepare_model(gguf, Placement(ctx=args.ctx), note=lambda m: None)
         engine = open_engine("inprocess", prepared, note=lambda m: None)
         api_decode(client, "bench", 16)  # warm-up both paths
-        chat_decode(engine, prepared.renderer(), 16)
+        chat_decode(engine, prepared.renderer, 16)
         api, chat = [], []
         for _ in range(args.repeats):
             api.append(api_decode(client, "bench", args.tokens)["tps"])
-            chat.append(chat_decode(engine, prepared.renderer(), args.tokens))
+            chat.append(chat_decode(engine, prepared.renderer, args.tokens))
         engine.close()
         ratio = statistics.median(api) / statistics.median(chat)
         print(

@@ -55,7 +55,7 @@ def test_a_load_reads_the_header_once(tiny_gguf: Path, tmp_path: Path, dsv4) -> 
     share one read of the header."""
     with opens(tiny_gguf) as seen:
         prepared = prepare_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
-        prepared.renderer()
+        assert prepared.renderer.render([{"role": "user", "content": "Hi"}], thinking=False).text
         assert prepared.llama_args[:2] == ["-m", str(tiny_gguf)]
     assert len(seen) == 1
 
@@ -141,7 +141,7 @@ def test_chat_runs_on_llama_server_through_the_same_repl(engine, tiny_gguf: Path
     for name in ("inprocess", "server"):
         runner = open_engine(name, prepared, engine_bin=engine.server, note=lambda _: None)
         try:
-            session = ChatSession(runner, prepared.renderer(), options=options)
+            session = ChatSession(runner, prepared.renderer, options=options)
             first = "".join(text for _, text in session.send("Hello there"))
             assert session.last.stats.generated_tokens > 0 and session.last.stats.stopped in ("eos", "length")
             list(session.send("And again"))

@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
         prepared = prepare_model(model and resolve_model(model), where, note=note)
-        renderer = prepared.renderer()  # a template that cannot render fails before the model loads
+        renderer = prepared.renderer  # a template that cannot render fails before the model loads
         runner = open_engine(engine, prepared, verbose=verbose, note=note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
         session = ChatSession(runner, renderer, system=system, thinking=think, options=options)

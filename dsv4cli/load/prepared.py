@@ -3,13 +3,14 @@
 MODEL resolves to a local GGUF (`resolve`), its header is read and checked once (`model_file`), and the
 placement becomes `LoadParams` (a plan file checked against that header, or a plan made now from it). Every
 engine starts from the `PreparedModel`: the in-process one loads `params`, llama-server is given
-`llama_args`, and chat renders prompts with `renderer()`. Nothing here imports llama_cpp or the chat REPL.
+`llama_args`, and chat renders prompts with `renderer`. Nothing here imports llama_cpp or the chat REPL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,6 @@ class PreparedModel:
 
     model_file: ModelFile
     params: LoadParams
-    _renderer: list[PromptRenderer] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def gguf(self) -> Path:
@@ -54,12 +54,11 @@ class PreparedModel:
         """The RPC workers the placement uses, typed (the load parameters keep llama.cpp's `HOST:PORT`)."""
         return parse_endpoints(",".join(self.params.rpc)) if self.params.rpc else ()
 
+    @cached_property
     def renderer(self) -> PromptRenderer:
         """The prompt renderer (built on first use: the template compiles in its own sandboxed process, which
         `serve` never needs)."""
-        if not self._renderer:
-            self._renderer.append(prompt_renderer(self.model_file))
-        return self._renderer[0]
+        return prompt_renderer(self.model_file)
 
 
 def prompt_renderer(model: ModelFile | Path) -> PromptRenderer:
