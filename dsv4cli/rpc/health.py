@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dsv4cli.rpc.protocol import Endpoint, RpcError, parse_endpoints, probe
 
-CHECK_TIMEOUT_S = 3.0
 ABORT_MARKER = "Remote RPC server crashed"
 
 
@@ -22,10 +21,16 @@ def rpc_endpoints(argv: Sequence[str]) -> str | None:
     return args[args.index("--rpc") + 1] if "--rpc" in args[:-1] else None
 
 
-def check_workers(workers: Sequence[Endpoint]) -> None:
-    """Every worker answers HELLO with a compatible version; the first that does not is named in the error."""
-    for endpoint in workers:
-        probe(endpoint, timeout=CHECK_TIMEOUT_S, transfer=0, pings=1)
+def _workers(rpc: str | Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+    """The workers, given as endpoints or as llama.cpp's `--rpc` value."""
+    return parse_endpoints(rpc) if isinstance(rpc, str) else tuple(rpc)
+
+
+def check_workers(rpc: str | Sequence[Endpoint]) -> None:
+    """Every worker answers HELLO with a compatible version within DSV4_RPC_TIMEOUT; the first that does not is
+    named in the error. `rpc` is the workers, or llama.cpp's `--rpc` value."""
+    for endpoint in _workers(rpc):
+        probe(endpoint, transfer=0, pings=1)
 
 
 def lost_worker_error(log: Path, rpc: str | Sequence[Endpoint]) -> RpcError | None:
@@ -36,7 +41,7 @@ def lost_worker_error(log: Path, rpc: str | Sequence[Endpoint]) -> RpcError | No
             return None
     except OSError:
         return None
-    workers = parse_endpoints(rpc) if isinstance(rpc, str) else tuple(rpc)
+    workers = _workers(rpc)
     lost = []
     for endpoint in workers:
         try:
