@@ -88,3 +88,17 @@ def test_a_new_family_is_one_registered_descriptor(
     assert plan.source.dims.arch == "deepseek4x" and plan.warnings == ["deepseek4x: a best guess"]
     with pytest.raises(RuntimeLoadError, match="m is a DeepSeek V4-X model: no engine runs it yet"):
         require_runnable("deepseek4x", "m")
+
+
+def test_a_damaged_architecture_value_is_a_one_line_refusal(tmp_path: Path) -> None:
+    """`general.architecture` of any type (here an array, as the input fuzzer writes) is refused by name."""
+    from dsv4cli.errors import PlanError
+    from dsv4cli.gguf_io.check import check_header
+    from dsv4cli.gguf_io.read import GgufHeader
+    from dsv4cli.plan.source_facts import source_from_header
+
+    header = GgufHeader((tmp_path / "x.gguf",), {"general.architecture": ["deepseek4"]}, ())
+    with pytest.raises(RuntimeLoadError, match=r"has architecture \['deepseek4'\], not 'deepseek4'"):
+        check_header(header)
+    with pytest.raises(PlanError, match=r"architecture \['deepseek4'\] is not DeepSeek V4"):
+        source_from_header(header, "x")

@@ -108,7 +108,7 @@ class _Header:
 
     def check(self) -> GgufInfo:
         arch = self.need(k.ARCHITECTURE)
-        family = ARCHS.get(arch)
+        family = ARCHS.get(arch) if isinstance(arch, str) else None  # a damaged header may hold any value
         if family is not None and not family.runs:
             raise RuntimeLoadError(f"{self.path} is a {family.title} GGUF: {family.refusal}", hint=family.refusal_hint)
         if arch != ARCH:

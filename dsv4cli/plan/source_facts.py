@@ -40,7 +40,7 @@ def source_from_header(header: GgufHeader, name: str) -> ModelSource:
     fields, tensors = header.fields, header.tensors
     path = header.files[0]
     arch = fields.get(ARCHITECTURE)
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:  # a damaged header may hold any value
         raise PlanError(
             f"{path}: architecture {arch!r} is not DeepSeek V4",
             hint=f"dsv4 plans {' and '.join(ARCHS)} GGUFs",
