@@ -199,7 +199,7 @@ class _Relayed:
             if not self.inbox.buffered():
                 self._wait_for_request()
             cmd, size = REQUEST_HEAD.unpack(self.inbox.take(REQUEST_HEAD.size, self.idle_s))
-            self._one(cmd, size, Deadline(self.idle_s + size / MIN_RATE))
+            self._one(cmd, size)
 
     def _wait_for_request(self) -> None:
         """Wait for the next request's first byte: forever while the client holds buffers, else at most the idle
@@ -212,29 +212,36 @@ class _Relayed:
                 if not self.session.buffers:
                     raise
 
-    def _one(self, cmd: int, size: int, deadline: Deadline) -> None:
+    def _one(self, cmd: int, size: int) -> None:
+        """One request, whose head has just been read: checked, then forwarded or answered."""
         if cmd == Cmd.SET_TENSOR:  # the most frequent: a dozen or more per token
             if size < SET_HEADER:
                 raise Refused(f"SET_TENSOR of {size} bytes, shorter than its header")
-            if size - SET_HEADER <= PIECE and self.inbox.buffered() >= size:
+            if size - SET_HEADER <= PIECE and self.inbox.buffered() >= size:  # all here: nothing to wait for
                 self._set_whole(self.inbox.take(size))
                 return
+            deadline = self._deadline(size)
             header = self.inbox.take(SET_HEADER, self.idle_s)  # checked before the data is read
             offset = check_set_tensor(header, size - SET_HEADER, self.session)
             self._set_in_pieces(header, offset, size - SET_HEADER, deadline)
         elif cmd in FIXED and cmd != Cmd.HELLO:
             if size != FIXED[Cmd(cmd)]:
                 raise Refused(f"{Cmd(cmd).name} of {size} bytes; its layout has {FIXED[Cmd(cmd)]}")
-            payload = self.inbox.take(size, deadline)
+            payload = self.inbox.take(size, self._deadline(size))
             self._fixed(Cmd(cmd), payload)
         elif cmd == Cmd.GRAPH_COMPUTE:
             if size > MAX_GRAPH_BYTES:
                 raise Refused(f"GRAPH_COMPUTE of {size} bytes (at most {MAX_GRAPH_BYTES})")
-            payload = self.inbox.take(size, deadline)
+            payload = self.inbox.take(size, self._deadline(size))
             check_graph(payload, self.session)
             self._send(cmd, payload)
         else:
             raise Refused(f"command {cmd} (unknown here, or HELLO again)")
+
+    def _deadline(self, size: int) -> Deadline:
+        """The whole message within the idle time plus a second per MiB, from its head (read just before: nothing
+        has waited since)."""
+        return Deadline(self.idle_s + size / MIN_RATE)
 
     def _fixed(self, cmd: Cmd, payload: bytes) -> None:
         check_fixed(cmd, payload, self.session)
