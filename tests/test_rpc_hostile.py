@@ -104,7 +104,7 @@ BUDGET_GIB = 0.25
 
 @pytest.fixture(scope="module")
 def engine():
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     return build_engine("cpu").engine
 
