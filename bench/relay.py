@@ -92,8 +92,8 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.client), args)))
         return
 
-    from dsv4cli.engine.build import find_engine
     from dsv4cli.rpc.worker import WorkerOptions, start_worker
+    from dsv4cli.toolchain.build import find_engine
 
     engine = find_engine()
     workers = {
