@@ -15,12 +15,13 @@ import json
 import shutil
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsv4cli.atomic import write_text_atomic
 from dsv4cli.errors import DiskSpaceError
+from dsv4cli.eval.perplexity import PerplexityError
 from dsv4cli.home import dsv4_home
 from dsv4cli.units import human_bytes
 
@@ -52,8 +53,6 @@ class LogitsKey:
 @dataclass(frozen=True)
 class CachedLogits:
     path: Path
-    ppl: float  # the reference's perplexity on the text, as the base run printed it
-    ppl_err: float
     reused: bool
 
 
@@ -90,12 +89,9 @@ def _valid(path: Path, meta_path: Path, key: LogitsKey) -> dict | None:
     return meta if meta.get("crc32") == _crc(path) else None
 
 
-def reference_logits(
-    key: LogitsKey, compute: Callable[[Path], tuple[float, float]], *, note: Callable[[str], None],
-    describe: Sequence[str] = (),
-) -> CachedLogits:  # fmt: skip
-    """The cached logits for `key`, or `compute(tmp_path)` (it runs llama-perplexity and returns the reference's
-    PPL and ±) after the size and free-disk check. Ctrl-C while computing leaves no file under the final name."""
+def reference_logits(key: LogitsKey, compute: Callable[[Path], None], *, note: Callable[[str], None]) -> CachedLogits:
+    """The cached logits for `key`, or `compute(tmp_path)` (it runs llama-perplexity to write them there) after the
+    size and free-disk check. Ctrl-C while computing leaves no file under the final name."""
     from dsv4cli.hub.safe_paths import folder_lock
 
     folder = cache_dir()
@@ -106,7 +102,7 @@ def reference_logits(
             meta = _valid(path, meta_path, key)
             if meta is not None:
                 note(f"reference logits: reusing {path} ({human_bytes(meta['bytes'])})")
-                return CachedLogits(path, meta["ppl"], meta["ppl_err"], reused=True)
+                return CachedLogits(path, reused=True)
             note(f"reference logits in {path} are partial or damaged; computing them again")
             meta_path.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
@@ -121,15 +117,17 @@ def reference_logits(
             )
         tmp = folder / f"{name}.bin.partial"
         try:
-            ppl, ppl_err = compute(tmp)
+            compute(tmp)
             written = tmp.stat().st_size if tmp.exists() else 0
             if written != size:
-                raise OSError(f"llama-perplexity wrote {written} bytes of reference logits, {size} expected")
+                raise PerplexityError(
+                    f"llama-perplexity wrote {written} bytes of reference logits, {size} expected (log in "
+                    f"{dsv4_home() / 'logs'})"
+                )
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
-        meta = {"bytes": size, "crc32": _crc(path), "ppl": ppl, "ppl_err": ppl_err, "ctx": key.ctx,
-                "chunks": key.chunks, "n_vocab": key.n_vocab, "ref": [str(f) for f in key.ref_files],
-                "text_sha256": key.text_sha256, "describe": list(describe)}  # fmt: skip
+        meta = {"bytes": size, "crc32": _crc(path), "ctx": key.ctx, "chunks": key.chunks, "n_vocab": key.n_vocab,
+                "ref": [str(f) for f in key.ref_files], "text_sha256": key.text_sha256}  # fmt: skip
         write_text_atomic(meta_path, json.dumps(meta, indent=2))
-        return CachedLogits(path, ppl, ppl_err, reused=False)
+        return CachedLogits(path, reused=False)

@@ -5,10 +5,12 @@ then `--kl-divergence` runs the model against that file and prints the per-chunk
 (tools/perplexity/perplexity.cpp). Both runs get the plan's placement (`LoadParams.cli_args`), with `-c` the
 evaluation context.
 
-llama.cpp logs through a worker thread (common/log.cpp) and returns from its error paths without flushing it, so
-an early failure can exit with nothing said; the output is read as it comes and kept in a log file, and a run
-whose figures are missing is an error naming that log. The final statistics block is flushed at the end of a
-successful run; if it is missing anyway, the last per-chunk row still carries PPL, mean KLD, RMS Δp and top-1.
+llama.cpp prints through a worker thread (common/log.cpp). With the pinned build, a run on a busy machine can
+exit with status 0 having printed only part of its output: rows repeated, the last rows and the final statistics
+missing (seen in about half of six runs at once on 2 cores; the figures that did print are right). So a run's
+output is accepted only when every chunk's row is there exactly once and the statistics block is complete, and
+`kld_run` runs it again otherwise (`IncompleteOutput`). The reference logits need no output at all: they are a
+file, checked by size. Nothing here changes the engine build.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsv4cli.errors import Dsv4Error
 
 TOOL = "llama-perplexity"
+ATTEMPTS = 3  # runs of the model before an incomplete output is an error
 _NUM = r"(-?[\d.]+|-?nan|-?inf)"
 _BASE_CHUNK = re.compile(r"\[(\d+)\]" + _NUM + ",")
 _KLD_ROW = re.compile(
@@ -51,7 +54,6 @@ _KLD_ROW = re.compile(
     + r" %\s*$",
     re.M,
 )
-_FINAL_BASE = re.compile(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM)
 _STATS = {
     "ppl": r"Mean PPL\(Q\)\s*: +" + _NUM + r" ± +" + _NUM,
     "ppl_ref": r"Mean PPL\(base\)\s*: +" + _NUM + r" ± +" + _NUM,
@@ -69,12 +71,13 @@ class PerplexityError(Dsv4Error, RuntimeError):
     """llama-perplexity failed or printed no figures."""
 
 
+class IncompleteOutput(PerplexityError):
+    """llama-perplexity exited normally but its output was cut short (see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class KldResult:
-    """The figures of one `--kl-divergence` run. Fractions, not percent: `top1` and `rms_dp`.
-
-    The percentiles and the median are None only when llama.cpp's final block was lost (see the module docstring).
-    """
+    """The figures of one `--kl-divergence` run. Fractions, not percent: `top1` and `rms_dp`."""
 
     ppl: float
     ppl_err: float
@@ -82,16 +85,13 @@ class KldResult:
     ppl_ref_err: float
     kld_mean: float
     kld_mean_err: float
-    kld_median: float | None
-    kld_p99: float | None  # 99.0 % of tokens have a smaller KLD
-    kld_p999: float | None  # 99.9 %
-    kld_max: float | None
+    kld_median: float
+    kld_p99: float  # 99.0 % of tokens have a smaller KLD
+    kld_p999: float  # 99.9 %
+    kld_max: float
     top1: float
     rms_dp: float
     chunks: int
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
 
 
 def tool_argv(binary: Path, load_args: Sequence[str], ctx: int, extra: Sequence[str]) -> list[str]:
@@ -154,37 +154,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _tail(output: str, n: int = 3) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("#")]
-    return " | ".join(lines[-n:]) or "it printed nothing (llama.cpp's log thread was not flushed)"
+    return " | ".join(lines[-n:]) or "it printed nothing"
 
 
-def parse_base(output: str, log: Path) -> tuple[float, float]:
-    """The reference's PPL and its ± from a `--kl-divergence-base` run."""
-    found = _FINAL_BASE.search(output)
-    if not found:
-        raise PerplexityError(f"{TOOL} printed no final perplexity (log: {log}): {_tail(output)}")
-    return float(found.group(1)), float(found.group(2))
-
-
-def parse_kld(output: str, log: Path) -> KldResult:
-    """The figures of a `--kl-divergence` run: the final statistics block, else the last per-chunk row."""
-    rows = list(_KLD_ROW.finditer(output))
-    if not rows:
-        raise PerplexityError(f"{TOOL} computed no chunk (log: {log}): {_tail(output)}")
-    last = [float(x) for x in rows[-1].groups()]
-    chunks = int(last[0])
+def parse_kld(output: str, log: Path, chunks: int) -> KldResult:
+    """The figures of a complete `--kl-divergence` run over `chunks` chunks; IncompleteOutput when its output was
+    cut short (a row missing or repeated, or the statistics block incomplete)."""
+    rows = [int(m.group(1)) for m in _KLD_ROW.finditer(output)]
     stats = {key: re.search(pattern, output) for key, pattern in _STATS.items()}
-    if stats["ppl"] is None or stats["kld_mean"] is None:  # the final block was lost: the cumulative last row
-        return KldResult(
-            ppl=last[1], ppl_err=last[2], ppl_ref=float("nan"), ppl_ref_err=float("nan"),
-            kld_mean=last[5], kld_mean_err=last[6], kld_median=None, kld_p99=None, kld_p999=None, kld_max=None,
-            top1=last[9] / 100, rms_dp=last[7] / 100, chunks=chunks,
-        )  # fmt: skip
+    missing = [key for key, found in stats.items() if found is None]
+    if rows != list(range(1, chunks + 1)) or missing:
+        if not rows:
+            raise PerplexityError(f"{TOOL} computed no chunk (log: {log}): {_tail(output)}")
+        raise IncompleteOutput(f"{TOOL}'s output was cut short ({len(rows)} of {chunks} chunk rows; log: {log})")
 
     def value(key: str, group: int = 1) -> float:
-        found = stats[key]
-        if found is None:
-            raise PerplexityError(f"{TOOL}'s statistics have no {key} (log: {log})")
-        return float(found.group(group))
+        return float(stats[key].group(group))  # type: ignore[union-attr]
 
     return KldResult(
         ppl=value("ppl"), ppl_err=value("ppl", 2), ppl_ref=value("ppl_ref"), ppl_ref_err=value("ppl_ref", 2),
@@ -192,3 +177,18 @@ def parse_kld(output: str, log: Path) -> KldResult:
         kld_p99=value("kld_p99"), kld_p999=value("kld_p999"), kld_max=value("kld_max"),
         top1=value("top1") / 100, rms_dp=value("rms_dp") / 100, chunks=chunks,
     )  # fmt: skip
+
+
+def kld_run(
+    argv: Sequence[str], log: Path, chunks: int, on_chunk: Callable[[int], None], note: Callable[[str], None]
+) -> KldResult:
+    """Run the model against the reference logits until its output is complete (at most ATTEMPTS runs)."""
+    for attempt in range(1, ATTEMPTS + 1):
+        output = run_tool(argv, log, on_chunk)
+        try:
+            return parse_kld(output, log, chunks)
+        except IncompleteOutput as e:
+            if attempt == ATTEMPTS:
+                raise
+            note(f"{e}; running it again ({attempt + 1} of {ATTEMPTS})")
+    raise AssertionError("unreachable")

@@ -78,7 +78,7 @@ def evaluate(
     from dsv4cli.engine.build import find_engine
     from dsv4cli.engine.inprocess import count_tokens
     from dsv4cli.eval.logits import LogitsKey, reference_logits
-    from dsv4cli.eval.perplexity import TOOL, parse_base, parse_kld, run_tool, tool_argv
+    from dsv4cli.eval.perplexity import TOOL, kld_run, run_tool, tool_argv
     from dsv4cli.eval.record import add_result
     from dsv4cli.eval.reference import check_comparable, default_reference
     from dsv4cli.eval.text import chunks_for, load_text
@@ -104,11 +104,10 @@ def evaluate(
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     ref_files = tuple(sorted(reference.gguf.parent.glob(_shards_glob(reference.gguf)))) or (reference.gguf,)
 
-    def compute(tmp: Path) -> tuple[float, float]:
+    def compute(tmp: Path) -> None:
         extra = ["-f", str(text.path), "--chunks", str(chunks), "--kl-divergence-base", str(tmp)]
         argv = tool_argv(tool, ref_params.cli_args(str(reference.gguf)), options.ctx, extra)
-        log = logs / f"eval-{stamp}-ref.log"
-        return parse_base(run_tool(argv, log, lambda n: progress("reference", n, chunks)), log)
+        run_tool(argv, logs / f"eval-{stamp}-ref.log", lambda n: progress("reference", n, chunks))
 
     started = time.monotonic()
     key = LogitsKey(ref_files, text.sha256, options.ctx, chunks, vocab.n_vocab)
@@ -118,7 +117,7 @@ def evaluate(
     log = logs / f"eval-{stamp}.log"
     extra = ["--kl-divergence-base", str(cached.path), "--kl-divergence"]
     argv = tool_argv(tool, params.cli_args(str(gguf)), options.ctx, extra)
-    kld = parse_kld(run_tool(argv, log, lambda n: progress("model", n, chunks)), log)
+    kld = kld_run(argv, log, chunks, lambda n: progress("model", n, chunks), note)
     result = EvalResult(
         model=gguf, reference=reference, text=text.name, ctx=options.ctx, chunks=chunks,
         tokens=chunks * (options.ctx - 1 - options.ctx // 2), kld=kld, seconds=time.monotonic() - started,
