@@ -164,9 +164,10 @@ def parse_kld(output: str, log: Path, chunks: int) -> KldResult:
     stats = {key: re.search(pattern, output) for key, pattern in _STATS.items()}
     missing = [key for key, found in stats.items() if found is None]
     if rows != list(range(1, chunks + 1)) or missing:
-        if not rows:
-            raise PerplexityError(f"{TOOL} computed no chunk (log: {log}): {_tail(output)}")
-        raise IncompleteOutput(f"{TOOL}'s output was cut short ({len(rows)} of {chunks} chunk rows; log: {log})")
+        raise IncompleteOutput(
+            f"{TOOL}'s output was cut short ({len(rows)} of {chunks} chunk rows, statistics "
+            f"{'incomplete' if missing else 'complete'}; log: {log}): {_tail(output)}"
+        )
 
     def value(key: str, group: int = 1) -> float:
         return float(stats[key].group(group))  # type: ignore[union-attr]

@@ -94,8 +94,8 @@ def evaluate(
     else:
         ref_gguf, ref_params = prepare(options.ref, placement, note=note)
         reference = Reference(ref_gguf, options.ref.text, f"{options.ref.text} (--ref)")
-    note(f"reference: {reference.why}")
     vocab = check_comparable(gguf, reference.gguf)
+    note(f"reference: {reference.why}")
     text = load_text(options.text)
     tokens = count_tokens(reference.gguf, text.text)
     chunks = chunks_for(tokens, options.ctx, options.chunks, text)
