@@ -66,8 +66,8 @@ def main() -> None:
 
 
 def measure(folder: Path, recipe: str, ctx: int, chunks: int) -> dict:
-    from dsv4cli.chat.session import Placement
     from dsv4cli.eval.run import EvalOptions, evaluate
+    from dsv4cli.load.placement import Placement
     from dsv4cli.models.ref import ModelRef
 
     experts, dense = recipe.split("/")

@@ -2,7 +2,7 @@
 
 Two runs per evaluation: `--kl-divergence-base FILE` saves the reference's log-probabilities (with its perplexity),
 then `--kl-divergence` runs the model against that file and prints the per-chunk table and the final statistics
-(tools/perplexity/perplexity.cpp). Both runs get the plan's placement (`LoadParams.cli_args`), with `-c` the
+(tools/perplexity/perplexity.cpp). Both runs get the plan's placement (`engine.scoring.scoring_argv`), with `-c` the
 evaluation context.
 
 llama.cpp prints through a worker thread (common/log.cpp). With the pinned build, a run on a busy machine can
@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv4cli.engine.scoring import TOOL
 from dsv4cli.errors import Dsv4Error
 
-TOOL = "llama-perplexity"
-ATTEMPTS = 3  # runs of the model before an incomplete output is an error
+ATTEMPTS = 5  # runs of the model before an incomplete output is an error
 _NUM = r"(-?[\d.]+|-?nan|-?inf)"
 _BASE_CHUNK = re.compile(r"\[(\d+)\]" + _NUM + ",")
 _KLD_ROW = re.compile(
@@ -92,16 +92,6 @@ class KldResult:
     top1: float
     rms_dp: float
     chunks: int
-
-
-def tool_argv(binary: Path, load_args: Sequence[str], ctx: int, extra: Sequence[str]) -> list[str]:
-    """The command line: the plan's flags with the evaluation context (`-c` is the chunk length here)."""
-    args = list(load_args)
-    if "-c" in args:
-        args[args.index("-c") + 1] = str(ctx)
-    else:
-        args += ["-c", str(ctx)]
-    return [str(binary), *args, *extra]
 
 
 def run_tool(argv: Sequence[str], log: Path, on_chunk: Callable[[int], None]) -> str:

@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dsv4cli.chat.session import Placement
-from dsv4cli.engine.params import LoadParams
 from dsv4cli.eval.perplexity import KldResult
 from dsv4cli.eval.reference import Reference
+from dsv4cli.load.placement import Placement
 from dsv4cli.models.ref import ModelRef
+
+if TYPE_CHECKING:
+    from dsv4cli.load.prepared import PreparedModel
 
 DEFAULT_CTX = 512  # llama-perplexity's default, and what published KLD ladders use
 
@@ -59,15 +61,12 @@ class EvalResult:
         }  # fmt: skip
 
 
-def prepare(ref: ModelRef | None, placement: Placement, *, note: Callable[[str], None]) -> tuple[Path, LoadParams]:
-    """The one seam to model loading: MODEL to a checked local GGUF and the plan's load parameters, exactly as
-    `chat` and `serve` load it."""
-    from dsv4cli.chat.session import load_params, resolve_gguf
-    from dsv4cli.engine.preflight import check_model_file
+def prepare(ref: ModelRef | None, placement: Placement, *, note: Callable[[str], None]) -> PreparedModel:
+    """The one seam to model loading: MODEL to a checked local GGUF and its load parameters, exactly as `chat`
+    and `serve` load it (`dsv4cli.load`)."""
+    from dsv4cli.load.prepared import prepare_model
 
-    gguf = resolve_gguf(ref, note=note)
-    check_model_file(gguf)
-    return gguf, load_params(gguf, placement, note=note)
+    return prepare_model(ref, placement, note=note)
 
 
 def evaluate(
@@ -75,38 +74,39 @@ def evaluate(
 ) -> EvalResult:
     """Measure `model` against its reference; raises before any model runs when they cannot be compared, the
     text is too short for the context or the logits do not fit on disk."""
-    from dsv4cli.engine.build import find_engine
     from dsv4cli.engine.inprocess import count_tokens
+    from dsv4cli.engine.scoring import scoring_argv
     from dsv4cli.eval.logits import LogitsKey, reference_logits
-    from dsv4cli.eval.perplexity import TOOL, kld_run, run_tool, tool_argv
+    from dsv4cli.eval.perplexity import kld_run, run_tool
     from dsv4cli.eval.record import add_result
     from dsv4cli.eval.reference import check_comparable, default_reference
     from dsv4cli.eval.text import chunks_for, load_text
     from dsv4cli.home import dsv4_home
+    from dsv4cli.models.ref import file_ref
 
     placement = options.placement
     if placement.ctx is None and placement.plan_file is None:
         placement = Placement(**{**placement.__dict__, "ctx": options.ctx})
-    gguf, params = prepare(model, placement, note=note)
+    prepared = prepare(model, placement, note=note)
+    gguf = prepared.gguf
     if options.ref is None:
         reference = default_reference(gguf, note=note)
-        _, ref_params = prepare(ModelRef(str(reference.gguf), "gguf", path=reference.gguf), placement, note=note)
+        ref_prepared = prepare(file_ref(reference.gguf), placement, note=note)
     else:
-        ref_gguf, ref_params = prepare(options.ref, placement, note=note)
-        reference = Reference(ref_gguf, options.ref.text, f"{options.ref.text} (--ref)")
+        ref_prepared = prepare(options.ref, placement, note=note)
+        reference = Reference(ref_prepared.gguf, options.ref.text, f"{options.ref.text} (--ref)")
     vocab = check_comparable(gguf, reference.gguf)
     note(f"reference: {reference.why}")
     text = load_text(options.text)
     tokens = count_tokens(reference.gguf, text.text)
     chunks = chunks_for(tokens, options.ctx, options.chunks, text)
-    tool = find_engine().tool(TOOL)
     logs = dsv4_home() / "logs"
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     ref_files = tuple(sorted(reference.gguf.parent.glob(_shards_glob(reference.gguf)))) or (reference.gguf,)
 
     def compute(tmp: Path) -> None:
         extra = ["-f", str(text.path), "--chunks", str(chunks), "--kl-divergence-base", str(tmp)]
-        argv = tool_argv(tool, ref_params.cli_args(str(reference.gguf)), options.ctx, extra)
+        argv = scoring_argv(ref_prepared, ctx=options.ctx, extra=extra)
         run_tool(argv, logs / f"eval-{stamp}-ref.log", lambda n: progress("reference", n, chunks))
 
     started = time.monotonic()
@@ -116,7 +116,7 @@ def evaluate(
     started = time.monotonic()
     log = logs / f"eval-{stamp}.log"
     extra = ["--kl-divergence-base", str(cached.path), "--kl-divergence"]
-    argv = tool_argv(tool, params.cli_args(str(gguf)), options.ctx, extra)
+    argv = scoring_argv(prepared, ctx=options.ctx, extra=extra)
     kld = kld_run(argv, log, chunks, lambda n: progress("model", n, chunks), note)
     result = EvalResult(
         model=gguf, reference=reference, text=text.name, ctx=options.ctx, chunks=chunks,
