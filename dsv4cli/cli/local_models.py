@@ -9,7 +9,7 @@ from rich import box
 from rich.table import Table
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
-from dsv4cli.ui import err, out, print_json
+from dsv4cli.ui import err, out, print_json, printable
 from dsv4cli.units import human_bytes
 
 
@@ -29,8 +29,8 @@ def list_models(json_output: JsonOpt = False) -> None:
         table.add_column(column, no_wrap=column != "path", overflow="fold")
     for m in found:
         recipe = f"{m.recipe['experts']}/{m.recipe['dense']}" if m.recipe else "-"
-        kind = m.kind + (" (partial)" if m.state == "partial" else "")
-        table.add_row(m.name, kind, recipe, human_bytes(m.bytes), str(m.path))
+        kind = m.kind + (f" ({m.state})" if m.state != "complete" else "")
+        table.add_row(printable(m.name), kind, recipe, human_bytes(m.bytes), printable(str(m.path)))
     out.print(table)
 
 
@@ -77,21 +77,25 @@ def rm(
 ) -> None:
     """Remove a local model's files (asks first); refuses files outside the dsv4 home or held by `dsv4 serve`."""
     from dsv4cli.errors import UsageError
-    from dsv4cli.models.inventory import check_removable, find_local_model, remove
     from dsv4cli.models.ref import resolve_model
+    from dsv4cli.models.remove import check_removable, find_local_model, remove
 
     target = find_local_model(resolve_model(model))
     check_removable(target)
-    what = (
-        f"{target.name} ({target.kind}{', partial' if target.state == 'partial' else ''}, {human_bytes(target.bytes)})"
-    )
+    state = f", {target.state}" if target.state != "complete" else ""
+    what = printable(f"{target.name} ({target.kind}{state}, {human_bytes(target.bytes)})")
     if not yes:
         if not typer.get_text_stream("stdin").isatty():
             raise UsageError(f"not removing {what} without confirmation", hint="pass --yes")
-        if not typer.confirm(f"remove {what}: {', '.join(map(str, target.files))}?", default=False):
+        files = printable(", ".join(map(str, target.files)), limit=2000)
+        if not typer.confirm(f"remove {what}: {files}?", default=False):
             raise typer.Exit(1)
-    remove(target, on_wait=lambda message: err.print(message, markup=False))
+    kept = remove(target, on_wait=lambda message: err.print(printable(message), markup=False))
     err.print(f"removed {what}", markup=False)
+    if kept:
+        shown = printable(", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
+        folder = printable(str(target.folder))
+        err.print(f"kept {len(kept)} entries in {folder} that dsv4 did not put there: {shown}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
