@@ -79,9 +79,8 @@ def register(app: typer.Typer) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
         from dsv4cli.engine.build import find_engine
         from dsv4cli.models.ref import resolve_model
-        from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
-        from dsv4cli.server.process import ServerError
+        from dsv4cli.server.supervise import supervise
 
         where = placement(plan, vram, ram, ctx, cpu, rpc)
         opts = ServeOptions(
@@ -106,13 +105,7 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
             else:
                 _announce(server, keyed=bool(api_key or api_key_file))
-            code = server.process.wait()
-            workers = rpc_endpoints(server.argv)
-            if workers and (lost := lost_worker_error(server.process.log, workers)):
-                raise lost
-            raise ServerError(
-                f"llama-server exited with code {code} (log: {server.process.log}): {server.process.log_tail()}"
-            )
+            supervise(server, note=note)
         except KeyboardInterrupt:
             note("stopping llama-server")
         finally:
