@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
 from dsv4cli.ui import err, out, print_json, printable
@@ -30,7 +31,7 @@ def list_models(json_output: JsonOpt = False) -> None:
     for m in found:
         recipe = f"{m.recipe['experts']}/{m.recipe['dense']}" if m.recipe else "-"
         kind = m.kind + (f" ({m.state})" if m.state != "complete" else "")
-        table.add_row(printable(m.name), kind, recipe, human_bytes(m.bytes), printable(str(m.path)))
+        table.add_row(Text(printable(m.name)), kind, recipe, human_bytes(m.bytes), Text(printable(str(m.path))))
     out.print(table)
 
 
@@ -48,8 +49,8 @@ def show(model: ModelArg, json_output: JsonOpt = False) -> None:
 
 def _render(info: dict[str, Any]) -> None:
     recipe = f", {info['recipe']['experts']}/{info['recipe']['dense']}" if info["recipe"] else ""
-    out.print(f"{info['name']}  ({info['arch']}{recipe}, {human_bytes(info['bytes'])})", markup=False)
-    out.print("  " + ", ".join(f"{k} {v}" for k, v in info["dims"].items()), markup=False)
+    out.print(printable(f"{info['name']}  ({info['arch']}{recipe}, {human_bytes(info['bytes'])})"), markup=False)
+    out.print(printable("  " + ", ".join(f"{k} {v}" for k, v in info["dims"].items())), markup=False)
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("class", "tensors", "bytes", "types"):
         table.add_column(column)
@@ -58,15 +59,16 @@ def _render(info: dict[str, Any]) -> None:
         table.add_row(name, str(row["tensors"]), human_bytes(row["bytes"]), types)
     out.print(table)
     for f in info["files"]:
-        out.print(f"  file {f['path']}" + (f" ({human_bytes(f['bytes'])})" if f["bytes"] is not None else ""))
+        size = f" ({human_bytes(f['bytes'])})" if f["bytes"] is not None else ""
+        out.print(f"  file {printable(f['path'])}{size}", markup=False)
     if info["expert_error_summary"]:
         summary = ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info["expert_error_summary"].items()
         )
-        out.print(f"  expert error: {summary}", markup=False)
+        out.print(printable(f"  expert error: {summary}"), markup=False)
     template = {True: "yes", False: "no", None: "unknown (not downloaded)"}[info["chat_template"]]
     out.print(f"  chat template: {template}", markup=False)
-    out.print(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}", markup=False)
+    out.print(printable(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}"), markup=False)
     if info["fetched_bytes"] is not None:
         err.print(f"read from the Hub: {human_bytes(info['fetched_bytes'])} of headers")
 
