@@ -213,7 +213,7 @@ def _check_size(spec: ModelSpec, facts: dict[str, Any], s: _Shapes) -> None:
     attention = s.hidden * s.q_rank + s.q_rank * s.heads * s.head_dim + s.heads * s.head_dim * s.o_rank
     attention += s.o_groups * s.o_rank * s.hidden + s.q_rank * s.index_heads * s.index_dim + s.hidden * s.head_dim
     experts = (s.experts + s.shared) * 3 * s.hidden * s.inter
-    engram = sum(facts.get("engram_num_embeddings", ())) * facts.get("engram_head_dim", 0)
+    engram = sum(facts["engram_num_embeddings"]) * facts["engram_head_dim"] if spec.arch == V41 else 0
     total = 2 * s.vocab * s.hidden + layers * (attention + experts) + engram
     if total > MAX_PARAMS:
         raise RegistryError(
