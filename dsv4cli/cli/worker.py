@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         engine = find_engine(engine_bin)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        running = start_worker(opts, engine)
+        running = start_worker(opts, engine, note=lambda line: err.print(line, markup=False))
         try:
             if running.remote:
                 err.print(f"warning: {REMOTE_WARNING.format(address=running.address)}", markup=False)

@@ -40,6 +40,9 @@ def _reading_only() -> Iterator[None]:
         raise
 
 
+MAX_SHARDS = 1024  # a 1.6T-parameter model in BF16 is ~640 shards of 5 GB; more is a hostile or broken repo
+
+
 def _not_tokenizer(key: str) -> bool:
     return not key.startswith(TOKENIZER_PREFIX)  # the vocabulary is not planned (as gguf_read.read_header)
 
@@ -53,6 +56,11 @@ def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | Non
     budget = budget or FetchBudget()
     with _reading_only():
         repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
+    if len(paths) > MAX_SHARDS:
+        raise PlanError(
+            f"{listing.repo}: {paths[0]} is split into {len(paths)} shards (at most {MAX_SHARDS} are planned remotely)",
+            hint="download it with `dsv4 pull` to plan it from disk",
+        )
     remotes = {f.path: f for f in listing.files}
     folder = repo_spec.local_dir
     fields: dict[str, Any] = {}

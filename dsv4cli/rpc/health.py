@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dsv4cli.rpc.protocol import RpcError, parse_endpoints, probe
 
-CHECK_TIMEOUT_S = 3.0
 ABORT_MARKER = "Remote RPC server crashed"
 
 
@@ -23,9 +22,10 @@ def rpc_endpoints(argv: Sequence[str]) -> str | None:
 
 
 def check_workers(rpc: str) -> None:
-    """Every worker answers HELLO with a compatible version; the first that does not is named in the error."""
+    """Every worker answers HELLO with a compatible version within DSV4_RPC_TIMEOUT; the first that does not is
+    named in the error."""
     for endpoint in parse_endpoints(rpc):
-        probe(endpoint, timeout=CHECK_TIMEOUT_S, transfer=0, pings=1)
+        probe(endpoint, transfer=0, pings=1)
 
 
 def lost_worker_error(log: Path, rpc: str) -> RpcError | None:
