@@ -53,6 +53,11 @@ def on_big_stack(fn: Callable[[], T]) -> T:
     try:
         worker = threading.Thread(target=run, name="dsv4-tokenize", daemon=True)
         worker.start()
+    except RuntimeError as e:  # the address space is capped (`ulimit -v`) below what the stack reserves
+        raise UsageError(
+            f"cannot start the tokenizer's thread with its {TOKENIZER_STACK_BYTES >> 20} MiB stack ({e})",
+            hint="raise the address-space limit (ulimit -v)",
+        ) from e
     finally:
         threading.stack_size(previous)
     worker.join()
