@@ -66,10 +66,14 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise _bad(path, "expected a byte-level BPE model with a vocab (is this a DeepSeek V4 tokenizer?)")
+    if not model["vocab"]:
+        raise _bad(path, "the vocabulary is empty")
     ids: dict[str, int] = {}
+    owner: dict[int, str] = {}  # id -> its token: two different tokens may not share an id
     for token, i in model["vocab"].items():
         if type(i) is not int or not 0 <= i < vocab_size:
             raise _bad(path, f"token {shown(token, 40)} has id {shown(i, 40)}, outside the vocabulary of {vocab_size}")
+        _claim(path, owner, token, i)
         ids[token] = i
     special = set()
     added_tokens = data.get("added_tokens") or []
@@ -80,10 +84,18 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
             raise _bad(path, f"added token {shown(added, 60)} needs a string content and an integer id")
         if not 0 <= added["id"] < vocab_size:
             raise _bad(path, f"added token {shown(added['content'], 40)} has id {added['id']}, outside {vocab_size}")
+        _claim(path, owner, added["content"], added["id"])
         ids[added["content"]] = added["id"]
         if added.get("special"):
             special.add(added["id"])
     return ids, special, model
+
+
+def _claim(path: Path, owner: dict[int, str], token: str, i: int) -> None:
+    """Record that `token` has id `i`; another token with the same id would be silently lost in the GGUF."""
+    other = owner.setdefault(i, token)
+    if other != token:
+        raise _bad(path, f"tokens {shown(other, 40)} and {shown(token, 40)} both have id {i}")
 
 
 def _merges(path: Path, model: dict[str, Any]) -> list[str]:

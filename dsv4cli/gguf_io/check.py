@@ -31,6 +31,28 @@ V41_HINT = "chat with a V4 model such as deepseek-v4-flash"
 # Generic per-expert/per-tensor scales that the loader tolerates (docs/formats.md §Tensor names).
 _TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+# Integer hyper-parameters llama.cpp loops over or sizes buffers by (deepseek4.KEY -> the config.json fact whose
+# bounds, `quant.config.INTS`, apply): 10^9 Sinkhorn iterations would make every token take minutes.
+BOUNDED_KEYS = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.key_length": "head_dim",
+    "attention.q_lora_rank": "q_lora_rank",
+    "attention.output_lora_rank": "o_lora_rank",
+    "attention.output_group_count": "o_groups",
+    "attention.sliding_window": "sliding_window",
+    "attention.indexer.head_count": "index_n_heads",
+    "attention.indexer.key_length": "index_head_dim",
+    "attention.indexer.top_k": "index_topk",
+    "expert_count": "n_routed_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_shared_count": "n_shared_experts",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "hyper_connection.sinkhorn_iterations": "hc_sinkhorn_iters",
+    "hash_layer_count": "num_hash_layers",
+    "nextn_predict_layers": "num_nextn_predict_layers",
+}
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,7 @@ class _Header:
         n_layer = self.need_int("block_count")
         if not 0 < n_layer <= MAX_LAYERS:
             raise self.fail(f"{ARCH}.block_count {n_layer} is outside 1..{MAX_LAYERS} (llama.cpp's limit)")
+        self._check_bounds()
         self._check_attention()
         self._check_moe(n_layer)
         ratios = self._check_ratios(n_layer)
@@ -135,6 +158,18 @@ class _Header:
             eos_token=tokens[self.need_int("tokenizer.ggml.eos_token_id", default=1, full=True)],
             mtp_layers=mtp_layers,
         )
+
+    def _check_bounds(self) -> None:
+        """Every hyper-parameter in BOUNDED_KEYS that is present within the bounds a config.json gets."""
+        from quant.config import INTS
+
+        for key, fact in BOUNDED_KEYS.items():
+            if f"{ARCH}.{key}" not in self.fields:
+                continue
+            value = self.need_int(key)
+            low, high = INTS[fact]
+            if not low <= value <= high:
+                raise self.fail(f"{ARCH}.{key} is {value}, outside {low}..{high}")
 
     def _check_attention(self) -> None:
         if _uniform(self.get(f"{ARCH}.attention.head_count_kv")) != 1:
