@@ -342,7 +342,7 @@ def test_garbage_manifest_offline_is_one_line(dsv4, target, monkeypatch):
     target.mkdir()
     (target / MANIFEST_NAME).write_text(json.dumps({"repo": REPO, "revision": "x", "files": {"../../x": {"size": 1}}}))
     line = one_line_error(dsv4("pull", REPO, "--dir", str(target)))
-    assert MANIFEST_NAME in line or "../../x" in line
+    assert "no complete pull there" in line  # a manifest naming an unsafe path is no manifest (read_manifest)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,14 @@ HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
 # Generic per-expert/per-tensor scales that the loader tolerates (docs/formats.md §Tensor names).
 _TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+# Integer hyper-parameters llama.cpp loops over or sizes buffers by (`quant.gguf_keys` rows; the bounds of their
+# config.json fact, `quant.config.INTS`, apply): 10^9 Sinkhorn iterations would make every token take minutes.
+BOUNDED_KEYS = (
+    k.CONTEXT_LENGTH, k.EMBEDDING_LENGTH, k.HEAD_COUNT, k.KEY_LENGTH, k.Q_LORA_RANK, k.OUTPUT_LORA_RANK,
+    k.OUTPUT_GROUP_COUNT, k.SLIDING_WINDOW, k.INDEXER_HEAD_COUNT, k.INDEXER_KEY_LENGTH, k.INDEXER_TOP_K, k.EXPERT_COUNT,
+    k.EXPERT_USED_COUNT, k.EXPERT_SHARED_COUNT, k.EXPERT_FFN_LENGTH, k.HC_SINKHORN_ITERATIONS, k.HASH_LAYER_COUNT,
+    k.NEXTN_PREDICT_LAYERS,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class _Header:
         n_layer = self.need_int(k.BLOCK_COUNT)
         if not 0 < n_layer <= MAX_LAYERS:
             raise self.fail(f"{_full(k.BLOCK_COUNT)} {n_layer} is outside 1..{MAX_LAYERS} (llama.cpp's limit)")
+        self._check_bounds()
         self._check_attention()
         self._check_moe(n_layer)
         ratios = self._check_ratios(n_layer)
@@ -133,6 +142,18 @@ class _Header:
             eos_token=tokens[self.need_int(k.EOS_TOKEN_ID, default=1)],
             mtp_layers=mtp_layers,
         )
+
+    def _check_bounds(self) -> None:
+        """Every hyper-parameter in BOUNDED_KEYS that is present within the bounds a config.json gets."""
+        from quant.config import INTS
+
+        for key in BOUNDED_KEYS:
+            if _full(key) not in self.fields:
+                continue
+            value = self.need_int(key)
+            low, high = INTS[key.config]
+            if not low <= value <= high:
+                raise self.fail(f"{_full(key)} is {value}, outside {low}..{high}")
 
     def _check_attention(self) -> None:
         if _uniform(self.get(_full(k.HEAD_COUNT_KV))) != 1:

@@ -18,7 +18,8 @@ from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
 from dsv4cli.hub.safe_paths import name_problem
 from quant.archs import ARCHS, V4
-from quant.errors import CheckpointError
+from quant.config import facts_of
+from quant.errors import CheckpointError, QuantError
 from quant.files import read_bounded
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "models.toml"
@@ -125,6 +126,12 @@ class ModelSpec:
         unknown = set(self.config) - CONFIG_KEYS
         if unknown:
             raise RegistryError(f"{where}: unknown config keys {sorted(unknown)}")
+        if self.config:  # the config.json this entry writes or plans from gets config.json's own checks
+            try:
+                facts_of(self.hf_config())
+            except QuantError as e:
+                message = str(e).removeprefix("config.json: ")
+                raise RegistryError(f"{where}: config: {message}", hint="fix the entry's [config] values") from e
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -219,6 +226,8 @@ def _read_entries(path: Path) -> dict[str, ModelSpec]:
         data = tomllib.loads(read_bounded(path, MAX_REGISTRY_BYTES).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
+    except RecursionError as e:  # tomllib recurses per level of nested arrays or inline tables
+        raise RegistryError(f"{path}: not valid TOML (nested too deeply)", hint="fix the file or remove it") from e
     except CheckpointError as e:  # not a regular file, too large, unreadable: the message names the file
         raise RegistryError(str(e), hint="fix the file or remove it") from e
     unknown_top = set(data) - {"models"}
