@@ -20,7 +20,8 @@ GGUF_TAG = "UD-Q2_K_XL"
 MARKERS = {
     "slow": "converts several GGUFs or loads models in llama.cpp subprocesses (seconds each)",
     "fuzz": "hundreds of generated hostile inputs",
-    "server": "starts llama-server or rpc-server from the engine build (every test using the `engine` fixture)",
+    "server": "runs the engine build's programs (llama-server, rpc-server, llama-perplexity): every test using the "
+    "`engine` fixture, and test_eval",
     "engine_build": "builds (or checks the cached build of) the llama.cpp engine",
 }
 
