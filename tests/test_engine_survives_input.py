@@ -87,7 +87,9 @@ def _healthy(base_url: str, timeout: float) -> bool:
     return False
 
 
-def test_serve_survives_the_prompt_and_restarts_a_dead_server(python: str, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_serve_survives_the_prompt_and_restarts_a_dead_server(
+    engine, python: str, tiny_gguf: Path, tmp_path: Path
+) -> None:
     proc, info = _start(python, tiny_gguf, tmp_path / "home")
     try:
         status = _post(info["base_url"], LETTERS)

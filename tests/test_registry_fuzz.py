@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.fuzz_harness import clean_failures, registry_cases, run_cases
+
+pytestmark = pytest.mark.fuzz
 
 BAD = [0, -1, 1 << 40, "64", 1.5, True, [1]]
 HEAD = '[models.evil]\nbuiltin = true\ndescription = "fuzzed"\n[models.evil.config]\n'
