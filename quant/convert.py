@@ -38,6 +38,7 @@ from quant.tokenizer import load_vocab
 T = GGMLQuantizationType
 WORKERS = 2
 FP4_METHOD = "lossless FP4 repack"
+FIT_METHOD = "fitted mix: lossless FP4 repack where mxfp4, else ggml's quantizers (importance-weighted)"
 SUMMARY_WIDTH = 384  # fixed-width placeholder, patched in place once the experts are done
 Progress = Callable[[int, int], None]  # (source bytes done, source bytes total)
 
@@ -213,7 +214,7 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
         bytes_written=sum(p.spec.nbytes for p in plans),
         source_bytes=total,
         seconds=0.0,
-        expert_method=FP4_METHOD if fp4_experts else "per-expert block scale search",
+        expert_method=(FIT_METHOD if options.mix else FP4_METHOD if fp4_experts else "per-expert block scale search"),
         report_file=str(Path(out).with_name(Path(out).name + ".report.json")),
         fallbacks=[
             {"tensor": p.spec.name, "wanted": T(p.requested).name, "used": T(p.spec.ggml_type).name}
@@ -313,7 +314,7 @@ def _write(
     importance: Imatrix | None,
 ) -> None:
     """Stream every planned tensor into the output, then patch the summary in and commit the files."""
-    fp4_experts = report.expert_method == FP4_METHOD
+    fp4_experts = report.expert_method in (FP4_METHOD, FIT_METHOD)
     specs = [p.spec for p in plans]
     identity = _identity(source.ckpt, options)
     with (
@@ -422,7 +423,7 @@ def _expert_jobs(
     def one(index: int) -> Piece:
         name = plan.sources[index]
         read = source.nbytes(name)
-        if fp4_repack and source.ckpt.info(name).dtype == "I8":
+        if fp4_repack and target in BY_TYPE and BY_TYPE[target].fp4_repack and source.ckpt.info(name).dtype == "I8":
             data = repack_fp4(source.ckpt.read(name), source.ckpt.read(scale_name(name)))
             return data, read, [ExpertError(layer, index, proj, 0.0, 0.0, 0.0)]
         importance = None if weights is None else weights[index]
