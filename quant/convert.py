@@ -19,15 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
 
 from quant.errors import CheckpointError, QuantError, UnsupportedError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.files import PULL_HINT
-from quant.gguf_keys import BUDGET_KEY, DENSE_KEY, EXPERTS_KEY, IMATRIX_KEY, MIX_KEY, NAME, SOURCE_KEY, SUMMARY_KEY
+from quant.gguf_keys import (
+    BUDGET_KEY,
+    DENSE_KEY,
+    DSV4_KEYS,
+    EXPERTS_KEY,
+    FIT_KEYS,
+    IMATRIX_KEY,
+    MIX_KEY,
+    NAME,
+    SOURCE_KEY,
+    SUMMARY_KEY,
+)
 from quant.gguf_out import StreamingGGUF
 from quant.imatrix import Imatrix, load_imatrix
-from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
+from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors, typed_kv
 from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
 from quant.recipes import BY_TYPE, DEFAULT_DENSE, DEFAULT_EXPERTS, RECIPES
@@ -225,11 +236,16 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     placeholder = b"{" + b" " * (SUMMARY_WIDTH - 2) + b"}"
     kv = [
         *gguf_metadata(ckpt.config, experts=options.experts, mtp=options.mtp),
-        (NAME, ckpt.folder.name, GGUFValueType.STRING, None),
-        (EXPERTS_KEY, options.experts, GGUFValueType.STRING, None),
-        (DENSE_KEY, options.dense, GGUFValueType.STRING, None),
-        (SOURCE_KEY, ckpt.folder.name, GGUFValueType.STRING, None),
-        (SUMMARY_KEY, placeholder.decode(), GGUFValueType.STRING, None),
+        *(
+            typed_kv(key, value, DSV4_KEYS[key])
+            for key, value in (
+                (NAME, ckpt.folder.name),
+                (EXPERTS_KEY, options.experts),
+                (DENSE_KEY, options.dense),
+                (SOURCE_KEY, ckpt.folder.name),
+                (SUMMARY_KEY, placeholder.decode()),
+            )
+        ),
         *_fit_metadata(options, importance),
         *vocab.metadata(),
     ]
@@ -278,15 +294,15 @@ def _tensor_importance(imatrix: Imatrix | None, plan: TensorPlan, options: Quant
 
 def _fit_metadata(options: QuantOptions, imatrix: Imatrix | None) -> list[KeyValue]:
     """dsv4.fit.* and dsv4.imatrix: the budget and chosen mix of a fitted quant, the importance matrix used."""
-    rows: list[KeyValue] = []
+    values: dict[str, str] = {}
     if options.budget:
-        rows.append((BUDGET_KEY, str(options.budget), GGUFValueType.STRING, None))
+        values[BUDGET_KEY] = str(options.budget)
     if options.mix:
-        rows.append((MIX_KEY, json.dumps(dict(options.mix), separators=(",", ":")), GGUFValueType.STRING, None))
+        values[MIX_KEY] = json.dumps(dict(options.mix), separators=(",", ":"))
     if imatrix is not None:
         what = {"file": Path(options.imatrix).name, "dataset": imatrix.dataset, "tokens": imatrix.tokens}
-        rows.append((IMATRIX_KEY, json.dumps(what, separators=(",", ":")), GGUFValueType.STRING, None))
-    return rows
+        values[IMATRIX_KEY] = json.dumps(what, separators=(",", ":"))
+    return [typed_kv(key, value, FIT_KEYS[key]) for key, value in values.items()]
 
 
 def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:

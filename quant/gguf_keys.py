@@ -95,6 +95,7 @@ ARCHITECTURE = "general.architecture"
 FILE_TYPE = "general.file_type"
 QUANTIZATION_VERSION = "general.quantization_version"
 NAME = "general.name"
+ALIGNMENT = "general.alignment"
 CHAT_TEMPLATE = "tokenizer.chat_template"
 TOKENS = "tokenizer.ggml.tokens"
 BOS_TOKEN_ID = "tokenizer.ggml.bos_token_id"
@@ -107,15 +108,21 @@ DENSE_KEY = "dsv4.dense"
 SOURCE_KEY = "dsv4.source"
 SUMMARY_KEY = "dsv4.expert_error_summary"
 SET_ID_KEY = "dsv4.split.set_id"
-DSV4_KEYS = {EXPERTS_KEY: STRING, DENSE_KEY: STRING, SOURCE_KEY: STRING, SUMMARY_KEY: STRING, SET_ID_KEY: STRING}
+DSV4_KEYS = {  # what dsv4 writes into every GGUF besides the tensors, vocabulary and architecture keys
+    NAME: STRING,
+    EXPERTS_KEY: STRING,
+    DENSE_KEY: STRING,
+    SOURCE_KEY: STRING,
+    SUMMARY_KEY: STRING,
+    SET_ID_KEY: STRING,
+}
 RECIPE_KEYS = {"experts": EXPERTS_KEY, "dense": DENSE_KEY}  # recipe role -> key
 # A quant fitted to a size (`dsv4 quantize --size`): the budget in bytes, the chosen type per tensor group (JSON),
 # and the importance matrix it was measured and quantized with (file name, calibration dataset, tokens).
 BUDGET_KEY = "dsv4.fit.budget"
 MIX_KEY = "dsv4.fit.mix"
 IMATRIX_KEY = "dsv4.imatrix"
-FIT_KEYS = {BUDGET_KEY: STRING, MIX_KEY: STRING, IMATRIX_KEY: STRING}
-DSV4_KEYS.update(FIT_KEYS)
+FIT_KEYS = {BUDGET_KEY: STRING, MIX_KEY: STRING, IMATRIX_KEY: STRING}  # only in fitted / imatrix quants
 
 # An importance matrix file (`quant.imatrix`): llama.cpp's imatrix GGUF keys, plus dsv4's own.
 IMATRIX_TYPE = "imatrix"  # general.type

@@ -220,7 +220,7 @@ def gguf_tensor_specs(
 KeyValue = tuple[str, Any, GGUFValueType, GGUFValueType | None]  # (key, value, type, array element type)
 
 
-def _typed(key: str, value: Any, gguf_type: str) -> KeyValue:
+def typed_kv(key: str, value: Any, gguf_type: str) -> KeyValue:
     """A key/value with its gguf value types (`quant.gguf_keys` names them as plain data)."""
     V = GGUFValueType
     if gguf_type == INT32_ARRAY:
@@ -257,8 +257,8 @@ def gguf_metadata(config: dict[str, Any], *, experts: str = "mxfp4", mtp: bool =
         rows.append((keys.NEXTN_PREDICT_LAYERS, derived[keys.NEXTN_PREDICT_LAYERS]))
     rows += [(k, f[k.config]) for k in arch.keys]
     return [
-        _typed(keys.ARCHITECTURE, arch.name, STRING),
-        _typed(keys.FILE_TYPE, RECIPES[experts].ftype, UINT32),
-        _typed(keys.QUANTIZATION_VERSION, 2, UINT32),
-        *(_typed(k.of(arch.name), value, k.gguf_type) for k, value in rows),
+        typed_kv(keys.ARCHITECTURE, arch.name, STRING),
+        typed_kv(keys.FILE_TYPE, RECIPES[experts].ftype, UINT32),
+        typed_kv(keys.QUANTIZATION_VERSION, 2, UINT32),
+        *(typed_kv(k.of(arch.name), value, k.gguf_type) for k, value in rows),
     ]

@@ -151,7 +151,7 @@ def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) ->
 def engine():
     """The CPU engine build (llama-server, rpc-server) from the engine cache: built once if missing (`make setup`
     builds it; about 10 minutes on 2 cores), then shared by every test that starts a server."""
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     return build_engine("cpu").engine
 

@@ -106,6 +106,7 @@ def test_dropped_connection_resumes_with_range(dsv4, hub, repo_dir, target, cut)
     assert_complete(target, repo_dir, hub)
 
 
+@pytest.mark.slow
 def test_partial_file_resumes_in_a_new_process(hub, repo_dir, target, python, cut):
     """huggingface_hub 2.4.0 restarts such a file from byte 0; we continue from the last byte."""
     part = target / PARTIAL_DIR / f"{SHARD}.part"
@@ -238,6 +239,7 @@ def test_refuses_to_start_without_disk_space(dsv4, hub, repo_dir, target):
     assert file_requests(hub) == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_partial_files_and_a_rerun_resumes(dsv4, hub, repo_dir, target, python):
     hub.faults.bytes_per_second = 2_000_000
     child = subprocess.Popen(

@@ -95,6 +95,7 @@ def hostile_names(tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_hostile_names_are_refused_before_anything_is_written(dsv4, hub, tmp_path, target):
     before = snapshot(tmp_path)
     hub.add_file("cafe\u0301.json", EVIL)
@@ -391,6 +392,7 @@ def test_ordinary_repo_names_are_accepted():
     assert listing_problem(names, reserved_prefix=".dsv4-") is None
 
 
+@pytest.mark.slow
 def test_builtin_pull_ignores_links_planted_in_its_staging(dsv4, tmp_path, tiny_checkpoint):
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -37,7 +37,7 @@ WEATHER_TOOL = {
 
 @pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
 
     with pytest.MonkeyPatch.context() as patch:

@@ -141,12 +141,12 @@ def test_server_that_fails_to_start_reports_its_log(dsv4, tiny_gguf: Path, tmp_p
 
 
 def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import ServerBinary
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
     from dsv4cli.server.launch import ServeOptions, server_argv
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.toolchain.build import ServerBinary
 
-    planned = plan_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
+    planned = prepare_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
     engine = ServerBinary(server=Path("/opt/llama-server"), version="test", gpu="cpu")
     argv = server_argv(engine, planned, ServeOptions(api_key="s3cret", think=True), alias="tiny", port=9)
     assert argv[0] == "/opt/llama-server" and argv[1:3] == ["-m", str(tiny_gguf)]

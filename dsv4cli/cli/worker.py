@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         json_output: JsonOpt = False,
     ) -> None:
         """Run an RPC worker that holds part of a model for `dsv4 serve --rpc`, until Ctrl-C."""
-        from dsv4cli.engine.build import find_engine
         from dsv4cli.rpc.worker import REMOTE_WARNING, WorkerOptions, check_worker_options, start_worker
+        from dsv4cli.toolchain.build import find_engine
 
         opts = WorkerOptions(host=host, port=port, mem_gib=mem, threads=threads, allow_remote=allow_remote)
         check_worker_options(opts)

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv4cli.deadline import Deadline
-from dsv4cli.engine.build import ServerBinary
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.rpc.netns import isolated_argv, isolation_problem, namespace_of
 from dsv4cli.rpc.protocol import Cmd, Endpoint, RpcError, hello, request
 from dsv4cli.rpc.relay import BudgetRelay, Upstream
 from dsv4cli.server.process import ServerProcess, check_port_free, free_port, is_loopback
+from dsv4cli.toolchain.build import ServerBinary
 from dsv4cli.units import GIB
 
 DEFAULT_PORT = 50052  # ggml-rpc-server's own default
