@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "plan",
     "chat",
     "serve",
+    "eval",
     "worker",
     "engine",
     "doctor",
