@@ -314,7 +314,8 @@ def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:
     if options.imatrix:
         files.append(Path(options.imatrix))
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return {"options": {k: v for k, v in asdict(options).items() if k != "workers"}, "files": stats}
+    options_seen = json.loads(json.dumps({k: v for k, v in asdict(options).items() if k != "workers"}))  # as stored
+    return {"options": options_seen, "files": stats}
 
 
 def _write(
