@@ -34,7 +34,8 @@ from gguf import GGUFValueType, GGUFWriter
 from gguf.gguf_writer import GGUFValue
 
 from quant.errors import OutputError
-from quant.gguf_set import SET_ID_KEY, output_paths, set_id
+from quant.gguf_keys import ARCHITECTURE, SET_ID_KEY
+from quant.gguf_set import output_paths, set_id
 from quant.mapping import KeyValue, TensorSpec
 from quant.outlock import write_error
 
@@ -171,7 +172,7 @@ class StreamingGGUF:
         writer = _Writer(folder / self.out.name, arch, split_max_size=split_max_size)
         writer.set_id = self._identity["set"]
         for key, value, vtype, sub_type in kv:
-            if key != "general.architecture":
+            if key != ARCHITECTURE:
                 writer.add_key_value(key, value, vtype, sub_type)
         for spec in specs:
             writer.add_tensor_info(

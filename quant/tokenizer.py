@@ -15,6 +15,7 @@ from gguf import GGUFValueType
 from quant.config import facts_of
 from quant.errors import CheckpointError
 from quant.files import load_json_object, read_bounded, shown
+from quant.gguf_keys import BOS_TOKEN_ID, CHAT_TEMPLATE, EOS_TOKEN_ID, TOKENS
 from quant.mapping import KeyValue
 
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
@@ -39,15 +40,15 @@ class Vocab:
         return [
             ("tokenizer.ggml.model", "gpt2", V.STRING, None),
             ("tokenizer.ggml.pre", PRE_TOKENIZER, V.STRING, None),
-            ("tokenizer.ggml.tokens", self.tokens, V.ARRAY, V.STRING),
+            (TOKENS, self.tokens, V.ARRAY, V.STRING),
             ("tokenizer.ggml.token_type", self.token_types, V.ARRAY, V.INT32),
             ("tokenizer.ggml.merges", self.merges, V.ARRAY, V.STRING),
-            ("tokenizer.ggml.bos_token_id", self.bos_id, V.UINT32, None),
-            ("tokenizer.ggml.eos_token_id", self.eos_id, V.UINT32, None),
+            (BOS_TOKEN_ID, self.bos_id, V.UINT32, None),
+            (EOS_TOKEN_ID, self.eos_id, V.UINT32, None),
             ("tokenizer.ggml.padding_token_id", self.pad_id, V.UINT32, None),
             ("tokenizer.ggml.add_bos_token", False, V.BOOL, None),
             ("tokenizer.ggml.add_eos_token", False, V.BOOL, None),
-            ("tokenizer.chat_template", self.chat_template, V.STRING, None),
+            (CHAT_TEMPLATE, self.chat_template, V.STRING, None),
         ]
 
 

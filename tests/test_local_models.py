@@ -119,6 +119,7 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
     assert dsv4("rm", TAGGED, "--yes").code == 0  # a stale record (dead pid) holds nothing
 
 
+@pytest.mark.slow
 def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
     folder = home / "models" / "test-org--tiny-GGUF"
     holder = subprocess.Popen(

@@ -20,7 +20,7 @@ import numpy as np
 from dsv4cli.errors import RegistryError
 from dsv4cli.models.registry import ModelSpec
 from dsv4cli.models.tiny_tokenizer import tokenizer_files
-from quant.arch import V41
+from quant.archs import deepseek41
 from quant.codecs import f32_to_bf16, quantize_fp4_e2m1, quantize_fp8_block
 from quant.safetensors import DTYPES, write_safetensors
 
@@ -213,7 +213,7 @@ def _check_size(spec: ModelSpec, facts: dict[str, Any], s: _Shapes) -> None:
     attention = s.hidden * s.q_rank + s.q_rank * s.heads * s.head_dim + s.heads * s.head_dim * s.o_rank
     attention += s.o_groups * s.o_rank * s.hidden + s.q_rank * s.index_heads * s.index_dim + s.hidden * s.head_dim
     experts = (s.experts + s.shared) * 3 * s.hidden * s.inter
-    engram = sum(facts["engram_num_embeddings"]) * facts["engram_head_dim"] if spec.arch == V41 else 0
+    engram = sum(facts["engram_num_embeddings"]) * facts["engram_head_dim"] if spec.arch == deepseek41.ARCH.name else 0
     total = 2 * s.vocab * s.hidden + layers * (attention + experts) + engram
     if total > MAX_PARAMS:
         raise RegistryError(
@@ -228,7 +228,7 @@ def _shards(spec: ModelSpec) -> list[Tensors]:
     facts = {**spec.facts, "expert_dtype": spec.expert_dtype}
     s = _Shapes.of(facts)
     _check_size(spec, facts, s)
-    v41 = spec.arch == V41
+    v41 = spec.arch == deepseek41.ARCH.name
     n_layers, ratios = facts["num_hidden_layers"], facts["compress_ratios"]
     shards: list[_Builder] = []
 
