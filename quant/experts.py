@@ -113,12 +113,21 @@ def _candidates(blocks: np.ndarray, ggml_type: int) -> Iterator[tuple[np.ndarray
             yield _q4_0(blocks, c)
 
 
-def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
-    """Quantize one expert's [out, in] float32 weights the way its recipe says (`Recipe.expert_search`)."""
+def quantize_expert(x: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> ExpertResult:
+    """Quantize one expert's [out, in] float32 weights the way its recipe says (`Recipe.expert_search`).
+
+    `importance`: this expert's per-column mean x² of its input activations (an importance matrix,
+    `quant.imatrix`); with it every ggml-quantized type is searched under it instead of the weights' own x².
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    search = BY_TYPE[ggml_type].expert_search if ggml_type in BY_TYPE else "plain"
+    recipe = BY_TYPE.get(ggml_type)
+    search = recipe.expert_search if recipe else "plain"
+    if importance is not None and recipe and recipe.quantizer == "ggml" and search != "scale":
+        return _best_of_two(x, ggml_type, importance, metric=importance)
+    if recipe and recipe.needs_imatrix:
+        raise ValueError(f"{recipe.name} needs an importance matrix")
     if search == "imatrix":
-        return _search_imatrix(x, ggml_type)
+        return _best_of_two(x, ggml_type, np.mean(x * x, axis=0) + 1e-12, metric=None)
     if search != "scale":
         return _plain(x, ggml_type)
     blocks = x.reshape(-1, 32)
@@ -147,18 +156,20 @@ def _plain(x: np.ndarray, ggml_type: int) -> ExpertResult:
     return ExpertResult(data=data.reshape(x.shape[0], -1), rms=rms, max_abs=max_abs, plain_rms=rms)
 
 
-def _search_imatrix(x: np.ndarray, ggml_type: int) -> ExpertResult:
-    """K-quants: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
-    plain = ggml_quantize(x, ggml_type)
-    weighted = ggml_quantize(x, ggml_type, imatrix=np.mean(x * x, axis=0) + 1e-12)
+def _best_of_two(x: np.ndarray, ggml_type: int, weights: np.ndarray, metric: np.ndarray | None) -> ExpertResult:
+    """ggml's own quantizer, row by row the better of unweighted (uniform weights for the i-quants, which need
+    some) and weighted by `weights`; "better" = lower squared error, weighted per column by `metric` if given."""
+    uniform = np.ones(x.shape[1], dtype=np.float32) if BY_TYPE[ggml_type].needs_imatrix else None
+    plain = ggml_quantize(x, ggml_type, imatrix=uniform)
+    weighted = ggml_quantize(x, ggml_type, imatrix=weights)
     plain_diff = dequantize(plain, ggml_type).reshape(x.shape) - x
     weighted_diff = dequantize(weighted, ggml_type).reshape(x.shape) - x
-    plain_sq = plain_diff**2
-    plain_sse, weighted_sse = plain_sq.sum(axis=1), (weighted_diff**2).sum(axis=1)
-    better = weighted_sse < plain_sse
+    plain_sq, weighted_sq = plain_diff**2, weighted_diff**2
+    scale = 1.0 if metric is None else metric[None, :]
+    better = (weighted_sq * scale).sum(axis=1) < (plain_sq * scale).sum(axis=1)
     best = np.where(better[:, None], weighted, plain)
     diff = np.where(better[:, None], weighted_diff, plain_diff)
-    sse = np.where(better, weighted_sse, plain_sse).sum(dtype=np.float64)
+    sse = np.where(better, weighted_sq.sum(axis=1), plain_sq.sum(axis=1)).sum(dtype=np.float64)
     return ExpertResult(
         data=best,
         rms=float(np.sqrt(sse / x.size)),

@@ -120,6 +120,21 @@ DSV4_KEYS = {  # what dsv4 writes into every GGUF besides the tensors, vocabular
     SET_ID_KEY: STRING,
 }
 RECIPE_KEYS = {"experts": EXPERTS_KEY, "dense": DENSE_KEY}  # recipe role -> key
+# A quant fitted to a size (`dsv4 quantize --size`): the budget in bytes, the chosen type per tensor group (JSON),
+# and the importance matrix it was measured and quantized with (file name, calibration dataset, tokens).
+BUDGET_KEY = "dsv4.fit.budget"
+MIX_KEY = "dsv4.fit.mix"
+IMATRIX_KEY = "dsv4.imatrix"
+FIT_KEYS = {BUDGET_KEY: STRING, MIX_KEY: STRING, IMATRIX_KEY: STRING}  # only in fitted / imatrix quants
+
+# An importance matrix file (`quant.imatrix`): llama.cpp's imatrix GGUF keys, plus dsv4's own.
+IMATRIX_TYPE = "imatrix"  # general.type
+IMATRIX_DATASETS = "imatrix.datasets"
+IMATRIX_CHUNK_COUNT = "imatrix.chunk_count"
+IMATRIX_CHUNK_SIZE = "imatrix.chunk_size"
+IMATRIX_TOKENS = "dsv4.imatrix.tokens"
+IMATRIX_FLOOR = "dsv4.imatrix.floor"
+IMATRIX_MODEL = "dsv4.imatrix.model"
 
 
 def facts_keys(extra: tuple[Key, ...] = ()) -> dict[str, Key]:

@@ -20,6 +20,7 @@ from quant.archs import ARCHS
 from quant.archs.base import BF16, CONCAT, DENSE, EXPERTS, F32, I32, Dims, Row, block_dims
 from quant.config import facts_of
 from quant.errors import CheckpointError, UnsupportedError
+from quant.fit_groups import fit_group
 from quant.gguf_keys import BOOL, FLOAT32, FLOAT32_ARRAY, INT32_ARRAY, STRING, UINT32
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES, RECIPES, check_recipe, fallback_type
 
@@ -151,9 +152,10 @@ _KIND = {DENSE: "float", EXPERTS: "experts", CONCAT: "concat"}
 class _Builder:
     """Collects TensorPlans from layout rows: name, shape, type (recipe and fallback) and checkpoint sources."""
 
-    def __init__(self, facts: dict[str, Any], experts: str, dense: str) -> None:
+    def __init__(self, facts: dict[str, Any], experts: str, dense: str, mix: dict[str, str]) -> None:
         check_recipe(experts, dense)
         self.facts, self.experts, self.dense = facts, EXPERT_RECIPES[experts], DENSE_RECIPES[dense]
+        self.mix = mix
         self.plans: list[TensorPlan] = []
 
     def add(self, row: Row, name: str, dims: Dims, prefix: str = "") -> None:
@@ -163,6 +165,9 @@ class _Builder:
             wanted, kind = _STORED[row.stored]
         else:
             wanted, kind = (self.experts if row.stored == EXPERTS else self.dense), _KIND[row.stored]
+        group = fit_group(name)
+        if group in self.mix:
+            wanted = RECIPES[self.mix[group]].ggml_type
         sources: list[str] = []
         for source in row.sources:
             if "{expert}" in source:
@@ -175,13 +180,19 @@ class _Builder:
 
 
 def plan_tensors(
-    config: dict[str, Any], *, experts: str = "mxfp4", dense: str = "q8_0", mtp: bool = False
+    config: dict[str, Any],
+    *,
+    experts: str = "mxfp4",
+    dense: str = "q8_0",
+    mtp: bool = False,
+    mix: dict[str, str] | None = None,
 ) -> list[TensorPlan]:
     """The ordered tensor list with sources: root first, then each block (the order llama.cpp's converter uses),
-    from the family's layout rows (`quant.archs`)."""
+    from the family's layout rows (`quant.archs`); `mix` (fit group -> recipe, `quant.fit_groups`) overrides the
+    recipe's type for the tensors of those groups."""
     f = facts_of(config)
     arch = ARCHS[f["arch"]]
-    b = _Builder(f, experts, dense)
+    b = _Builder(f, experts, dense, mix or {})
     root = block_dims(f)
     for row in arch.root:
         b.add(row, row.name, root)

@@ -28,9 +28,11 @@ class Recipe:
     not a multiple of `block` (only tiny models hit this). `quantizer`: "ggml" is `ggml_quantize_chunk` from the
     libggml-base llama-cpp-python bundles, "gguf" the gguf package's numpy code. `expert_search`: how a routed
     expert is encoded ("scale": a per-block scale search, MXFP4 and Q4_0 only; "imatrix": ggml's quantizer, per
-    row the better of plain and weighted by the expert's own x²; "plain": the quantizer as is). `fp4_repack`: FP4
-    checkpoints repack into it losslessly. `ftype`: the `llama_ftype` written as `general.file_type` when it is the
-    expert recipe (llama.h).
+    row the better of plain and weighted by the expert's own x²; "plain": the quantizer as is; with an importance
+    matrix every ggml type is weighted by it instead, `quant.experts`). `fp4_repack`: FP4 checkpoints repack into it
+    losslessly. `ftype`: the `llama_ftype` written as `general.file_type` when it is the expert recipe (llama.h;
+    the _M variant where llama.h names mixes). `needs_imatrix`: the i-quants, whose codebooks are searched under
+    activation importance; dsv4 refuses them without an importance matrix (`dsv4 imatrix`), as llama-quantize does.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Recipe:
     expert_search: str = "plain"
     fp4_repack: bool = False
     ftype: int | None = None
+    needs_imatrix: bool = False
 
     @property
     def bits_per_weight(self) -> float:
@@ -58,6 +61,20 @@ RECIPES: dict[str, Recipe] = {
         Recipe("q4_k", 12, 256, 144, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=15),  # Q4_K_M
         Recipe("bf16", 30, 1, 2, (DENSE,), quantizer="gguf"),
         Recipe("q6_k", 14, 256, 210, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=18),
+        Recipe("q2_k", 10, 256, 84, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=10),
+        Recipe("q3_k", 11, 256, 110, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=12),  # Q3_K_M
+        Recipe("q5_k", 13, 256, 176, (EXPERTS, DENSE), fallback="q8_0", expert_search="imatrix", ftype=17),  # Q5_K_M
+        *(
+            Recipe(name, ggml_type, 256, size, (EXPERTS, DENSE), fallback="q8_0", ftype=ftype, needs_imatrix=True)
+            for name, ggml_type, size, ftype in (
+                ("iq2_xxs", 16, 66, 19),
+                ("iq2_xs", 17, 74, 20),
+                ("iq2_s", 22, 82, 28),
+                ("iq3_xxs", 18, 98, 23),
+                ("iq3_s", 21, 110, 26),
+                ("iq4_xs", 23, 136, 30),
+            )
+        ),
     )
 }
 BY_TYPE: dict[int, Recipe] = {r.ggml_type: r for r in RECIPES.values()}

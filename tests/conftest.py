@@ -6,7 +6,10 @@ or read by the tests that need them.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +125,17 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-mxfp4-q8_0.gguf"
     quantize_checkpoint(tiny_checkpoint, out, QuantOptions())
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_imatrix(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    """`dsv4 imatrix` of the tiny GGUF (two chunks of the built-in text), run in a subprocess; read-only."""
+    home = tmp_path_factory.mktemp("imatrix-home")
+    env = {**os.environ, "DSV4_HOME": str(home)}
+    argv = [sys.executable, "-m", "dsv4cli", "imatrix", str(tiny_gguf), "--chunks", "2", "--chunk", "128", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(json.loads(proc.stdout)["file"])
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from quant.codecs import dequant_fp8_block
 from quant.convert import QuantOptions, QuantReport, quantize_checkpoint
 from quant.experts import quantize_expert
 from quant.quantizers import quantize
-from quant.recipes import EXPERT_RECIPES
+from quant.recipes import BY_TYPE, EXPERT_RECIPES
 from quant.safetensors import Checkpoint
 
 MXFP4 = GGMLQuantizationType.MXFP4
@@ -68,9 +68,30 @@ def test_report_matches_gguf(base_gguf: tuple[Path, QuantReport]) -> None:
 
 @pytest.mark.parametrize("ggml_type", [GGMLQuantizationType(t) for t in EXPERT_RECIPES.values()])
 def test_quantize_expert_never_worse_than_plain(ggml_type: GGMLQuantizationType) -> None:
+    """The i-quants need importance (uniform here, so "plain" is the uniform-weighted quantizer)."""
     x = np.random.default_rng(7).standard_normal((64, 256)).astype(np.float32) * 0.02
-    result = quantize_expert(x, ggml_type)
-    plain = rms(gguf_quants.dequantize(quantize(x, ggml_type), ggml_type), x)
-    assert result.rms <= plain
+    uniform = np.ones(256, dtype=np.float32) if BY_TYPE[ggml_type].needs_imatrix else None
+    result = quantize_expert(x, ggml_type, uniform)
+    plain = rms(gguf_quants.dequantize(quantize(x, ggml_type, imatrix=uniform), ggml_type), x)
+    assert result.rms <= plain * (1 + 1e-6)
     assert result.plain_rms == pytest.approx(plain, rel=1e-6)
     assert result.rms == pytest.approx(rms(gguf_quants.dequantize(result.data, ggml_type), x), rel=1e-6)
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType(t) for t in EXPERT_RECIPES.values()])
+def test_activation_importance_lowers_weighted_error(ggml_type: GGMLQuantizationType) -> None:
+    """With an importance matrix, every ggml-searched type keeps per row the encoding with the lower error weighted
+    by it, so the weighted error is at most the unweighted quantizer's; the i-quants refuse to run without one."""
+    recipe = BY_TYPE[ggml_type]
+    x = np.random.default_rng(8).standard_normal((32, 256)).astype(np.float32) * 0.02
+    importance = np.random.default_rng(9).gamma(0.5, size=256).astype(np.float32) + 1e-3
+    if recipe.needs_imatrix:
+        with pytest.raises(ValueError, match="importance"):
+            quantize_expert(x, ggml_type)
+    if recipe.quantizer != "ggml" or recipe.expert_search == "scale":
+        return
+    uniform = np.ones(256, dtype=np.float32) if recipe.needs_imatrix else None
+    result = quantize_expert(x, ggml_type, importance)
+    got = gguf_quants.dequantize(result.data, ggml_type)
+    plain = gguf_quants.dequantize(quantize(x, ggml_type, imatrix=uniform), ggml_type)
+    assert ((got - x) ** 2 * importance).sum() <= ((plain - x) ** 2 * importance).sum() * (1 + 1e-6)

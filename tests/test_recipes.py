@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from quant.convert import QuantOptions, quantize_checkpoint
+from quant.errors import UnsupportedError
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS, DENSE, EXPERTS, RECIPES
 from tests.test_quant_gguf import load_in_llama
 
@@ -46,13 +48,21 @@ def test_flags_offer_every_entry(dsv4) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_entry_converts_loads_and_shows(python: str, dsv4, tiny_checkpoint: Path, tmp_path: Path, name: str) -> None:
-    """The entry in each role it has: the converter writes its type, llama.cpp loads it, show names it."""
+def test_entry_converts_loads_and_shows(
+    python: str, dsv4, tiny_checkpoint: Path, tiny_imatrix: Path, tmp_path: Path, name: str
+) -> None:
+    """The entry in each role it has: the converter writes its type (the i-quants only with an importance matrix),
+    llama.cpp loads it and generates on the deepseek4 graph, show names it."""
     roles = RECIPES[name].roles
     experts = name if EXPERTS in roles else DEFAULT_EXPERTS
     dense = name if DENSE in roles else DEFAULT_DENSE
     out = tmp_path / f"tiny-{experts}-{dense}.gguf"
-    quantize_checkpoint(tiny_checkpoint, out, QuantOptions(experts=experts, dense=dense))
+    options = QuantOptions(experts=experts, dense=dense)
+    if RECIPES[name].needs_imatrix:
+        with pytest.raises(UnsupportedError, match=r"--(experts|dense) iq\w+ needs an importance matrix"):
+            quantize_checkpoint(tiny_checkpoint, out, options)
+        options = replace(options, imatrix=str(tiny_imatrix))
+    quantize_checkpoint(tiny_checkpoint, out, options)
     types = {t.name: int(t.tensor_type) for t in GGUFReader(out).tensors}
     tensor = "blk.0.ffn_gate_exps.weight" if EXPERTS in roles else "blk.0.attn_q_a.weight"
     assert types[tensor] == RECIPES[name].ggml_type

@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "local_models",
     "pull",
     "quantize",
+    "imatrix",
     "plan",
     "chat",
     "serve",

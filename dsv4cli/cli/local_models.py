@@ -66,6 +66,17 @@ def _render(info: dict[str, Any]) -> None:
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info["expert_error_summary"].items()
         )
         out.print(printable(f"  expert error: {summary}"), markup=False)
+    if info.get("fit"):
+        fitted = info["fit"]
+        budget = f"{human_bytes(int(fitted['budget']))}" if fitted["budget"] else "-"
+        matrix = fitted["imatrix"] or {}
+        where = f"{matrix.get('file')} ({matrix.get('tokens')} tokens of {matrix.get('dataset')})" if matrix else "none"
+        out.print(printable(f"  fitted to: {budget}; imatrix: {where}"), markup=False)
+        by_recipe: dict[str, list[str]] = {}
+        for group, recipe in sorted((fitted["mix"] or {}).items()):
+            by_recipe.setdefault(recipe, []).append(group)
+        for recipe, groups in sorted(by_recipe.items()):
+            out.print(printable(f"    {recipe}: {', '.join(groups)}"), markup=False)
     template = {True: "yes", False: "no", None: "unknown (not downloaded)"}[info["chat_template"]]
     out.print(f"  chat template: {template}", markup=False)
     out.print(printable(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}"), markup=False)

@@ -27,14 +27,6 @@ HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
 # Generic per-expert/per-tensor scales that the loader tolerates (docs/formats.md §Tensor names).
 _TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
-# Integer hyper-parameters llama.cpp loops over or sizes buffers by (`quant.gguf_keys` rows; the bounds of their
-# config.json fact, `quant.config.INTS`, apply): 10^9 Sinkhorn iterations would make every token take minutes.
-BOUNDED_KEYS = (
-    k.CONTEXT_LENGTH, k.EMBEDDING_LENGTH, k.HEAD_COUNT, k.KEY_LENGTH, k.Q_LORA_RANK, k.OUTPUT_LORA_RANK,
-    k.OUTPUT_GROUP_COUNT, k.SLIDING_WINDOW, k.INDEXER_HEAD_COUNT, k.INDEXER_KEY_LENGTH, k.INDEXER_TOP_K, k.EXPERT_COUNT,
-    k.EXPERT_USED_COUNT, k.EXPERT_SHARED_COUNT, k.EXPERT_FFN_LENGTH, k.HC_SINKHORN_ITERATIONS, k.HASH_LAYER_COUNT,
-    k.NEXTN_PREDICT_LAYERS,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,10 +136,14 @@ class _Header:
         )
 
     def _check_bounds(self) -> None:
-        """Every hyper-parameter in BOUNDED_KEYS that is present within the bounds a config.json gets."""
+        """Integer hyper-parameters llama.cpp loops over or sizes buffers by get the bounds their config.json fact
+        gets (`quant.config.INTS`): 10^9 Sinkhorn iterations would make every token take minutes. block_count has
+        its own check (llama.cpp's layer limit, MTP block included)."""
         from quant.config import INTS
 
-        for key in BOUNDED_KEYS:
+        for key in (*k.ARCH_KEYS, k.NEXTN_PREDICT_LAYERS):
+            if key is k.BLOCK_COUNT or key.gguf_type != k.UINT32 or key.config not in INTS:
+                continue
             if _full(key) not in self.fields:
                 continue
             value = self.need_int(key)

@@ -12,7 +12,7 @@ from typing import Any
 
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
-from quant.gguf_keys import CHAT_TEMPLATE, SUMMARY_KEY
+from quant.gguf_keys import BUDGET_KEY, CHAT_TEMPLATE, FIT_KEYS, IMATRIX_KEY, MIX_KEY, SUMMARY_KEY
 from quant.recipes import type_name
 
 DIMS = (
@@ -30,13 +30,21 @@ def _header_extras(path: Path) -> dict[str, Any]:
     """The chat template's presence and the expert error summary, from a local first shard."""
     from quant.gguf_header import read_gguf_header
 
-    wanted = {CHAT_TEMPLATE, SUMMARY_KEY}
+    wanted = {CHAT_TEMPLATE, SUMMARY_KEY, *FIT_KEYS}
     fields = read_gguf_header(path, keep=wanted.__contains__).fields
-    try:
-        summary = json.loads(str(fields[SUMMARY_KEY]).strip()) if SUMMARY_KEY in fields else None
-    except ValueError:
-        summary = None
-    return {"chat_template": CHAT_TEMPLATE in fields, "expert_error_summary": summary}
+
+    def parsed(key: str) -> Any:
+        try:
+            return json.loads(str(fields[key]).strip()) if key in fields else None
+        except ValueError:
+            return None
+
+    fitted = {"budget": parsed(BUDGET_KEY), "mix": parsed(MIX_KEY), "imatrix": parsed(IMATRIX_KEY)}
+    return {
+        "chat_template": CHAT_TEMPLATE in fields,
+        "expert_error_summary": parsed(SUMMARY_KEY),
+        "fit": fitted if any(v is not None for v in fitted.values()) else None,
+    }
 
 
 def _pulled_from(path: Path) -> str | None:
@@ -62,7 +70,9 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         row["bytes"] += t.nbytes
         row["types"][type_name(t.ggml_type)] += t.nbytes
     local = src.kind == "gguf"
-    extras = _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None}
+    extras = (
+        _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None, "fit": None}
+    )
     return {
         "name": src.name,
         "kind": src.kind,
