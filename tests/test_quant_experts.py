@@ -66,7 +66,16 @@ def test_report_matches_gguf(base_gguf: tuple[Path, QuantReport]) -> None:
     assert report.worst(1)[0].rms == summary["rms_max"]
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType(t) for t in EXPERT_RECIPES.values()])
+FAST = ("mxfp4", "q4_0", "q4_k")  # the first release's types; the other entries are in the slow tier
+
+
+@pytest.mark.parametrize(
+    "ggml_type",
+    [
+        pytest.param(GGMLQuantizationType(t), id=name, marks=() if name in FAST else pytest.mark.slow)
+        for name, t in EXPERT_RECIPES.items()
+    ],
+)
 def test_quantize_expert_never_worse_than_plain(ggml_type: GGMLQuantizationType) -> None:
     """The i-quants need importance (uniform here, so "plain" is the uniform-weighted quantizer)."""
     x = np.random.default_rng(7).standard_normal((64, 256)).astype(np.float32) * 0.02
@@ -78,7 +87,16 @@ def test_quantize_expert_never_worse_than_plain(ggml_type: GGMLQuantizationType)
     assert result.rms == pytest.approx(rms(gguf_quants.dequantize(result.data, ggml_type), x), rel=1e-6)
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType(t) for t in EXPERT_RECIPES.values()])
+FAST = ("mxfp4", "q4_0", "q4_k")  # the first release's types; the other entries are in the slow tier
+
+
+@pytest.mark.parametrize(
+    "ggml_type",
+    [
+        pytest.param(GGMLQuantizationType(t), id=name, marks=() if name in FAST else pytest.mark.slow)
+        for name, t in EXPERT_RECIPES.items()
+    ],
+)
 def test_activation_importance_lowers_weighted_error(ggml_type: GGMLQuantizationType) -> None:
     """With an importance matrix, every ggml-searched type keeps per row the encoding with the lower error weighted
     by it, so the weighted error is at most the unweighted quantizer's; the i-quants refuse to run without one."""

@@ -67,7 +67,7 @@ def _status(base_url: str, key: str | None) -> int:
 
 
 def test_a_key_from_the_environment_guards_the_server(
-    python: str, tiny_gguf: Path, tmp_path: Path, monkeypatch
+    engine, python: str, tiny_gguf: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("DSV4_API_KEY", "env-key-1")
     proc, info = _start(python, tiny_gguf, tmp_path / "home")
