@@ -139,3 +139,30 @@ def test_list_json_carries_the_result(dsv4, tiny_gguf: Path, isolated_env: Path)
     [entry] = json.loads(dsv4("list", "--json").stdout)
     assert entry["eval"][0]["kld_mean"] == result["kld_mean"] and entry["eval"][0]["text"] == "builtin:mixed-v1"
     assert any(f.endswith(".eval.json") for f in entry["files"])  # `dsv4 rm` removes the record with the model
+
+
+def test_kld_output_is_complete_on_a_busy_machine(lossy_gguf: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """The pinned llama-perplexity exits without flushing its log thread; with the exit drain preloaded, every one of
+    twelve runs, six at once on a busy machine, prints all its rows and the whole statistics block (without it,
+    most such runs lost the tail here: `dsv4cli.eval.exit_drain`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsv4cli.eval.exit_drain import exit_drain_library
+    from dsv4cli.eval.perplexity import parse_kld, run_tool
+    from dsv4cli.eval.text import DATA
+
+    assert exit_drain_library() is not None  # a C compiler is here: the engine was built with it
+    tool = str(installed_engine().tool("llama-perplexity"))
+    common = ["-c", "128", "-b", "128", "-ub", "128", "-t", "1", "-fa", "off", "--no-repack"]
+    base = tmp_path / "base.bin"
+    run_tool([tool, "-m", str(tiny_gguf), *common, "-f", str(DATA / "mixed-v1.txt"), "--chunks", "4",
+              "--kl-divergence-base", str(base)], tmp_path / "base.log", lambda _: None)  # fmt: skip
+    argv = [tool, "-m", str(lossy_gguf), *common, "--kl-divergence-base", str(base), "--kl-divergence"]
+
+    def once(i: int) -> float:
+        log = tmp_path / f"run-{i}.log"
+        return parse_kld(run_tool(argv, log, lambda _: None), log, 4).kld_mean  # IncompleteOutput if cut short
+
+    with ThreadPoolExecutor(6) as pool:
+        figures = set(pool.map(once, range(12)))
+    assert len(figures) == 1 and figures.pop() > 0

@@ -5,12 +5,13 @@ then `--kl-divergence` runs the model against that file and prints the per-chunk
 (tools/perplexity/perplexity.cpp). Both runs get the plan's placement (`engine.scoring.scoring_argv`), with `-c` the
 evaluation context.
 
-llama.cpp prints through a worker thread (common/log.cpp). With the pinned build, a run on a busy machine can
-exit with status 0 having printed only part of its output: rows repeated, the last rows and the final statistics
-missing (seen in about half of six runs at once on 2 cores; the figures that did print are right). So a run's
-output is accepted only when every chunk's row is there exactly once and the statistics block is complete, and
-`kld_run` runs it again otherwise (`IncompleteOutput`). The reference logits need no output at all: they are a
-file, checked by size. Nothing here changes the engine build.
+llama.cpp prints through a worker thread (common/log.cpp), and the pinned build's llama-perplexity returns from
+`main` without flushing it: the process can exit with status 0 while the last rows and the final statistics are
+still queued (22 of 30 runs, six at once on 2 busy cores). `exit_drain` preloads a library that lets the thread
+drain inside `exit` (0 of 48 with it). A run's output is still accepted only when every chunk's row is there
+exactly once and the statistics block is complete, and `kld_run` runs it again otherwise (`IncompleteOutput`), as
+a guard where the library cannot be made. The reference logits need no output at all: they are a file, checked
+by size. Nothing here changes the engine build.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from dsv4cli.engine.scoring import TOOL
 from dsv4cli.errors import Dsv4Error
+from dsv4cli.eval.exit_drain import drained_env
 
 ATTEMPTS = 5  # runs of the model before an incomplete output is an error
 _NUM = r"(-?[\d.]+|-?nan|-?inf)"
@@ -105,7 +107,7 @@ def run_tool(argv: Sequence[str], log: Path, on_chunk: Callable[[int], None]) ->
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env=drained_env(),
         )  # fmt: skip
         try:
             assert proc.stdout is not None
