@@ -36,6 +36,11 @@ from dsv4cli.units import GIB
 
 # ctx and micro-batch small enough that the weights, not the compute buffer, decide what fits on a worker
 CTX, UBATCH = 1024, 64
+# Threads of each worker, and of the one process the split is compared with. ggml-cpu's flash attention for a single
+# query over 512 or more cached positions splits the positions among the threads and adds their partial sums
+# (ggml/src/ggml-cpu/ops.cpp, use_split_kv_path), so decoding depends on the thread count of whichever process holds
+# a layer: with other counts, greedy output across workers parts from one process's after a few dozen tokens.
+WORKER_THREADS = 1
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def start_worker(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     def start(mem_gib: float | None = None):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("DSV4_HOME", str(home))
-            worker = start_worker(WorkerOptions(port=0, mem_gib=mem_gib, threads=1), engine)
+            worker = start_worker(WorkerOptions(port=0, mem_gib=mem_gib, threads=WORKER_THREADS), engine)
         running.append(worker)
         return worker
 
@@ -210,7 +215,8 @@ def test_chat_rpc_flag_points_at_serve(dsv4) -> None:
 
 
 def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False):
-    """llama-server with the plan's flags; `local`: the same flags without the workers (one process)."""
+    """llama-server with the plan's flags; `local`: the same flags without the workers, on as many threads as a
+    worker has (one process)."""
     from dataclasses import replace
 
     from dsv4cli.load.placement import Placement
@@ -218,7 +224,8 @@ def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False
 
     data = plan.to_dict()
     if local:
-        data["llama"] = replace(plan.load_params(), rpc=(), tensor_split=(), n_gpu_layers=0).to_dict()
+        local_params = replace(plan.load_params(), rpc=(), tensor_split=(), n_gpu_layers=0, n_threads=WORKER_THREADS)
+        data["llama"] = local_params.to_dict()
     path = tmp_path / f"plan-{'local' if local else 'rpc'}.json"
     path.write_text(json.dumps(data))
     opts = ServeOptions(port=0, mtp=False, parallel=1, health_timeout=60)
@@ -255,12 +262,12 @@ def test_served_across_two_workers_matches_one_process(engine, start_worker, tin
         server = _serve(engine, tiny_gguf, plan, tmp_path, local=local)
         try:
             assert ("--rpc" in server.argv) is not local
-            with _complete(server) as r:
+            with _complete(server, n=64) as r:
                 reply = json.loads(r.read())
             outputs.append((reply["content"], reply["tokens_predicted"]))
         finally:
             server.process.stop()
-    assert outputs[0][1] == 24
+    assert outputs[0][1] == 64
     assert outputs[1] == outputs[0]
 
 
@@ -306,3 +313,36 @@ def test_worker_command_prints_its_address_and_stops_on_ctrl_c(engine, python: s
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_eval_through_two_workers_matches_one_process(
+    engine, start_worker, tiny_gguf: Path, tmp_path: Path, isolated_env: Path, dsv4
+) -> None:
+    """`dsv4 eval --plan` across two loopback workers against the same model in one process: the reference logits
+    come from the one-process run (cached; the cache is keyed by the reference, not its placement) and the split
+    computes the same distribution: KLD 0 within the uint16 steps the reference is stored in, the same top token
+    everywhere and the same perplexity. The one process keeps the plan's threads, unlike the serve test: scoring
+    evaluates many queries at once, where ggml-cpu's flash attention does not split positions among threads."""
+    from dataclasses import replace
+
+    budget = _budget(tiny_gguf)
+    plan = _plan(tiny_gguf, start_worker(mem_gib=budget), start_worker(mem_gib=budget))
+    assert all(plan.gpu_layer_counts) and len(plan.gpu_layer_counts) == 2  # both workers hold layers
+    data = plan.to_dict()
+    split, local = tmp_path / "plan-rpc.json", tmp_path / "plan-local.json"
+    split.write_text(json.dumps(data))
+    data["llama"] = replace(plan.load_params(), rpc=(), tensor_split=(), n_gpu_layers=0).to_dict()
+    local.write_text(json.dumps(data))
+    args = (str(tiny_gguf), "--ref", str(tiny_gguf), "--ctx", "128", "--chunks", "4", "--json")
+
+    one = dsv4("eval", *args, "--plan", str(local))
+    assert one.code == 0, one.stderr
+    r = dsv4("eval", *args, "--plan", str(split))
+    assert r.code == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["cache_reused"]  # the model ran across the workers against the one-process logits
+    logs = sorted((isolated_env / "logs").glob("eval-*.log"), key=lambda p: p.stat().st_mtime)
+    workers = ",".join(plan.load_params().rpc)
+    assert "--rpc" not in logs[0].read_text() and f"--rpc {workers} " in logs[-1].read_text().splitlines()[0]
+    assert result["kld_max"] < 1e-5 and result["rms_dp"] == 0.0 and result["top1"] > 0.99
+    assert result["ppl"] == json.loads(one.stdout)["ppl"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -97,7 +98,8 @@ class KldResult:
 
 
 def run_tool(argv: Sequence[str], log: Path, on_chunk: Callable[[int], None]) -> str:
-    """Run llama-perplexity, its stdout and stderr into `log` as they come; `on_chunk(n)` hears each chunk done.
+    """Run llama-perplexity, its stdout and stderr into `log` (after the command line) as they come; `on_chunk(n)`
+    hears each chunk done.
 
     Ctrl-C (or any exception) stops the child's process group before it propagates. Returns the whole output.
     """
@@ -105,6 +107,7 @@ def run_tool(argv: Sequence[str], log: Path, on_chunk: Callable[[int], None]) ->
     text = bytearray()
     seen = 0
     with log.open("wb") as sink:
+        sink.write(f"$ {shlex.join(argv)}\n".encode())
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, env=drained_env(),
