@@ -166,3 +166,55 @@ def test_kld_output_is_complete_on_a_busy_machine(lossy_gguf: Path, tiny_gguf: P
     with ThreadPoolExecutor(6) as pool:
         figures = set(pool.map(once, range(12)))
     assert len(figures) == 1 and figures.pop() > 0
+
+
+def test_ctrl_c_while_writing_reference_logits_leaves_the_cache_consistent(
+    python: str, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """SIGINT to a `dsv4 eval` subprocess (its progress bar drawn) while llama-perplexity writes the reference
+    logits: exit 130 with one line, the child gone, no partial file and no file without its record; the next run
+    computes the cache again and the one after reuses it."""
+    import os
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    env = {**os.environ, "DSV4_HOME": str(home), "DSV4_PROGRESS": "1"}
+    cmd = [python, "-m", "dsv4cli", "eval", str(tiny_gguf), "--ref", str(tiny_gguf), "--ctx", "128", "--cpu"]
+    logits = home / "eval" / "logits"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size > 1 << 20 for p in logits.glob("*.bin.partial")):  # a few chunks written
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "reference" in stderr and "chunks" in stderr  # the progress bar was drawn
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: no result recorded")
+    assert not _processes_naming(home), "llama-perplexity outlived dsv4 eval"
+    assert sorted(p.name for p in logits.iterdir()) == [".lock"]
+
+    def run() -> dict:
+        r = subprocess.run([*cmd, "--chunks", "2", "--json"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first, second = run(), run()
+    assert not first["cache_reused"] and second["cache_reused"]
+    assert first["kld_max"] < 1e-5 and second["kld_mean"] == first["kld_mean"]
+
+
+def _processes_naming(text: Path) -> list[int]:
+    """Processes whose command line names `text` (llama-perplexity's logits path is under the eval's home)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(text).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -56,19 +57,19 @@ def register(app: typer.Typer) -> None:
             chunks=chunks,
             placement=placement(plan, vram, ram, None, cpu, rpc),
         )
-        with _chunk_progress() as bar:
-            tasks: dict[str, int] = {}
+        try:
+            with _chunk_progress() as bar:
+                tasks: dict[str, int] = {}
 
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
+                def progress(stage: str, done: int, total: int) -> None:
+                    if stage not in tasks:
+                        tasks[stage] = bar.add_task(stage, total=total)
+                    bar.update(tasks[stage], completed=done)
 
-            try:
                 result = evaluate(resolve_model(model), options, note=note, progress=progress)
-            except KeyboardInterrupt:
-                err.print("interrupted: no result recorded; the reference logits cache holds only complete files")
-                raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # after the bar's last frame, so this is the last line
+            err.print("interrupted: no result recorded; the reference logits cache holds only complete files")
+            sys.exit(130)  # not typer.Exit(130): `main` reads that code as Ctrl-C and prints its own line too
         if json_output:
             print_json(result.to_json())
             return
