@@ -218,3 +218,49 @@ def _processes_naming(text: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.parametrize("planned", ["plan-file", "this-machine"])
+def test_eval_loads_with_the_placement_plan_gives(
+    dsv4, tiny_gguf: Path, tmp_path: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch, planned: str
+) -> None:
+    """Both llama-perplexity runs get the plan's placement flags (threads, GPU layers, KV types, flash attention,
+    load mode, repacking); only the chunk flags are eval's. Where the engine reports AMX, repacking is off: forcing
+    it aborts llama.cpp there (`dsv4cli.system.llama_lib.use_extra_bufts`)."""
+    import shlex
+
+    monkeypatch.delenv("DSV4_REPACK", raising=False)
+    plan_file = tmp_path / "plan.json"
+    args: tuple[str, ...] = ("--plan", str(plan_file))
+    if planned == "plan-file":  # a thread count of the user's, not the machine's default
+        assert dsv4("plan", str(tiny_gguf), "--ctx", "128", "--threads", "1", "-o", str(plan_file)).code == 0
+    else:
+        assert dsv4("plan", str(tiny_gguf), "--ctx", "128", "-o", str(plan_file)).code == 0
+        args = ()
+    planned_args = json.loads(plan_file.read_text())["llama_args"]
+    r = dsv4("eval", str(tiny_gguf), "--ref", str(tiny_gguf), *args, "--ctx", "128", "--chunks", "2", "--json")
+    assert r.code == 0, r.stderr
+
+    logs = sorted((isolated_env / "logs").glob("eval-*.log"))
+    assert len(logs) == 2  # the reference's run and the model's
+    for log in logs:
+        command, *output = log.read_text().splitlines()
+        argv = shlex.split(command.removeprefix("$ "))[1:]
+        assert _placement_flags(argv) == _placement_flags(planned_args)
+        assert argv[argv.index("-c") + 1] == "128" and int(argv[argv.index("-b") + 1]) <= 128
+        if any("AMX_INT8 = 1" in line for line in output):  # the engine's own system_info line
+            assert "--no-repack" in argv
+    if planned == "plan-file":
+        assert planned_args[planned_args.index("-t") + 1] == "1"
+
+
+def _placement_flags(argv: list[str]) -> list[str]:
+    """llama.cpp flags without the model, the chunk sizes and eval's own (text, chunks, logits files)."""
+    with_value = {"-m", "-c", "-b", "-ub", "-f", "--chunks", "--kl-divergence-base"}
+    kept, rest = [], iter(argv)
+    for arg in rest:
+        if arg in with_value:
+            next(rest)
+        elif arg != "--kl-divergence":
+            kept.append(arg)
+    return kept
