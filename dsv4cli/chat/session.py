@@ -325,13 +325,14 @@ class Placement:
     ctx: int | None = None
     cpu: bool = False  # no GPU even where one is found (`--cpu`)
     rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers (`dsv4 serve --rpc`; the in-process engine refuses them)
+    untuned: bool = False  # ignore `dsv4 tune`'s cached settings (`--untuned`)
 
     def plan_inputs(self) -> PlanInputs:
         """The budgets as plan inputs, for a plan made now (no `--plan` file)."""
         from dsv4cli.plan import PlanInputs
 
         vram = () if self.cpu else self.vram_gib
-        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc)
+        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc, untuned=self.untuned)
 
 
 @dataclass
@@ -398,7 +399,10 @@ def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None]
 
     if placement.plan_file:
         return load_plan_params(placement.plan_file, gguf, note=note)
-    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs()).load_params()
+    plan = make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs())
+    for line in plan.tune_notes if note else ():
+        note(f"note: {line}")
+    return plan.load_params()
 
 
 def prompt_renderer(gguf: Path, info: GgufInfo | None = None) -> PromptRenderer:

@@ -19,6 +19,7 @@ from dsv4cli.cli.options import (
     PlanFileOpt,
     RamOpt,
     RpcOpt,
+    UntunedOpt,
     VramOpt,
     placement,
 )
@@ -70,6 +71,7 @@ def register(app: typer.Typer) -> None:
         ram: RamOpt = None,
         cpu: CpuOpt = False,
         ctx: CtxOpt = None,
+        untuned: UntunedOpt = False,
         engine_bin: Annotated[
             Path | None, typer.Option("--engine-bin", help="llama-server to run (default: `dsv4 engine build`'s).")
         ] = None,
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError
 
-        where = placement(plan, vram, ram, ctx, cpu, rpc)
+        where = placement(plan, vram, ram, ctx, cpu, rpc, untuned=untuned)
         opts = ServeOptions(
             host=host,
             port=port,

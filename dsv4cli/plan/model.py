@@ -31,8 +31,8 @@ class PlanInputs:
     ram_gib: float | None = None
     no_disk: bool = False
     ctx: int | None = None  # None: DEFAULT_CTX capped at the model's context length
-    ubatch: int = DEFAULT_UBATCH
-    kv_type: str = DEFAULT_KV_TYPE
+    ubatch: int | None = None  # None: tuned, else DEFAULT_UBATCH (dsv4cli.plan.tuning, like the settings below)
+    kv_type: str | None = None  # None: tuned, else DEFAULT_KV_TYPE
     margin_gib: float = DEFAULT_MARGIN_GIB
     experts: str = DEFAULT_EXPERTS
     dense: str = DEFAULT_DENSE
@@ -47,6 +47,11 @@ class PlanInputs:
     calibrate: bool = False  # time llama.cpp's kernels here again (dsv4cli.plan.calibrate)
     cpu_gbs: float | None = None  # GEMV GB/s per thread, given (another machine): no calibration
     reserve_gib: float | None = None  # host RAM kept for the OS; None: max(2 GiB, 10 % of RAM)
+    flash_attn: bool | None = None  # None: tuned, else on
+    repack: bool | None = None  # weight repacking; None: tuned, else llama_lib.use_extra_bufts()
+    mmap: bool | None = None  # memory-map even when everything fits; None: tuned, else only when streaming
+    gpu_expert_layers: int | None = None  # at most this many layers' experts in VRAM; None: tuned, else all that fit
+    untuned: bool = False  # ignore `dsv4 tune`'s cached result (`--untuned`)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Plan:
     machine: Machine | None = None  # the figures the estimates used, with their sources
     hints: list[str] = field(default_factory=list)  # what would make a plan that streams from disk fit
     assumptions: dict[str, Any] = field(default_factory=dict)  # machine.assumptions: figure, unit, source
+    tune_notes: list[str] = field(default_factory=list)  # why `dsv4 tune`'s result was not used (damaged file)
 
     def tier(self, name: str) -> Tier:
         return next(t for t in self.tiers if t.name == name)
@@ -129,17 +135,17 @@ class Plan:
         split = tuple(float(n) for n in self.gpu_layer_counts) if len(self.gpu_layer_counts) > 1 else ()
         return LoadParams(
             n_ctx=self.kv.n_ctx,
-            n_batch=self.inputs.ubatch,
-            n_ubatch=self.inputs.ubatch,
+            n_batch=self.inputs.ubatch or DEFAULT_UBATCH,
+            n_ubatch=self.inputs.ubatch or DEFAULT_UBATCH,
             n_gpu_layers=self.n_gpu_layers,
             host_tensors=tuple(patterns),
             tensor_split=split,
             # mmap when anything is read from disk, and always for Engram tables (sparse lookups); else load it all
-            use_mmap=any(t.kind == "disk" and t.weights for t in self.tiers) or engram,
-            flash_attn=flash_attn(self.inputs, gpu=gpu),
-            kv_type=self.inputs.kv_type,
+            use_mmap=any(t.kind == "disk" and t.weights for t in self.tiers) or engram or bool(self.inputs.mmap),
+            flash_attn=flash_attn(self.inputs),
+            kv_type=self.inputs.kv_type or DEFAULT_KV_TYPE,
             n_threads=self.inputs.threads,
-            use_extra_bufts=llama_lib.use_extra_bufts(),  # decided here, so chat and llama_args agree
+            use_extra_bufts=llama_lib.use_extra_bufts(self.inputs.repack),  # decided here: chat and llama_args agree
             rpc=tuple(dict.fromkeys(t.endpoint for t in self.tiers if t.endpoint)),
         )
 
@@ -159,6 +165,8 @@ class Plan:
         return plan_to_dict(self)
 
 
-def flash_attn(inputs: PlanInputs, *, gpu: bool) -> bool:
-    """On for GPUs (smaller compute buffer) and for a quantized cache; llama-cpp-python's CPU default otherwise."""
-    return gpu or inputs.kv_type != DEFAULT_KV_TYPE
+def flash_attn(inputs: PlanInputs) -> bool:
+    """On unless turned off (by a flag or `dsv4 tune`), and always with a quantized cache (llama.cpp cannot make a
+    context with a quantized V cache without it). A smaller compute buffer on GPUs, and measured faster on CPUs
+    too (V4-Flash's widths, llama-bench: see the commit that made it the default)."""
+    return inputs.flash_attn is not False or inputs.kv_type not in (None, DEFAULT_KV_TYPE)
