@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 DEFAULT_BUDGET_S = 300.0
 MIN_BUDGET_S = 5.0
 QUICK_BUDGET_S = 120.0  # below this, shorter tests and one repetition: fewer, noisier figures
-CALIBRATE_S = 90.0  # what calibrating the speed model at a new thread count needs, roughly
+CALIBRATE_S = 180.0  # what calibrating the speed model at a new thread count may need on a busy machine
 
 
 @dataclass
