@@ -156,11 +156,10 @@ def tune_model(
         return same_output(gguf, params(current), params(candidate), deadline=until)
 
     result = search(start, dims, measure, deadline=deadline, accept=accept, progress=progress)
-    notes = []
     key = tune_key(src, [t for t in start_plan.tiers if t.kind == "gpu"], inputs)
     report = {"start": result.start_measurement.to_dict(), "tuned": result.best_measurement.to_dict(), **sizes}
     path = cache.save(dsv4_home(), key, result.best, model=gguf.name, report=report) if key else None
-    notes += _calibrate(src, result.best, deadline, progress)
+    notes = _calibrate(src, result.best, deadline, progress)
     return TuneResult(gguf, result, path, time.monotonic() - began, budget_s, {"binary": str(binary), **sizes}, notes)
 
 
