@@ -162,3 +162,21 @@ def test_output_check_compares_greedy_text(tiny_gguf: Path) -> None:
 def test_bad_budget_is_one_line(dsv4, budget: str) -> None:
     result = dsv4("tune", "tiny", "--budget", budget)
     assert result.code != 0 and "--budget" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpu_settings_are_searched_and_applied(tiny_gguf: Path) -> None:
+    from dsv4cli.plan import PlanInputs, make_plan
+    from dsv4cli.tune.run import settings_of
+    from dsv4cli.tune.settings import GPU_UBATCHES, dimensions
+
+    full = make_plan(str(tiny_gguf), PlanInputs(vram_gib=(8.0,), untuned=True))
+    n_layer = full.source.dims.n_layer
+    start = settings_of(full)
+    assert start.gpu_expert_layers == n_layer and not full.cpu_expert_layers  # 8 GiB holds the tiny model
+    dims = dict(dimensions(start, physical=4, logical=8, repack_ok=True))
+    assert dims["gpu_expert_layers"][0] == n_layer and min(dims["gpu_expert_layers"]) < n_layer
+    assert dims["ubatch"] == GPU_UBATCHES and dims["threads"] == (4, 8) and dims["repack"] == (True, False)
+    capped = make_plan(str(tiny_gguf), PlanInputs(vram_gib=(8.0,), untuned=True, gpu_expert_layers=1))
+    assert capped.cpu_expert_layers == list(range(n_layer - 1))  # the top layer's experts stay on the GPU
+    assert capped.assumptions["gpu_expert_layers"] == {"value": 1, "unit": "", "source": "flag"}
+    assert any("ffn_(gate|up|down)_exps" in p for p in capped.load_params().host_tensors)
