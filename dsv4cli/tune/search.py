@@ -69,21 +69,21 @@ def search(
     costs: list[float] = []
 
     def run(settings: Settings) -> Measurement | None:
-        if costs and time.monotonic() + max(costs) > deadline:
+        began = time.monotonic()
+        if costs and began + max(costs) > deadline:
             return None
         try:
             m = measure(settings, deadline - time.monotonic())
         except BenchError as e:
             trials.append(Trial(settings, None, str(e)))
             progress(f"  {settings.label()}: {e}")
-            costs.append(time.monotonic() - begun)
+            costs.append(time.monotonic() - began)
             return None
         costs.append(m.seconds)
         trials.append(Trial(settings, m))
         progress(f"  {settings.label()}: decode {m.tg_tps:.2f} tok/s, prefill {m.pp_tps:.1f} tok/s")
         return m
 
-    begun = time.monotonic()
     first = run(start)
     if first is None:
         raise BenchError(trials[-1].error if trials else "no time to measure the plan's own settings")
@@ -97,7 +97,6 @@ def search(
             if time.monotonic() + max(costs) > deadline:
                 stopped = "budget"
                 break
-            begun = time.monotonic()
             m = run(candidate)
             if m is None or not ahead(m, best_m, _noise(trials)):
                 continue
