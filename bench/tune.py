@@ -15,7 +15,8 @@ Goal: (c) at least the best of (a) and (b) on decode and prefill within the nois
 printed), and ahead of (b) where a rule was wrong. The load average is printed before and after: on a shared
 machine the figures are only as steady as it.
 
-    .venv/bin/python bench/tune.py [--models DIR] [--gguf F.gguf] [--budget 300] [--rounds 2] [--json]
+    .venv/bin/python bench/tune.py [--models DIR] [--gguf F.gguf] [--budget 300] [--rounds 2] [--prompt 512]
+                                   [--gen 32] [--json]
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ from pathlib import Path
 
 from bench_models import REAL_CONFIG, make_gguf
 
-N_PROMPT, N_GEN = 512, 32
 
-
-def rows(gguf: Path, budget: float) -> dict[str, list[str]]:
+def rows(gguf: Path, budget: float, n_prompt: int, n_gen: int) -> dict[str, list[str]]:
     """llama-bench flags (model and sizes aside) of each row, after tuning."""
     from dsv4cli.chat.session import Placement
     from dsv4cli.models.ref import resolve_model
@@ -54,9 +53,9 @@ def rows(gguf: Path, budget: float) -> dict[str, list[str]]:
         "(b-) fa off": dataclasses.replace(untuned, flash_attn=False),
         "(c) dsv4 tuned": result.search.best,
     }
-    sized = {"n_prompt": N_PROMPT, "n_gen": N_GEN, "reps": 1}
+    sized = {"n_prompt": n_prompt, "n_gen": n_gen, "reps": 1}
     out = {
-        "(a) llama-server defaults": ["-m", str(gguf), "-p", str(N_PROMPT), "-n", str(N_GEN), "-r", "1", "-o", "json"]
+        "(a) llama-server defaults": ["-m", str(gguf), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1", "-o", "json"]
     }
     if "AMX" in llama_lib.extra_buffer_types():
         out["(a) llama-server defaults"] += ["--repack", "0"]
@@ -84,6 +83,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="keep the generated model here (default: a temp folder)")
     parser.add_argument("--budget", type=float, default=300.0, help="dsv4 tune's budget in seconds")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=512, help="prefill test tokens")
+    parser.add_argument("--gen", type=int, default=32, help="decode test tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from dsv4cli.engine.build import find_engine
@@ -94,7 +95,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         gguf = args.gguf or make_gguf(folder, "bench-real", REAL_CONFIG)
         binary = find_engine().tool("llama-bench")
-        table = rows(gguf, args.budget)
+        table = rows(gguf, args.budget, args.prompt, args.gen)
         load_before = os.getloadavg()
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in table}
         for r in range(args.rounds):

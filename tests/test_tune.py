@@ -114,6 +114,10 @@ def test_flags_and_untuned_override_the_tuned_result(tiny_gguf: Path, dsv4) -> N
     assert flagged["assumptions"]["threads"]["source"] == "flag" and flagged["llama"]["n_threads"] == 2
     assert flagged["assumptions"]["kv_type"]["source"] == "flag" and flagged["llama"]["type_k"] == "f16"
     assert flagged["assumptions"]["ubatch"]["source"] == "tuned"  # the others still come from the tune
+    forced = json.loads(dsv4("plan", str(tiny_gguf), "--json", "--no-flash-attn", "--kv-type", "q8_0").stdout)
+    assert forced["assumptions"]["flash_attn"] == {"value": True, "unit": "", "source": "needed by the quantized cache"}
+    off = json.loads(dsv4("plan", str(tiny_gguf), "--json", "--no-flash-attn", "--kv-type", "f16").stdout)
+    assert off["assumptions"]["flash_attn"]["source"] == "flag" and off["llama"]["flash_attn"] is False
     untuned = json.loads(dsv4("plan", str(tiny_gguf), "--json", "--untuned").stdout)
     assert not any(f["source"] == "tuned" for f in untuned["assumptions"].values())
     assert untuned["llama"]["n_threads"] == cpu_threads() and untuned["llama"]["flash_attn"] is True

@@ -134,10 +134,11 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     used_gpus = [d for d in used_devices if d.kind == "gpu"]
     gpu_bw = [(t.name, t.bandwidth_gbs, "flag" if inputs.vram_bw else "assumed") for t in used_gpus]
     params = plan.load_params()
+    fa_source = sources["flash_attn"] if params.flash_attn == inputs.flash_attn else "needed by the quantized cache"
     context = {
         "ctx": Figure(inputs.ctx, "tokens", ctx_source),
         "kv_type": Figure(inputs.kv_type, "", sources["kv_type"]),
-        "flash_attn": Figure(params.flash_attn, "", sources["flash_attn"] if inputs.flash_attn else "quantized cache"),
+        "flash_attn": Figure(params.flash_attn, "", fa_source),
         "ubatch": Figure(params.n_ubatch, "tokens", sources["ubatch"]),
         "repack": Figure(params.repack(), "", sources["repack"]),
         "mmap": Figure(params.use_mmap, "", sources["mmap"] if not params.use_mmap or inputs.mmap else "needed"),

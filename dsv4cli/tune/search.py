@@ -86,7 +86,11 @@ def search(
 
     first = run(start)
     if first is None:
-        raise BenchError(trials[-1].error if trials else "no time to measure the plan's own settings")
+        reason = trials[-1].error if trials else "no time left"
+        raise BenchError(
+            f"could not measure the plan's own settings: {reason}",
+            hint="give a longer --budget (other processes on this machine slow llama-bench down)",
+        )
     best, best_m = start, first
     stopped = "done"
     for name, values in dims:
