@@ -91,9 +91,9 @@ def growing_conversation(client, alias: str, turns: int, first_tokens: int = 150
 
 
 def serve(gguf: Path, placement, *, mtp: bool = True):
-    from dsv4cli.engine.build import build_engine
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.toolchain.build import build_engine
 
     engine = build_engine("cpu").engine
     opts = ServeOptions(port=0, alias="bench", mtp=mtp)
@@ -103,20 +103,22 @@ def serve(gguf: Path, placement, *, mtp: bool = True):
 def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
     import openai
 
-    from dsv4cli.chat.session import Placement, open_chat
-    from dsv4cli.models.ref import resolve_model
+    from dsv4cli.load.engines import open_engine
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
 
     server = serve(gguf, Placement(ctx=args.ctx))
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
-        loaded = open_chat(resolve_model(str(gguf)), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
+        prepared = prepare_model(gguf, Placement(ctx=args.ctx), note=lambda m: None)
+        engine = open_engine("inprocess", prepared, note=lambda m: None)
         api_decode(client, "bench", 16)  # warm-up both paths
-        chat_decode(loaded.engine, loaded.renderer, 16)
+        chat_decode(engine, prepared.renderer, 16)
         api, chat = [], []
         for _ in range(args.repeats):
             api.append(api_decode(client, "bench", args.tokens)["tps"])
-            chat.append(chat_decode(loaded.engine, loaded.renderer, args.tokens))
-        loaded.engine.close()
+            chat.append(chat_decode(engine, prepared.renderer, args.tokens))
+        engine.close()
         ratio = statistics.median(api) / statistics.median(chat)
         print(
             f"decode: dsv4 serve (OpenAI API, streamed) {statistics.median(api):.1f} tok/s vs in-process dsv4 chat "
@@ -141,8 +143,9 @@ def bench_mtp(args: argparse.Namespace) -> None:
     """Drafting on vs off on `tiny` quantized with `--mtp`, placed with the plain tiny model's plan."""
     import openai
 
-    from dsv4cli.chat.session import Placement, resolve_gguf
     from dsv4cli.home import models_dir
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.resolve import resolve_gguf
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from quant.convert import QuantOptions, quantize_checkpoint
@@ -182,7 +185,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--mtp", action="store_true", help="also measure MTP drafting on a tiny GGUF with the block")
     args = parser.parse_args()
-    from dsv4cli.chat.session import resolve_gguf
+    from dsv4cli.load.resolve import resolve_gguf
 
     gguf = args.gguf or resolve_gguf(None, note=lambda m: print(m, file=sys.stderr))
     bench_decode(gguf, args)

@@ -34,10 +34,10 @@ from bench_models import REAL_CONFIG, make_gguf
 
 def rows(gguf: Path, budget: float, n_prompt: int, n_gen: int) -> dict[str, list[str]]:
     """llama-bench flags (model and sizes aside) of each row, after tuning."""
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.model_file import open_model_file
+    from dsv4cli.load.placement import Placement
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import make_plan
-    from dsv4cli.plan.source import read_gguf
     from dsv4cli.system import llama_lib
     from dsv4cli.tune.bench import bench_args
     from dsv4cli.tune.run import plan_for, settings_of, tune_model
@@ -45,7 +45,7 @@ def rows(gguf: Path, budget: float, n_prompt: int, n_gen: int) -> dict[str, list
     placement = Placement(cpu=True)
     result = tune_model(resolve_model(str(gguf)), placement, budget_s=budget, progress=print)
     print(f"tuned in {result.seconds:.0f} s: {result.search.best.label()}")
-    src = read_gguf(gguf)
+    src = open_model_file(gguf).source
     inputs = dataclasses.replace(placement.plan_inputs(), untuned=True)
     untuned = settings_of(make_plan(src, inputs))
     settings = {
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=32, help="decode test tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from dsv4cli.engine.build import find_engine
+    from dsv4cli.toolchain.build import find_engine
 
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-tune-") as tmp:
         os.environ["DSV4_HOME"] = str(Path(tmp) / "home")

@@ -20,7 +20,7 @@ BUDGET_S = 30
 
 @pytest.fixture(scope="module")
 def engine():
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     return build_engine("cpu").engine  # cached after the first build
 
@@ -46,13 +46,13 @@ def tuned(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _tuned_file(tiny_gguf: Path, settings: dict) -> Path:
     """Write a tune result for the tiny model on this machine (the file `dsv4 tune` writes), with `settings`."""
     from dsv4cli.home import dsv4_home
+    from dsv4cli.load.model_file import open_model_file
     from dsv4cli.plan import PlanInputs
-    from dsv4cli.plan.source import read_gguf
     from dsv4cli.plan.tuning import tune_key
     from dsv4cli.tune import cache
     from dsv4cli.tune.settings import Settings
 
-    key = tune_key(read_gguf(tiny_gguf), [], PlanInputs())
+    key = tune_key(open_model_file(tiny_gguf).source, [], PlanInputs())
     return cache.save(dsv4_home(), key, Settings.from_dict(settings), model=tiny_gguf.name, report={})
 
 
@@ -84,8 +84,8 @@ def test_plan_uses_the_tuned_result(tuned, tiny_gguf: Path, dsv4, monkeypatch: p
 
 
 def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> None:
-    from dsv4cli.chat.session import Placement, load_params
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import load_params, prepare_model
 
     _tuned_file(tiny_gguf, SETTINGS)
     plan = json.loads(dsv4("plan", str(tiny_gguf), "--json").stdout)
@@ -94,7 +94,7 @@ def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> 
     assert (llama["type_k"], llama["flash_attn"], llama["use_mmap"]) == ("q8_0", True, True)
     params = load_params(tiny_gguf, Placement())
     assert (params.n_threads, params.n_ubatch, params.kv_type, params.use_mmap) == (1, 256, "q8_0", True)
-    args = plan_model(resolve_model(str(tiny_gguf)), Placement(), note=lambda _: None).llama_args
+    args = prepare_model(resolve_model(str(tiny_gguf)), Placement(), note=lambda _: None).llama_args
     pairs = dict(itertools.pairwise(args))
     assert (pairs["-t"], pairs["-ub"], pairs["-ctk"], pairs["-fa"]) == ("1", "256", "q8_0", "on")
     # chat loads and answers with them
@@ -105,8 +105,8 @@ def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> 
 
 
 def test_flags_and_untuned_override_the_tuned_result(tiny_gguf: Path, dsv4) -> None:
-    from dsv4cli.chat.session import Placement, load_params
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import load_params, prepare_model
     from dsv4cli.system.hardware import cpu_threads
 
     _tuned_file(tiny_gguf, SETTINGS)
@@ -123,13 +123,14 @@ def test_flags_and_untuned_override_the_tuned_result(tiny_gguf: Path, dsv4) -> N
     assert untuned["llama"]["n_threads"] == cpu_threads() and untuned["llama"]["flash_attn"] is True
     params = load_params(tiny_gguf, Placement(untuned=True))
     assert (params.n_ubatch, params.kv_type, params.flash_attn) == (512, "f16", True)
-    args = plan_model(resolve_model(str(tiny_gguf)), Placement(untuned=True), note=lambda _: None).llama_args
+    args = prepare_model(resolve_model(str(tiny_gguf)), Placement(untuned=True), note=lambda _: None).llama_args
     assert args[args.index("-ub") + 1] == "512"
     assert dsv4("chat", str(tiny_gguf), "--untuned", "-p", "Hi", "--max-tokens", "2", "--json").code == 0
 
 
 def test_a_damaged_cache_is_ignored_with_a_note(tiny_gguf: Path, dsv4) -> None:
-    from dsv4cli.chat.session import Placement, load_params
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import load_params
 
     path = _tuned_file(tiny_gguf, SETTINGS)
     path.write_text('{"schema": "dsv4.tune/1", "settings": {"threads": "many"')
@@ -149,7 +150,8 @@ def test_a_damaged_cache_is_ignored_with_a_note(tiny_gguf: Path, dsv4) -> None:
 def test_output_check_compares_greedy_text(tiny_gguf: Path) -> None:
     import dataclasses
 
-    from dsv4cli.chat.session import Placement, load_params
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import load_params
     from dsv4cli.tune.check import greedy_text, same_output
 
     params = load_params(tiny_gguf, Placement(ctx=1024, untuned=True))

@@ -51,7 +51,7 @@ def _header_extras(path: Path) -> dict[str, Any]:
 def _pulled_from(path: Path) -> str | None:
     """The Hub repo a pulled file came from (its folder's manifest), None for other files."""
     from dsv4cli.home import models_dir
-    from dsv4cli.hub.pull import read_manifest
+    from dsv4cli.hub.manifest import read_manifest
 
     folder = next((p for p in path.parents if p.parent == models_dir()), None)
     return read_manifest(folder).get("repo") if folder else None

@@ -10,7 +10,8 @@ import os
 from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.errors import Dsv4Error
 from dsv4cli.home import dsv4_home
-from dsv4cli.plan.model import DEFAULT_UBATCH, PlanInputs, Tier
+from dsv4cli.plan.inputs import DEFAULT_UBATCH, PlanInputs
+from dsv4cli.plan.model import Tier
 from dsv4cli.plan.source import ModelSource
 from dsv4cli.system import hardware, llama_lib
 from dsv4cli.tune import cache

@@ -24,7 +24,7 @@ from dsv4cli.tune.search import SearchResult, Trial, search
 from dsv4cli.tune.settings import CPU_UBATCHES, GPU_UBATCHES, Settings, dimensions
 
 if TYPE_CHECKING:
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.models.ref import ModelRef
     from dsv4cli.plan.model import Plan, PlanInputs
     from dsv4cli.plan.source import ModelSource
@@ -102,13 +102,13 @@ def tune_model(
     progress: Callable[[str], None] = lambda _: None,
 ) -> TuneResult:
     """Search this machine's fastest settings for MODEL within `budget_s` seconds and cache them."""
-    from dsv4cli.chat.session import resolve_gguf
-    from dsv4cli.engine.build import EngineError, find_engine
     from dsv4cli.home import dsv4_home
+    from dsv4cli.load.model_file import open_model_file
+    from dsv4cli.load.resolve import resolve_gguf
     from dsv4cli.plan import make_plan
-    from dsv4cli.plan.source import read_gguf
     from dsv4cli.plan.tuning import tune_key
     from dsv4cli.system import hardware, llama_lib
+    from dsv4cli.toolchain.build import EngineError, find_engine
     from dsv4cli.tune import cache
 
     if budget_s < MIN_BUDGET_S:
@@ -122,7 +122,7 @@ def tune_model(
     binary = engine.tool("llama-bench")
     if not binary.is_file():
         raise EngineError(f"{binary} is missing from the engine build", hint="run `dsv4 engine build` again")
-    src = read_gguf(gguf)
+    src = open_model_file(gguf).source  # checked: a file llama.cpp would abort on is refused here
     inputs = dataclasses.replace(placement.plan_inputs(), untuned=True)
     start_plan = make_plan(src, inputs)
     start = settings_of(start_plan)
