@@ -15,7 +15,7 @@ import pytest
 
 from dsv4cli.models.ref import resolve_model
 
-BUDGET_S = 30
+BUDGET_S = 60  # small, yet a busy shared machine still gets one tiny-model run in
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ SETTINGS = {"flash_attn": True, "threads": 1, "repack": False, "ubatch": 256, "k
 
 def test_tune_finishes_inside_its_budget_and_writes_the_cache(tuned) -> None:
     home, report, wall = tuned
-    assert report["seconds"] <= BUDGET_S
-    assert wall <= BUDGET_S + 20  # the interpreter, imports and the model's header around the search
+    assert report["seconds"] <= BUDGET_S, report
+    assert wall <= BUDGET_S + 30  # the interpreter, imports and the model's header around the search
     assert report["trials"] and report["trials"][0]["measured"]["tg_tps"] > 0  # the defaults were measured
     assert report["start_measured"]["pp_tps"] > 0
     saved = json.loads(Path(report["cache_file"]).read_text())

@@ -54,9 +54,11 @@ def run_bench(
 ) -> Measurement:
     """Run llama-bench once; BenchError when it fails, times out or prints nothing usable."""
     argv = [str(binary), *bench_args(params, model, n_prompt=n_prompt, n_gen=n_gen, reps=reps)]
+    if timeout <= 0:
+        raise BenchError("no time left in the budget")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max(timeout, 1.0), errors="replace")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, errors="replace")
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"llama-bench ran past its {timeout:.0f} s") from e
     seconds = time.perf_counter() - start

@@ -26,11 +26,13 @@ PROMPT = "The history of the printing press begins"
 def greedy_text(model: Path, params: LoadParams, *, timeout: float, tokens: int = CHECK_TOKENS) -> str | None:
     """The greedy continuation of PROMPT under `params` (a small context), from a child process; None when it
     fails or outlasts `timeout` (an abort there cannot take `dsv4 tune` down)."""
+    if timeout <= 0:
+        return None
     small = dataclasses.replace(params, n_ctx=CHECK_CTX)
     code = "import sys; from dsv4cli.tune.check import child; child(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
     argv = [sys.executable, "-c", code, str(model), json.dumps(small.to_dict()), str(tokens)]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max(timeout, 1.0), errors="replace")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, errors="replace")
     except subprocess.TimeoutExpired:
         return None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("TEXT ")]

@@ -137,7 +137,7 @@ def tune_model(
     gpu = start.gpu_expert_layers is not None
     quick = budget_s < QUICK_BUDGET_S
     sizes = {
-        "n_prompt": 128 if quick else max(GPU_UBATCHES if gpu else CPU_UBATCHES),
+        "n_prompt": 64 if quick else max(GPU_UBATCHES if gpu else CPU_UBATCHES),
         "n_gen": 8 if quick else 32,
         "reps": 1 if quick else 2,
     }
@@ -146,8 +146,9 @@ def tune_model(
     def params(settings: Settings) -> LoadParams:
         return plan_for(src, inputs, settings).load_params()
 
-    def measure(settings: Settings, timeout: float) -> Measurement:
-        return run_bench(binary, gguf, params(settings), timeout=timeout, **sizes)
+    def measure(settings: Settings, until: float) -> Measurement:
+        planned = params(settings)  # planned first: the benchmark gets all the time that is left
+        return run_bench(binary, gguf, planned, timeout=until - time.monotonic(), **sizes)
 
     def accept(candidate: Settings, current: Settings, until: float) -> bool:
         if candidate.kv_type == current.kv_type:

@@ -63,8 +63,8 @@ def search(
     accept: Callable[[Settings, Settings, float], bool] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> SearchResult:
-    """Coordinate descent; `measure(settings, timeout)` runs one benchmark, `accept(candidate, current, deadline)`
-    may refuse a faster candidate (the output check of a quantized KV cache)."""
+    """Coordinate descent; `measure(settings, deadline)` runs one benchmark that ends by `deadline` (monotonic),
+    `accept(candidate, current, deadline)` may refuse a faster candidate (the output check of a quantized cache)."""
     trials: list[Trial] = []
     costs: list[float] = []
 
@@ -73,7 +73,7 @@ def search(
         if costs and began + max(costs) > deadline:
             return None
         try:
-            m = measure(settings, deadline - time.monotonic())
+            m = measure(settings, deadline)
         except BenchError as e:
             trials.append(Trial(settings, None, str(e)))
             progress(f"  {settings.label()}: {e}")
