@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "tune",
     "chat",
     "serve",
+    "eval",
     "worker",
     "engine",
     "doctor",

@@ -43,8 +43,15 @@ class LocalModel:
     folder: Path | None = field(default=None, repr=False)  # the pulled folder it belongs to (lock, manifest)
 
     def to_dict(self) -> dict[str, Any]:
+        from dsv4cli.eval.record import read_results
+
         keys = ("name", "kind", "state", "bytes", "recipe", "repo")
-        return {k: getattr(self, k) for k in keys} | {"path": str(self.path), "files": [str(f) for f in self.files]}
+        measured = read_results(self.path) if self.kind in ("gguf", "gguf-repo") and self.state == "complete" else []
+        return {k: getattr(self, k) for k in keys} | {
+            "path": str(self.path),
+            "files": [str(f) for f in self.files],
+            "eval": measured,  # `dsv4 eval` results, newest first
+        }
 
 
 def _size(path: Path) -> int:
@@ -94,8 +101,10 @@ def _converted(path: Path) -> LocalModel:
         shards = [path.parent / n for n in gguf_repo.shard_set(names, path.name, repo=str(path.parent))]
     except IntegrityError:  # a shard is missing: list what is there, so it can be removed
         shards = [path.parent / n for n in names if gguf_repo.set_name(n) == gguf_repo.set_name(path.name)]
-    report = path.parent / (gguf_repo.set_name(path.name) + REPORT_SUFFIX)
-    files = tuple(shards) + ((report,) if report.is_file() else ())
+    from dsv4cli.eval.record import record_path
+
+    extras = (path.parent / (gguf_repo.set_name(path.name) + REPORT_SUFFIX), record_path(path))
+    files = tuple(shards) + tuple(f for f in extras if f.is_file())
     return LocalModel(path.name, "gguf", "complete", path, files, sum(_size(f) for f in shards), read_recipe(path))
 
 

@@ -32,6 +32,8 @@ CUSTOM_OPS = frozenset({92, 93, 94, 95})  # MAP_CUSTOM1-3, CUSTOM: op_params hol
 TENSOR_SIZE = TENSOR.size  # 296
 SET_HEADER = TENSOR_SIZE + 1 + U64.size  # rpc_tensor | cache flag | offset
 GRAPH_HEAD = struct.Struct("<II")  # device, n_nodes
+TENSOR_HEAD = struct.Struct("<QIQ4I4II")  # rpc_tensor's id, type, buffer, ne, nb, op: what `Session.tensor` reads
+DATA_AT = TENSOR_SIZE - 64 - 4 - 8  # rpc_tensor's data (before name and use_count)
 FIXED = {
     Cmd.ALLOC_BUFFER: ALLOC_REQUEST.size, Cmd.GET_ALIGNMENT: 4, Cmd.GET_MAX_SIZE: 4, Cmd.BUFFER_GET_BASE: 8,
     Cmd.FREE_BUFFER: 8, Cmd.BUFFER_CLEAR: 9, Cmd.SET_TENSOR_HASH: TENSOR_SIZE + 16, Cmd.GET_TENSOR: TENSOR_SIZE + 16,
@@ -90,20 +92,22 @@ class Session:
     def tensor(self, raw: bytes | memoryview, what: str, *, allocated: bool = True) -> tuple[int, int]:
         """Check one rpc_tensor as `tensors` does (in plain integers: one tensor per request is the common case,
         and numpy's per-call cost would dominate); (data, nbytes)."""
-        f = TENSOR.unpack_from(raw)
-        ttype, buffer, ne, nb, op, data = f[1], f[2], f[3:7], f[7:11], f[11], f[-3]
+        if len(raw) < TENSOR_SIZE:
+            raise Refused(f"{what}: a tensor of {len(raw)} bytes; its layout has {TENSOR_SIZE}")
+        _, ttype, buffer, n0, n1, n2, n3, b0, b1, b2, b3, op = TENSOR_HEAD.unpack_from(raw)
+        (data,) = U64.unpack_from(raw, DATA_AT)
         if ttype not in TYPE_SIZES:
             raise Refused(f"{what}: tensor of unknown ggml type {ttype}")
         if op >= OP_COUNT or op in CUSTOM_OPS:
             raise Refused(f"{what}: tensor with op {op} (unknown, or a custom op)")
-        size = _nbytes(ttype, ne, nb)
+        size = _nbytes(ttype, (n0, n1, n2, n3), (b0, b1, b2, b3))
         if buffer == 0:
             if allocated or data:
                 raise Refused(f"{what}: tensor without a buffer" if allocated else f"{what}: data but no buffer")
             return data, size
         b = self.buffer(buffer, what)
         if data < b.base or data + size > b.base + b.size:
-            name = f[-2].split(b"\0", 1)[0].decode(errors="replace")
+            name = raw[DATA_AT + 8 : DATA_AT + 72].split(b"\0", 1)[0].decode(errors="replace")
             raise Refused(f"{what}: tensor {name!r} lies outside its buffer")
         return data, size
 
@@ -153,7 +157,7 @@ def _nbytes(ttype: int, ne: tuple[int, ...], nb: tuple[int, ...]) -> int:
         return 0
     block, size = TYPE_SIZES[ttype]
     first = size + (ne[0] - 1) * nb[0] if block == 1 else ne[0] * nb[0] // block
-    return first + sum((ne[i] - 1) * nb[i] for i in range(1, 4))
+    return first + (ne[1] - 1) * nb[1] + (ne[2] - 1) * nb[2] + (ne[3] - 1) * nb[3]
 
 
 def _name(t: np.void) -> str:
@@ -189,7 +193,7 @@ def check_fixed(cmd: Cmd, payload: bytes, session: Session) -> None:
 
 def check_set_tensor(header: bytes, data_size: int, session: Session) -> int:
     """SET_TENSOR's header (before its data is read): the write must lie inside the tensor; returns the offset."""
-    _, size = session.tensor(header[:TENSOR_SIZE], "SET_TENSOR")
+    _, size = session.tensor(header, "SET_TENSOR")  # its first TENSOR_SIZE bytes
     (offset,) = U64.unpack_from(header, TENSOR_SIZE + 1)
     if offset + data_size > size:
         raise Refused(f"SET_TENSOR: {data_size} bytes at offset {offset} of a {size}-byte tensor")

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from dsv4cli.deadline import Deadline, env_seconds
+from dsv4cli.rpc.buffered import Inbox, Outbox
 from dsv4cli.rpc.messages import (
     FIXED,
     MAX_BUFFERS,
@@ -51,7 +52,6 @@ from dsv4cli.rpc.protocol import (
     U64,
     Cmd,
     Endpoint,
-    recv_exact,
 )
 
 PIECE = 8 << 20
@@ -60,6 +60,8 @@ IDLE_TIMEOUT_S = 30.0
 MIN_RATE = 1 << 20  # bytes per second a client must keep up within a message
 MAX_CLIENTS = 32  # connections held at once (one served, the others waiting their turn)
 CONNECT_TIMEOUT_S = 10.0  # the server may be restarting
+REQUEST_HEAD = struct.Struct("<BQ")  # command, payload size
+SET_OFFSET = struct.Struct("<BQ")  # SET_TENSOR's cache flag and offset, after its rpc_tensor
 
 
 class Upstream:
@@ -133,7 +135,8 @@ class BudgetRelay:
         self._track(client, add=True)
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            caps = _hello(client, self.idle_s)
+            inbox = Inbox(client)
+            caps = _hello(inbox, self.idle_s)
             with self._turn:
                 try:
                     upstream = self.upstream.connect()
@@ -143,7 +146,8 @@ class BudgetRelay:
                 self._track(upstream, add=True)
                 try:
                     upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    _Relayed(client, upstream, self.budget, Session(devices=self.devices), self.idle_s).run(caps)
+                    session = Session(devices=self.devices)
+                    _Relayed(client, inbox, upstream, self.budget, session, self.idle_s).run(caps)
                 finally:
                     self._track(upstream, add=False)
                     upstream.close()
@@ -165,23 +169,26 @@ def _peer(peer: object) -> str:
     return str(peer)
 
 
-def _hello(client: socket.socket, idle_s: float) -> bytes:
+def _hello(client: Inbox, idle_s: float) -> bytes:
     """The client's HELLO (the first message, in time and of the exact size), read before its turn."""
     deadline = Deadline(idle_s)
-    head = recv_exact(client, 1 + U64.size, deadline)
+    head = client.take(1 + U64.size, deadline)
     if head[0] != Cmd.HELLO or U64.unpack_from(head, 1)[0] != CAPS_SIZE:
         raise Refused("the connection did not open with HELLO")
-    return recv_exact(client, CAPS_SIZE, deadline)
+    return client.take(CAPS_SIZE, deadline)
 
 
 class _Relayed:
-    """One client's turn at the server."""
+    """One client's turn at the server. What it forwards waits in `out` until the relay would wait (`buffered.py`)."""
 
     def __init__(
-        self, client: socket.socket, upstream: socket.socket, budget: int, session: Session, idle_s: float
+        self, client: socket.socket, inbox: Inbox, upstream: socket.socket, budget: int, session: Session, idle_s: float
     ) -> None:
-        self.client, self.upstream, self.budget, self.session, self.idle_s = client, upstream, budget, session, idle_s
-        self.upstream.settimeout(None)
+        self.client, self.budget, self.session, self.idle_s = client, budget, session, idle_s
+        upstream.settimeout(None)
+        self.out, self.answers = Outbox(upstream), Outbox(client)
+        self.inbox, inbox.before_wait = inbox, self.out.flush
+        self.replies = Inbox(upstream, self.out.flush)
 
     def run(self, caps: bytes) -> None:
         del caps  # the client's transport capabilities: the relay only carries plain TCP
@@ -189,45 +196,52 @@ class _Relayed:
         reply = self._reply_bytes()
         self.client.sendall(U64.pack(len(reply)) + reply[:4] + bytes(len(reply) - 4))
         while True:
-            cmd = self._next_command()
-            (size,) = U64.unpack(recv_exact(self.client, U64.size, Deadline(self.idle_s)))
-            deadline = Deadline(self.idle_s + size / MIN_RATE)
-            self._one(cmd, size, deadline)
+            if not self.inbox.buffered():
+                self._wait_for_request()
+            cmd, size = REQUEST_HEAD.unpack(self.inbox.take(REQUEST_HEAD.size, self.idle_s))
+            self._one(cmd, size)
 
-    def _next_command(self) -> int:
-        """Wait for the next request: forever while the client holds buffers, else at most the idle time."""
+    def _wait_for_request(self) -> None:
+        """Wait for the next request's first byte: forever while the client holds buffers, else at most the idle
+        time."""
         while True:
-            self.client.settimeout(self.idle_s)
             try:
-                byte = self.client.recv(1)
+                self.inbox.wait(self.idle_s)
+                return
             except TimeoutError:
-                if self.session.buffers:
-                    continue
-                raise
-            if not byte:
-                raise ConnectionError("client closed")
-            return byte[0]
+                if not self.session.buffers:
+                    raise
 
-    def _one(self, cmd: int, size: int, deadline: Deadline) -> None:
-        if cmd in FIXED and cmd != Cmd.HELLO:
-            if size != FIXED[Cmd(cmd)]:
-                raise Refused(f"{Cmd(cmd).name} of {size} bytes; its layout has {FIXED[Cmd(cmd)]}")
-            payload = recv_exact(self.client, size, deadline)
-            self._fixed(Cmd(cmd), payload)
-        elif cmd == Cmd.SET_TENSOR:
+    def _one(self, cmd: int, size: int) -> None:
+        """One request, whose head has just been read: checked, then forwarded or answered."""
+        if cmd == Cmd.SET_TENSOR:  # the most frequent: a dozen or more per token
             if size < SET_HEADER:
                 raise Refused(f"SET_TENSOR of {size} bytes, shorter than its header")
-            header = recv_exact(self.client, SET_HEADER, Deadline(self.idle_s))  # checked before the data is read
+            if size - SET_HEADER <= PIECE and self.inbox.buffered() >= size:  # all here: nothing to wait for
+                self._set_whole(self.inbox.take(size))
+                return
+            deadline = self._deadline(size)
+            header = self.inbox.take(SET_HEADER, self.idle_s)  # checked before the data is read
             offset = check_set_tensor(header, size - SET_HEADER, self.session)
             self._set_in_pieces(header, offset, size - SET_HEADER, deadline)
+        elif cmd in FIXED and cmd != Cmd.HELLO:
+            if size != FIXED[Cmd(cmd)]:
+                raise Refused(f"{Cmd(cmd).name} of {size} bytes; its layout has {FIXED[Cmd(cmd)]}")
+            payload = self.inbox.take(size, self._deadline(size))
+            self._fixed(Cmd(cmd), payload)
         elif cmd == Cmd.GRAPH_COMPUTE:
             if size > MAX_GRAPH_BYTES:
                 raise Refused(f"GRAPH_COMPUTE of {size} bytes (at most {MAX_GRAPH_BYTES})")
-            payload = recv_exact(self.client, size, deadline)
+            payload = self.inbox.take(size, self._deadline(size))
             check_graph(payload, self.session)
             self._send(cmd, payload)
         else:
             raise Refused(f"command {cmd} (unknown here, or HELLO again)")
+
+    def _deadline(self, size: int) -> Deadline:
+        """The whole message within the idle time plus a second per MiB, from its head (read just before: nothing
+        has waited since)."""
+        return Deadline(self.idle_s + size / MIN_RATE)
 
     def _fixed(self, cmd: Cmd, payload: bytes) -> None:
         check_fixed(cmd, payload, self.session)
@@ -261,12 +275,25 @@ class _Relayed:
             self.session.buffers[ptr] = Buffer(base, nbytes)
         self._answer(reply)
 
+    def _set_whole(self, payload: bytes) -> None:
+        """A SET_TENSOR that has arrived whole (nothing to wait for) and fits in one piece: the same checks, and
+        forwarded as it is unless its cache flag must be cleared (`_set_in_pieces` sends what this sends)."""
+        offset = check_set_tensor(payload, len(payload) - SET_HEADER, self.session)
+        if payload[TENSOR_SIZE]:
+            payload = payload[:TENSOR_SIZE] + SET_OFFSET.pack(0, offset) + payload[SET_HEADER:]
+        self._send(Cmd.SET_TENSOR, payload)
+
     def _set_in_pieces(self, header: bytes, offset: int, n: int, deadline: Deadline) -> None:
         tensor = header[:TENSOR_SIZE]
         done = 0
         while True:
-            piece = recv_exact(self.client, min(n - done, PIECE), deadline)
-            self._send(Cmd.SET_TENSOR, tensor + b"\0" + U64.pack(offset + done) + piece)
+            piece = self.inbox.take(min(n - done, PIECE), deadline)
+            self.out.write(
+                REQUEST_HEAD.pack(Cmd.SET_TENSOR, SET_HEADER + len(piece)),
+                tensor,
+                SET_OFFSET.pack(0, offset + done),
+                piece,
+            )
             done += len(piece)
             if done >= n:
                 return
@@ -274,24 +301,26 @@ class _Relayed:
     def _get_in_pieces(self, payload: bytes) -> None:
         tensor = payload[:TENSOR_SIZE]
         offset, n = struct.unpack_from("<QQ", payload, TENSOR_SIZE)
-        self.client.sendall(U64.pack(n))
+        self.answers.write(U64.pack(n))  # goes with the first piece: one write, one wake-up of the client
         done = 0
         while True:
             length = min(n - done, PIECE)
             self._send(Cmd.GET_TENSOR, tensor + struct.pack("<QQ", offset + done, length))
-            self.client.sendall(self._reply_bytes(length))
+            self.answers.write(self._reply_bytes(length))
             done += length
             if done >= n:
+                self.answers.flush()
                 return
 
     def _send(self, cmd: int, payload: bytes) -> None:
-        self.upstream.sendall(bytes([cmd]) + U64.pack(len(payload)) + payload)
+        self.out.write(REQUEST_HEAD.pack(cmd, len(payload)), payload)
 
     def _reply_bytes(self, expected: int | None = None) -> bytes:
-        (size,) = U64.unpack(recv_exact(self.upstream, U64.size))
+        (size,) = U64.unpack(self.replies.take(U64.size))
         if size > max(expected or 0, CAPS_SIZE + 4, PIECE):
             raise ConnectionError(f"the server answered with {size} bytes")
-        return recv_exact(self.upstream, size)
+        return self.replies.take(size)
 
     def _answer(self, reply: bytes) -> None:
-        self.client.sendall(U64.pack(len(reply)) + reply)
+        self.answers.write(U64.pack(len(reply)), reply)
+        self.answers.flush()
