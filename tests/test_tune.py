@@ -84,6 +84,7 @@ def test_plan_uses_the_tuned_result(tuned, tiny_gguf: Path, dsv4, monkeypatch: p
 
 
 def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> None:
+    from dsv4cli.eval.run import prepare  # dsv4 eval's seam to loading
     from dsv4cli.load.placement import Placement
     from dsv4cli.load.prepared import load_params, prepare_model
 
@@ -97,6 +98,8 @@ def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> 
     args = prepare_model(resolve_model(str(tiny_gguf)), Placement(), note=lambda _: None).llama_args
     pairs = dict(itertools.pairwise(args))
     assert (pairs["-t"], pairs["-ub"], pairs["-ctk"], pairs["-fa"]) == ("1", "256", "q8_0", "on")
+    assert prepare(resolve_model(str(tiny_gguf)), Placement(), note=lambda _: None).params == params
+    assert prepare(resolve_model(str(tiny_gguf)), Placement(untuned=True), note=lambda _: None).params.n_ubatch == 512
     # chat loads and answers with them
     result = dsv4("chat", str(tiny_gguf), "-p", "Hello", "--max-tokens", "4", "--temp", "0", "--json")
     assert result.code == 0, result.stderr
