@@ -3,9 +3,10 @@
 Each setting in turn (`settings.dimensions`) takes each of its candidates with the others held at the best so
 far; a candidate replaces the best when it is ahead by more than the noise on the geometric mean of decode and
 prefill speed and neither falls behind by more than twice the noise. The noise is the larger of NOISE_FLOOR and
-the typical spread of llama-bench's repetitions. When the budget allows, the winner and the start are measured
-once more, alternating, and the winner is kept only if it is still ahead on both runs together: a lucky first
-run does not change a default. A run is started only when the time left covers one more like the slowest so far.
+the typical spread of llama-bench's repetitions. The winner and the start are then measured once more, and the
+winner is kept only if it is still ahead on both runs together: a lucky first run (a quiet moment on a shared
+machine) does not change a default. A candidate is tried only when the time left covers it and that
+confirmation, each like the slowest run so far; a winner that could not be measured again is not kept.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dsv4cli.tune.bench import BenchError, Measurement
 from dsv4cli.tune.settings import Settings, with_value
 
 NOISE_FLOOR = 0.03  # 3 %: below this two runs of the same settings are not told apart on a quiet machine
+CONFIRM_RUNS = 3  # a candidate is tried only with time left for it and for measuring the start and it again
 
 
 @dataclass
@@ -98,7 +100,7 @@ def search(
             candidate = with_value(best, name, value)
             if candidate == best or not candidate.valid() or any(t.settings == candidate for t in trials):
                 continue
-            if time.monotonic() + max(costs) > deadline:
+            if time.monotonic() + CONFIRM_RUNS * max(costs) > deadline:  # keep room to confirm a winner
                 stopped = "budget"
                 break
             m = run(candidate)
@@ -113,14 +115,15 @@ def search(
             break
     noise = _noise(trials)
     start_m = first
-    if best != start and time.monotonic() + 2 * max(costs) <= deadline:
+    if best != start:
         progress("  confirming: the start and the best once more")
         again_start, again_best = run(start), run(best)
-        if again_start and again_best:
+        confirmed = again_start is not None and again_best is not None
+        if confirmed:
             start_m, best_m = _best_of(first, again_start), _best_of(best_m, again_best)
-            if not ahead(best_m, start_m, noise):
-                progress("  the best is not ahead of the start on the second run: keeping the start")
-                best, best_m = start, start_m
+        if not confirmed or not ahead(best_m, start_m, noise):
+            progress("  the best is not ahead of the start on a second run: keeping the start")
+            best, best_m = start, start_m
     return SearchResult(start, best, start_m, best_m, noise, trials, stopped)
 
 
