@@ -12,7 +12,7 @@ GPU_CMAKE_rocm := -DGGML_HIP=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 GPU_CMAKE_metal := -DGGML_METAL=on
 
-.PHONY: setup engine demo test lint bench
+.PHONY: setup engine demo test test-fast lint bench
 
 setup: $(VENV)/.installed engine
 ifneq ($(GPU),)
@@ -55,6 +55,12 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# The fast tier for while you work (under 90 s): no llama.cpp model loads, fuzzing, servers or engine builds
+# (the markers are in tests/conftest.py). `make test` runs everything.
+FAST := not slow and not fuzz and not server and not engine_build
+test-fast: setup
+	$(PY) -m pytest -m "$(FAST)"
 
 bench: setup
 	$(PY) bench/pull.py

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_planned_bytes_within_5_percent_of_llama(tiny_gguf: Path, python: str, flash_attn: bool) -> None:
     """Flash attention's compute buffer is a fit (engine/kvcache.py): within 10 % on the tiny model's MiB-sized
