@@ -19,13 +19,6 @@ BUDGET_S = 60  # small, yet a busy shared machine still gets one tiny-model run 
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from dsv4cli.toolchain.build import build_engine
-
-    return build_engine("cpu").engine  # cached after the first build
-
-
-@pytest.fixture(scope="module")
 def tuned(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
     """One real tune of the tiny model with a small budget: (its home, the --json report, wall seconds)."""
     home = tmp_path_factory.mktemp("tune-home")
@@ -83,6 +76,7 @@ def test_plan_uses_the_tuned_result(tuned, tiny_gguf: Path, dsv4, monkeypatch: p
     assert plan["llama"]["flash_attn"] == report["tuned"]["flash_attn"]
 
 
+@pytest.mark.slow  # loads the model in llama.cpp
 def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> None:
     from dsv4cli.eval.run import prepare  # dsv4 eval's seam to loading
     from dsv4cli.load.placement import Placement
@@ -107,6 +101,7 @@ def test_plan_chat_and_serve_apply_the_tuned_settings(tiny_gguf: Path, dsv4) -> 
     assert json.loads(dsv4("plan", str(tiny_gguf), "--json").stdout)["llama"]["flash_attn"] is False
 
 
+@pytest.mark.slow  # loads the model in llama.cpp
 def test_flags_and_untuned_override_the_tuned_result(tiny_gguf: Path, dsv4) -> None:
     from dsv4cli.load.placement import Placement
     from dsv4cli.load.prepared import load_params, prepare_model
@@ -150,6 +145,7 @@ def test_a_damaged_cache_is_ignored_with_a_note(tiny_gguf: Path, dsv4) -> None:
     assert json.loads(dsv4("plan", str(tiny_gguf), "--json").stdout)["llama"]["n_ubatch"] == 512
 
 
+@pytest.mark.slow  # loads the model in llama.cpp
 def test_output_check_compares_greedy_text(tiny_gguf: Path) -> None:
     import dataclasses
 
