@@ -1,8 +1,9 @@
 """`dsv4 serve`'s work: llama-server's command line from the plan, the safety checks, and the launch.
 
 What llama-server lacks and dsv4 adds: the model reference and placement (see `model.py`), the engine build,
-a port and key check before anything starts, the V4 tool-call template when the GGUF's own has none, MTP
-drafting when the file carries the nextn block, and a lifecycle that leaves no process behind.
+a port and key check before anything starts, the DeepSeek V4 chat template (byte-equal to DeepSeek's encoder, the
+one `quantize` embeds) whatever the GGUF carries, MTP drafting when the file carries the nextn block, and a
+lifecycle that leaves no process behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dsv4cli.chat.session import Placement
-from dsv4cli.engine.build import ServerBinary, tool_template
+from dsv4cli.engine.build import ServerBinary
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.models.ref import ModelRef
@@ -20,10 +21,7 @@ from dsv4cli.server.model import PlannedModel, plan_model
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.server.records import remove_record, write_record
 from quant.gguf_set import complete_split_set
-
-# The marker of a template that renders OpenAI `tools` and parses V4 tool calls (llama.cpp common/chat.cpp
-# picks its DeepSeek V3.2/V4 handler on it).
-TOOL_TEMPLATE_MARKER = "dsml_token"
+from quant.tokenizer import TEMPLATE_PATH
 
 
 @dataclass(frozen=True)
@@ -85,10 +83,9 @@ def server_argv(engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
     argv += ["--jinja", "--reasoning-format", "deepseek", "--reasoning", "on" if opts.think else "off"]
-    if TOOL_TEMPLATE_MARKER not in (model.chat_template or ""):
-        template = tool_template()
-        if template is not None:
-            argv += ["--chat-template-file", str(template)]
+    # llama.cpp's own V4 template keeps past reasoning where DeepSeek's encoder drops it, and GGUFs made elsewhere
+    # carry that one; ours matches the encoder (it also names `dsml_token`, which picks llama.cpp's V4 parser).
+    argv += ["--chat-template-file", str(TEMPLATE_PATH)]
     if opts.mtp and model.has_mtp:
         argv += ["--spec-type", "draft-mtp"]
     if opts.parallel is not None:

@@ -20,7 +20,6 @@ from dsv4cli.rpc.health import check_workers, rpc_endpoints
 class PlannedModel:
     gguf: Path
     llama_args: list[str]  # llama-server flags from the plan, `-m` included
-    chat_template: str | None  # the GGUF's own template
     has_mtp: bool  # the nextn (multi-token prediction) block is in the file
 
 
@@ -34,4 +33,4 @@ def plan_model(ref: ModelRef | None, placement: Placement, *, note: Callable[[st
     args = load_params(gguf, placement, note=note).cli_args(str(gguf))
     if rpc := rpc_endpoints(args):
         check_workers(rpc)  # llama-server would only log an unreachable worker
-    return PlannedModel(gguf=gguf, llama_args=args, chat_template=info.chat_template, has_mtp=info.mtp_layers > 0)
+    return PlannedModel(gguf=gguf, llama_args=args, has_mtp=info.mtp_layers > 0)
