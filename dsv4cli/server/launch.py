@@ -18,6 +18,7 @@ from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.server.model import PlannedModel, plan_model
+from dsv4cli.server.page import placement_summary, remove_page, write_page
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.server.records import remove_record, write_record
 from quant.gguf_set import complete_split_set
@@ -45,11 +46,13 @@ class RunningServer:
     base_url: str
     argv: list[str]
     record: Path  # what `dsv4 rm` reads to keep this model (`records.py`)
+    page: Path  # the chat page's folder (`page.py`)
 
     def stop(self) -> None:
         """Stop llama-server, then drop the record: the files are free once no process maps them."""
         self.process.stop()
         remove_record(self.record)
+        remove_page(self.page)
 
     def info(self) -> dict[str, object]:
         """What scripts need: where to connect and which process to watch."""
@@ -79,9 +82,13 @@ def check_access(opts: ServeOptions) -> None:
         )
 
 
-def server_argv(engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int) -> list[str]:
+def server_argv(
+    engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int, page: Path | None = None
+) -> list[str]:
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
+    if page is not None:
+        argv += ["--path", str(page)]  # the chat page at `/`
     argv += ["--jinja", "--reasoning-format", "deepseek", "--reasoning", "on" if opts.think else "off"]
     # llama.cpp's own V4 template keeps past reasoning where DeepSeek's encoder drops it, and GGUFs made elsewhere
     # carry that one; ours matches the encoder (it also names `dsml_token`, which picks llama.cpp's V4 parser).
@@ -113,26 +120,31 @@ def start_server(
     url_host = f"[{url_host}]" if ":" in url_host else url_host
     base_url = f"http://{url_host}:{port}"
     record = write_record(complete_split_set(planned.gguf), url=f"{base_url}/v1", model=alias)
+    info = {"model": alias, "gguf": planned.gguf.name, "placement": placement_summary(planned.llama_args)}
+    page = write_page(port, {**info, "mtp": opts.mtp and planned.has_mtp})
+    launch = {"port": port, "base_url": base_url, "alias": alias, "page": page}
     try:
         try:
-            process, argv = _launch(engine, planned, opts, port=port, base_url=base_url, alias=alias)
+            process, argv = _launch(engine, planned, opts, **launch)
         except ServerError as e:
             if not (opts.mtp and planned.has_mtp):
                 raise
             note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
-            process, argv = _launch(
-                engine, planned, replace(opts, mtp=False), port=port, base_url=base_url, alias=alias
-            )
+            page = write_page(port, {**info, "mtp": False})
+            process, argv = _launch(engine, planned, replace(opts, mtp=False), **launch)
     except BaseException:
         remove_record(record)
+        remove_page(page)
         raise
-    return RunningServer(process=process, model=planned, alias=alias, base_url=base_url, argv=argv, record=record)
+    return RunningServer(
+        process=process, model=planned, alias=alias, base_url=base_url, argv=argv, record=record, page=page
+    )
 
 
 def _launch(
-    engine: ServerBinary, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
+    engine: ServerBinary, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str, page: Path
 ) -> tuple[ServerProcess, list[str]]:
-    argv = server_argv(engine, planned, opts, alias=alias, port=port)
+    argv = server_argv(engine, planned, opts, alias=alias, port=port, page=page)
     env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
     process = ServerProcess(argv, log=log, base_url=base_url, env=env)
