@@ -42,11 +42,22 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> subp
     )
 
 
+def _aborted_as_amx_does(res: subprocess.CompletedProcess[str], setting: str) -> bool:
+    """Why `auto` means off on AMX machines: this llama.cpp assigns the AMX buffer's graph nodes no backend and
+    aborts. Forcing repacking on there must fail in the subprocess (checked here), never in our process."""
+    if setting != "on" or "AMX" not in llama_lib.extra_buffer_types():
+        return False
+    assert res.returncode != 0 and "cur_backend_id != -1" in res.stderr, res.stderr[-2000:]
+    return True
+
+
 def test_generates_with_extra_buffer_types_on_and_off(tiny_gguf: Path) -> None:
     """Both load paths (AMX machines take `off` automatically) load, generate, and agree on greedy output."""
     results = {}
     for setting in ("on", "off"):
         res = run_python(GENERATE, str(tiny_gguf), setting)
+        if _aborted_as_amx_does(res, setting):
+            continue
         assert res.returncode == 0, res.stderr[-2000:]
         results[setting] = json.loads(res.stdout)
         assert results[setting]["tokens"] > 0
@@ -56,7 +67,8 @@ def test_generates_with_extra_buffer_types_on_and_off(tiny_gguf: Path) -> None:
             assert not extras & set(repacked), repacked
         elif "CPU_REPACK" in extras:  # x86-64 with AVX2 and arm64 repack the tiny model's MXFP4 experts
             assert "CPU_REPACK" in repacked, repacked
-    assert results["on"]["text"] == results["off"]["text"]
+    if len(results) == 2:
+        assert results["on"]["text"] == results["off"]["text"]
 
 
 def test_repack_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,6 +193,8 @@ def test_llama_class_follows_the_repack_choice(tiny_gguf: Path) -> None:
     """Reference scripts that load through `Llama(...)` get the same buffer types as dsv4 chat."""
     for setting in ("on", "off"):
         res = run_python(LLAMA_CLASS, str(tiny_gguf), env={"DSV4_REPACK": setting})
+        if _aborted_as_amx_does(res, setting):
+            continue
         assert res.returncode == 0, res.stderr[-2000:]
         repacked = "CPU_REPACK model buffer size" in res.stderr
         assert repacked == (setting == "on" and "CPU_REPACK" in llama_lib.extra_buffer_types())
