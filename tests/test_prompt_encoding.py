@@ -17,7 +17,7 @@ import pytest
 from dsv4_encoding import BOS, EOS, encode, parse_completion, render_tool_calls
 from prompt_corpus import CASES, TOOLS, WEATHER, Case
 
-from dsv4cli.chat.prompt import PromptRenderer
+from dsv4cli.chat.prompt import PromptRenderer, ReasoningSplitter
 from dsv4cli.chat.template_sandbox import TemplateSandbox
 from dsv4cli.models.ref import resolve_model
 from quant.tokenizer import TEMPLATE_PATH
@@ -105,6 +105,28 @@ def test_chat_renderer_matches_encoder() -> None:
         renderer.close()
 
 
+COMPLETIONS = [
+    (False, "Plain answer, ünïcode ✓."),
+    (True, "First I think.\nThen more.</think>The answer is 4."),
+    (True, "</think>No thoughts."),
+    (True, "Reasoning with </thin and <think> look-alikes</think>Answer with </think> in it."),
+]
+
+
+@pytest.mark.parametrize(("thinking", "text"), COMPLETIONS)
+def test_chat_splits_reasoning_as_deepseek_parses_it(thinking: bool, text: str) -> None:
+    """The REPL's streaming splitter, fed one character at a time (markers split across chunks)."""
+    pieces = list(ReasoningSplitter(thinking=thinking).split(text))
+    reasoning = "".join(t for kind, t in pieces if kind == "reasoning")
+    answer = "".join(t for kind, t in pieces if kind == "answer")
+    try:
+        reference = parse_completion(text + EOS, thinking=thinking)
+    except ValueError:  # DeepSeek's parser refuses special tokens in the text; the split point must still agree
+        assert reasoning == text.partition("</think>")[0]
+        return
+    assert (reasoning, answer) == (reference["reasoning_content"], reference["content"])
+
+
 @pytest.fixture(scope="module")
 def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from dsv4cli.chat.session import Placement
@@ -161,14 +183,7 @@ def _same_message(served: dict, reference: dict) -> None:
     assert _calls(served) == _calls(reference)
 
 
-@pytest.mark.parametrize(
-    ("thinking", "text"),
-    [
-        (False, "Plain answer, ünïcode ✓."),
-        (True, "First I think.\nThen more.</think>The answer is 4."),
-        (True, "</think>No thoughts."),
-    ],
-)
+@pytest.mark.parametrize(("thinking", "text"), COMPLETIONS[:3])
 def test_serve_splits_reasoning_as_deepseek_parses_it(server, thinking: bool, text: str) -> None:
     """The model's whole output is forced by a grammar, so llama-server parses exactly this text."""
     body = {
