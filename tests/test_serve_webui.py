@@ -157,3 +157,11 @@ def test_markdown_and_code_blocks_render(page) -> None:
     assert '<pre><code class="lang-python">x = 1 &lt; 2</code></pre>' in html
     assert "<ul><li>a</li><li>b</li></ul>" in html
     assert "<script>" not in page.evaluate("markdown('<script>alert(1)</script>')")
+
+
+def test_placement_summary_names_gpu_ram_and_rpc() -> None:
+    from dsv4cli.server.page import placement_summary
+
+    args = ["--rpc", "10.0.0.2:50052", "-m", "x.gguf", "-ngl", "44", "-c", "32768", "-ot", "exps=CPU", "--no-repack"]
+    assert placement_summary(args) == "44 layers on GPU, experts in host RAM, RPC workers 10.0.0.2:50052, context 32768"
+    assert placement_summary(["-m", "x.gguf", "-ngl", "0", "-c", "4096"]) == "CPU only, context 4096"
