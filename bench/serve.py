@@ -39,7 +39,7 @@ def api_decode(client, alias: str, tokens: int) -> dict:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, "timings_per_token": False},
+        extra_body={"timings_per_token": False},  # no ignore_eos: greedy, both paths decode the same tokens
     )
     first = last = 0.0
     usage = timings = None
@@ -131,7 +131,7 @@ def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
         print(
             f"decode: dsv4 serve (OpenAI API, streamed) {client_tps:.1f} tok/s at the client, {server_tps:.1f} tok/s "
             f"by the server's timings; in-process dsv4 chat {chat_tps:.1f} tok/s "
-            f"({min(n for _, n in chat)}-{max(n for _, n in chat)} tokens)"
+            f"(tokens: API {sorted(r['tokens'] for r in api)}, in-process {sorted(n for _, n in chat)})"
         )
         print(
             f"  API / in-process: {client_tps / chat_tps:.3f}x client-side, {server_tps / chat_tps:.3f}x server-side "
