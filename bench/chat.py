@@ -70,9 +70,10 @@ def decode_speed(gguf: Path, *, tokens: int, repeats: int, n_ctx: int, threads: 
 
 def second_turn_latency(gguf: Path, *, n_ctx: int, first_tokens: int = 1500) -> dict:
     """TTFT of turn 1 (~1,500 prompt tokens), of a short turn 2 on the same session, and of turn 2 from scratch."""
-    from dsv4cli.chat.session import ChatSession, prompt_renderer
+    from dsv4cli.chat.session import ChatSession
     from dsv4cli.engine import LoadParams, SampleOptions
     from dsv4cli.engine.inprocess import LlamaEngine
+    from dsv4cli.load.prepared import prompt_renderer
 
     renderer = prompt_renderer(gguf)
     params = LoadParams(n_ctx=n_ctx, use_mmap=False)
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args()
-    from dsv4cli.chat.session import resolve_gguf
+    from dsv4cli.load.resolve import resolve_gguf
     from dsv4cli.system.hardware import cpu_threads
 
     gguf = args.gguf or resolve_gguf(None, note=lambda m: print(m, file=sys.stderr))

@@ -76,7 +76,7 @@ def complete(base_url: str, tokens: int) -> dict:
 
 def serve(engine, gguf: Path, plan, folder: Path, name: str, rpc: tuple[str, ...]):
     """llama-server with the plan's flags on the given workers, or with none (one process, same flags)."""
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
 
@@ -98,13 +98,13 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args()
 
-    from dsv4cli.chat.session import resolve_gguf
-    from dsv4cli.engine.build import find_engine
+    from dsv4cli.load.resolve import resolve_gguf
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan
     from dsv4cli.plan.source import read_gguf
     from dsv4cli.rpc.protocol import Endpoint
     from dsv4cli.rpc.worker import WorkerOptions, start_worker
+    from dsv4cli.toolchain.build import find_engine
 
     engine = find_engine()
     gguf = args.gguf or resolve_gguf(resolve_model("tiny"), note=print)

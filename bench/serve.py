@@ -97,9 +97,9 @@ def growing_conversation(client, alias: str, turns: int, first_tokens: int = 150
 
 
 def serve(gguf: Path, placement, *, mtp: bool = True):
-    from dsv4cli.engine.build import build_engine
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.toolchain.build import build_engine
 
     engine = build_engine("cpu").engine
     opts = ServeOptions(port=0, alias="bench", mtp=mtp)
@@ -109,21 +109,23 @@ def serve(gguf: Path, placement, *, mtp: bool = True):
 def bench_decode(gguf: Path, args: argparse.Namespace) -> None:
     import openai
 
-    from dsv4cli.chat.session import Placement, open_chat
-    from dsv4cli.models.ref import resolve_model
+    from dsv4cli.load.engines import open_engine
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
 
     server = serve(gguf, Placement(ctx=args.ctx))
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0, timeout=600)
-        loaded = open_chat(resolve_model(str(gguf)), Placement(ctx=args.ctx), verbose=False, note=lambda m: None)
+        prepared = prepare_model(gguf, Placement(ctx=args.ctx), note=lambda m: None)
+        engine = open_engine("inprocess", prepared, note=lambda m: None)
         api_decode(client, "bench", 16)  # warm-up both paths
-        chat_decode(loaded.engine, loaded.renderer, 16)
+        chat_decode(engine, prepared.renderer, 16)
         api, chat = [], []
         load = os.getloadavg()[0]
         for _ in range(args.repeats):
             api.append(api_decode(client, "bench", args.tokens))
-            chat.append(chat_decode(loaded.engine, loaded.renderer, args.tokens))
-        loaded.engine.close()
+            chat.append(chat_decode(engine, prepared.renderer, args.tokens))
+        engine.close()
         client_tps = statistics.median(r["tps"] for r in api)
         server_tps = statistics.median(r["timings"].get("predicted_per_second", 0.0) for r in api)
         chat_tps = statistics.median(tps for tps, _ in chat)
@@ -155,8 +157,9 @@ def bench_mtp(args: argparse.Namespace) -> None:
     """Drafting on vs off on `tiny` quantized with `--mtp`, placed with the plain tiny model's plan."""
     import openai
 
-    from dsv4cli.chat.session import Placement, resolve_gguf
     from dsv4cli.home import models_dir
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.resolve import resolve_gguf
     from dsv4cli.models.ref import resolve_model
     from dsv4cli.plan import PlanInputs, make_plan, save_plan
     from quant.convert import QuantOptions, quantize_checkpoint
@@ -198,8 +201,8 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--mtp", action="store_true", help="also measure MTP drafting on a tiny GGUF with the block")
     args = parser.parse_args()
-    from dsv4cli.chat.session import resolve_gguf
     from dsv4cli.home import dsv4_home
+    from dsv4cli.load.resolve import resolve_gguf
 
     if args.gguf:
         gguf = args.gguf

@@ -108,7 +108,8 @@ def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path
 TURNS = """
 import json, sys
 from pathlib import Path
-from dsv4cli.chat.session import ChatSession, prompt_renderer
+from dsv4cli.chat.session import ChatSession
+from dsv4cli.load.prepared import prompt_renderer
 from dsv4cli.engine import LoadParams, SampleOptions
 from dsv4cli.engine.inprocess import LlamaEngine
 
@@ -226,7 +227,8 @@ def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None
 def test_vram_list_plans_two_gpus_and_a_cpu_build_refuses_it(dsv4, fake_tool, tiny_gguf: Path) -> None:
     """`--vram 24,24` (or two detected GPUs) is a two-GPU load with whole layer counts as tensor_split; on a
     CPU-only build chat stops with the fix instead of silently running that placement on the CPU."""
-    from dsv4cli.chat.session import Placement, load_params
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import load_params
     from dsv4cli.system import llama_lib
 
     fake_tool("nvidia-smi", "NVIDIA GeForce RTX 4090, 24564, 1024\nNVIDIA GeForce RTX 4090, 24564, 1024")

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from dsv4cli.chat.prompt import PromptRenderer, ReasoningSplitter
-from dsv4cli.chat.session import ChatSession, TurnResult, prompt_renderer, read_turn, run_repl
+from dsv4cli.chat.session import ChatSession, TurnResult, read_turn, run_repl
 from dsv4cli.engine import SampleOptions, TurnStats, TurnStream
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.gguf_io.check import check_gguf
+from dsv4cli.load.prepared import prompt_renderer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.engine import build
+from dsv4cli.toolchain import build
 
 FAKE_SERVER = r"""
 #include <stdio.h>

@@ -111,11 +111,11 @@ def test_pull_by_tag_then_chat_by_the_same_name(dsv4, gguf_hub, gguf_repo_dir, i
     assert run.returncode == 0, run.stderr
     assert "prompt tokens" in run.stderr
 
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
     from dsv4cli.models.ref import resolve_model
-    from dsv4cli.server.model import plan_model
 
-    served = plan_model(resolve_model(f"{REPO}:{TAG.lower()}"), Placement(cpu=True), note=print)  # serve's resolver
+    served = prepare_model(resolve_model(f"{REPO}:{TAG.lower()}"), Placement(cpu=True), note=print)  # serve's resolver
     assert served.gguf == folder / shards(gguf_repo_dir)[0] and served.llama_args[:2] == ["-m", str(served.gguf)]
 
     missing = dsv4("chat", f"{REPO}:Q8_0", "-p", "Hi")

@@ -90,8 +90,8 @@ def test_help_is_h_everywhere(dsv4) -> None:
 
 def test_plan_and_chat_read_the_recipe_from_the_header(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
     """A GGUF whose name claims the default recipe but whose header says q4_0 is not taken for the default."""
-    from dsv4cli.chat.session import resolve_gguf
     from dsv4cli.home import gguf_dir
+    from dsv4cli.load.resolve import resolve_gguf
 
     folder = gguf_dir()
     folder.mkdir(parents=True)

@@ -165,13 +165,13 @@ def test_calibration_solve_recovers_the_terms() -> None:
 
 
 def test_serve_refuses_a_plan_for_another_model(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
-    """`dsv4 serve --plan` places the model through the same check as chat (`server.model.plan_model`)."""
-    from dsv4cli.chat.session import Placement
+    """`dsv4 serve --plan` places the model through the same check as chat (`load.prepared.prepare_model`)."""
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
     from dsv4cli.models.ref import ModelRef
-    from dsv4cli.server.model import plan_model
 
     flash = tmp_path / "flash.json"
     assert dsv4("plan", "deepseek-v4-flash", "--vram", "24", "--ram", "256", "-o", str(flash)).code == 0
     ref = ModelRef(str(tiny_gguf), "gguf", path=tiny_gguf)
     with pytest.raises(PlanError, match="made for 'deepseek-v4-flash'"):
-        plan_model(ref, Placement(plan_file=flash), note=lambda _: None)
+        prepare_model(ref, Placement(plan_file=flash), note=lambda _: None)

@@ -129,9 +129,9 @@ def test_chat_splits_reasoning_as_deepseek_parses_it(thinking: bool, text: str) 
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.toolchain.build import build_engine
 
     engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:

@@ -40,7 +40,7 @@ CTX, UBATCH = 1024, 64
 
 @pytest.fixture(scope="module")
 def engine():
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     return build_engine("cpu").engine
 
@@ -220,7 +220,7 @@ def _serve(engine, tiny_gguf: Path, plan, tmp_path: Path, *, local: bool = False
     """llama-server with the plan's flags; `local`: the same flags without the workers (one process)."""
     from dataclasses import replace
 
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
 
     data = plan.to_dict()
@@ -239,7 +239,7 @@ def _complete(server, n: int = 24, stream: bool = False):
 
 
 def test_serve_names_an_unreachable_worker_before_starting(engine, tiny_gguf: Path, tmp_path: Path) -> None:
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
     from dsv4cli.server.process import free_port
 

@@ -45,9 +45,9 @@ DSML_CALL = render_tool_calls(
 
 
 def _serve(tiny_gguf: Path, home: Path, *, think: bool) -> Iterator:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.toolchain.build import build_engine
 
     engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:

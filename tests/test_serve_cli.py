@@ -37,7 +37,7 @@ def test_parallel_is_bounded_by_llama_cpp_sequences(dsv4) -> None:
 
 def test_missing_model_is_one_line(dsv4, tmp_path: Path) -> None:
     """No "starting llama-server" line before a refusal of the model."""
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     build_engine("cpu")
     result = dsv4("serve", str(tmp_path / "absent.gguf"))
@@ -66,7 +66,7 @@ def test_loopback_hosts_need_no_key() -> None:
 
 
 def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     build_engine("cpu")
     with socket.socket() as taken:
@@ -80,7 +80,7 @@ def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
 
 def _start(python: str, gguf: Path, home: Path) -> tuple[subprocess.Popen, dict]:
     """`dsv4 serve --json` in its own process; returns it and its first stdout line (base_url, pid)."""
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     build_engine("cpu")
     proc = subprocess.Popen(
@@ -149,12 +149,12 @@ def test_server_that_fails_to_start_reports_its_log(dsv4, tiny_gguf: Path, tmp_p
 
 
 def test_server_command_line_applies_the_plan(tiny_gguf: Path) -> None:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import ServerBinary
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
     from dsv4cli.server.launch import ServeOptions, server_argv
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.toolchain.build import ServerBinary
 
-    planned = plan_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
+    planned = prepare_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None)
     engine = ServerBinary(server=Path("/opt/llama-server"), version="test", gpu="cpu")
     argv = server_argv(engine, planned, ServeOptions(api_key="s3cret", think=True), alias="tiny", port=9)
     assert argv[0] == "/opt/llama-server" and argv[1:3] == ["-m", str(tiny_gguf)]

@@ -25,9 +25,9 @@ def sibling_plan(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
+    from dsv4cli.toolchain.build import build_engine
 
     engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:
@@ -43,21 +43,21 @@ def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.Temp
 
 
 def test_nextn_block_is_detected(mtp_gguf: Path, tiny_gguf: Path, sibling_plan: Path) -> None:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
 
-    planned = plan_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
+    planned = prepare_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
     assert planned.has_mtp and planned.llama_args[:2] == ["-m", str(mtp_gguf)]
-    assert not plan_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None).has_mtp
+    assert not prepare_model(resolve_model(str(tiny_gguf)), Placement(ctx=1024), note=lambda _: None).has_mtp
 
 
 def test_no_mtp_flag_turns_drafting_off(mtp_gguf: Path, sibling_plan: Path) -> None:
-    from dsv4cli.chat.session import Placement
-    from dsv4cli.engine.build import ServerBinary
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.load.prepared import prepare_model
     from dsv4cli.server.launch import ServeOptions, server_argv
-    from dsv4cli.server.model import plan_model
+    from dsv4cli.toolchain.build import ServerBinary
 
-    planned = plan_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
+    planned = prepare_model(resolve_model(str(mtp_gguf)), Placement(plan_file=sibling_plan), note=lambda _: None)
     engine = ServerBinary(server=Path("llama-server"), version="test", gpu="cpu")
     on = server_argv(engine, planned, ServeOptions(), alias="m", port=1)
     off = server_argv(engine, planned, ServeOptions(mtp=False), alias="m", port=1)

@@ -1,7 +1,8 @@
-"""`dsv4 chat`: resolve the model, load it with its placement, and run the conversation.
+"""`dsv4 chat`'s conversation: the session (history, system prompt, thinking), the REPL and its slash commands.
 
-The REPL talks to an `Engine` (`dsv4cli.engine`; the in-process llama.cpp one by default) and to a `ChatUI`
-given by the caller, so the loop is the same for the terminal and for tests; it never imports llama_cpp.
+The REPL talks to an `Engine` (`dsv4cli.engine`: in process or a llama-server child, loaded from
+`dsv4cli.load.prepare_model`) and to a `ChatUI` given by the caller, so the loop is the same for the terminal and
+for tests; it never imports llama_cpp and loads nothing itself.
 """
 
 from __future__ import annotations
@@ -11,26 +12,15 @@ import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from dsv4cli.chat.prompt import ChatPrompt, Message, PromptRenderer, ReasoningSplitter
-from dsv4cli.engine import Engine, LoadParams, SampleOptions, TurnStats, stop
-from dsv4cli.errors import Dsv4Error, RuntimeLoadError, UsageError
+from dsv4cli.engine import Engine, SampleOptions, TurnStats, stop
+from dsv4cli.errors import Dsv4Error, UsageError
 
-if TYPE_CHECKING:
-    from dsv4cli.gguf_io.check import GgufInfo
-    from dsv4cli.models.ref import ModelRef
-    from dsv4cli.plan import PlanInputs
-    from dsv4cli.rpc.protocol import Endpoint
-
-DEFAULT_MODEL = "tiny"
 MAX_CONVERSATION_BYTES = 256 << 20  # a /load file
 MAX_HISTORY_BYTES = 16 << 20  # the REPL's line history (1000 lines)
 _MESSAGE_KEYS = {"role", "content", "reasoning_content"}
-TINY_NOTE = (
-    "note: no model given, using the built-in tiny model: random weights, for testing only; for a real one run "
-    "`dsv4 pull deepseek-v4-flash && dsv4 quantize deepseek-v4-flash`"
-)
 HELP = """\
 /help             this help
 /reset            forget the conversation (keeps the system prompt)
@@ -310,114 +300,3 @@ def format_stats(stats: TurnStats) -> str:
         f"at {stats.prefill_tps:.1f} tok/s, first token {stats.ttft_s * 1000:.0f} ms, "
         f"{stats.generated_tokens} tokens at {stats.decode_tps:.1f} tok/s"
     )
-
-
-# -- loading -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where `--plan` or `--vram/--ram/--ctx` put the model; all None means plan for this machine."""
-
-    plan_file: Path | None = None
-    vram_gib: tuple[float, ...] | None = None
-    ram_gib: float | None = None
-    ctx: int | None = None
-    cpu: bool = False  # no GPU even where one is found (`--cpu`)
-    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers (`dsv4 serve --rpc`; the in-process engine refuses them)
-
-    def plan_inputs(self) -> PlanInputs:
-        """The budgets as plan inputs, for a plan made now (no `--plan` file)."""
-        from dsv4cli.plan import PlanInputs
-
-        vram = () if self.cpu else self.vram_gib
-        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc)
-
-
-@dataclass
-class LoadedChat:
-    engine: Engine
-    renderer: PromptRenderer
-    gguf: Path
-
-
-def resolve_gguf(ref: ModelRef | None, *, note: Callable[[str], None]) -> Path:
-    """The GGUF to chat with: the file given, or the local quantized file of a registry model (the default
-    recipe when there are several, told apart by their headers); the built-in tiny model when MODEL is None.
-    """
-    from dsv4cli.engine.preflight import require_runnable
-    from dsv4cli.hub.gguf_repo import find_local
-    from dsv4cli.models.local import find_gguf, local_ggufs
-    from dsv4cli.models.ref import resolve_model
-    from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
-
-    if ref is None:
-        note(TINY_NOTE)
-        ref = resolve_model(DEFAULT_MODEL)
-    if ref.kind in ("gguf", "checkpoint"):
-        return ref.path  # a folder fails the header check with its name
-    spec = ref.spec
-    if ref.tag:  # a pulled pre-quantized GGUF (its header is checked before loading)
-        pulled = find_local(spec, ref.tag)
-        if pulled is None:
-            raise RuntimeLoadError(
-                f"{ref.text} is not downloaded (no complete pull of it in the dsv4 home)",
-                hint=f"run `dsv4 pull {ref.text}` (`dsv4 plan {ref.text}` first says if it fits)",
-            )
-        return pulled
-    require_runnable(spec.arch, spec.name)
-    found = find_gguf(spec, experts=DEFAULT_EXPERTS, dense=DEFAULT_DENSE) or next(iter(local_ggufs(spec)), None)
-    found = found or find_local(spec, None)
-    if found:
-        return found
-    if not spec.builtin:
-        raise RuntimeLoadError(
-            f"no GGUF of {spec.name} in the dsv4 home",
-            hint=f"run `dsv4 pull {spec.name}` (a checkpoint then needs `dsv4 quantize {spec.name}`)",
-        )
-    return _prepare_builtin(ref, note=note)
-
-
-def _prepare_builtin(ref: ModelRef, *, note: Callable[[str], None]) -> Path:
-    """Pull (write) and quantize a built-in test model on first use: it takes seconds and needs no network."""
-    from dsv4cli.hub.pull import PullOptions, pull
-    from dsv4cli.models.quantize import quantize
-    from quant.convert import QuantOptions
-
-    pull(ref.spec.name, PullOptions())
-    note(f"quantizing {ref.spec.name} (first use)")
-    return Path(quantize(ref, output=None, options=QuantOptions()).outputs[0])
-
-
-def load_params(gguf: Path, placement: Placement, *, note: Callable[[str], None] | None = None) -> LoadParams:
-    """The load parameters from a plan file (checked; `note` hears of values adapted to this machine), or from a
-    plan made now for the given budgets."""
-    from dsv4cli.models.ref import ModelRef
-    from dsv4cli.plan import make_plan
-    from dsv4cli.plan.schema import load_plan_params
-
-    if placement.plan_file:
-        return load_plan_params(placement.plan_file, gguf, note=note)
-    return make_plan(ModelRef(str(gguf), "gguf", path=gguf), placement.plan_inputs()).load_params()
-
-
-def prompt_renderer(gguf: Path, info: GgufInfo | None = None) -> PromptRenderer:
-    """Check the header (llama.cpp aborts on some bad values; skipped when its `info` is given) and build the
-    renderer from its chat template."""
-    from dsv4cli.engine.preflight import check_model_file
-
-    info = info or check_model_file(gguf)
-    return PromptRenderer(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, source=str(gguf))
-
-
-def open_chat(ref: ModelRef | None, placement: Placement, *, verbose: bool, note: Callable[[str], None]) -> LoadedChat:
-    """Resolve, check (before llama.cpp sees the file) and load the model with its placement."""
-    from dsv4cli.engine.inprocess import LlamaEngine
-    from dsv4cli.engine.preflight import check_model_file
-
-    gguf = resolve_gguf(ref, note=note)
-    info = check_model_file(gguf)
-    params = load_params(gguf, placement, note=note)  # a bad plan fails before the template's process starts
-    renderer = prompt_renderer(gguf, info)  # the template compiles while the model loads
-    engine = LlamaEngine(gguf, params, verbose=verbose)
-    return LoadedChat(engine=engine, renderer=renderer, gguf=gguf)

@@ -28,7 +28,19 @@ app = typer.Typer(
 )
 
 # One module per command; each defines `register(app)`. Only commands that work are listed.
-COMMAND_MODULES = ("models", "local_models", "pull", "quantize", "plan", "chat", "serve", "worker", "engine", "doctor")
+COMMAND_MODULES = (
+    "models",
+    "local_models",
+    "pull",
+    "quantize",
+    "plan",
+    "chat",
+    "serve",
+    "eval",
+    "worker",
+    "engine",
+    "doctor",
+)
 
 
 def _version(value: bool) -> None:

@@ -1,4 +1,4 @@
-"""`dsv4 chat`: parse options, open the model through dsv4cli.chat.session, and render the conversation."""
+"""`dsv4 chat`: parse options, prepare the model (`dsv4cli.load`), start its engine, and render the conversation."""
 
 from __future__ import annotations
 
@@ -8,13 +8,22 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
+from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, one_of, placement
 from dsv4cli.errors import UsageError
+from dsv4cli.load.engines import DEFAULT_ENGINE, ENGINES
 from dsv4cli.ui import err, note, out, print_json
 
 if TYPE_CHECKING:
     from dsv4cli.chat.session import ChatSession, TurnResult
 
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        callback=one_of("--engine", ENGINES),
+        help="inprocess: llama.cpp in this process; server: the engine build's llama-server (GPU build, --rpc, MTP).",
+    ),
+]
 CHAT_EXAMPLES = """\b
 Examples:
   dsv4 chat                                   # the built-in tiny test model
@@ -78,7 +87,8 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None,
             typer.Argument(
-                help="GGUF path, registry name or GGUF repo `org/name:TAG`; default: the built-in tiny test model."
+                help="GGUF path, registry name, GGUF repo `org/name:TAG` or `org/name/file.gguf`; "
+                "default: the built-in tiny test model."
             ),
         ] = None,
         prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this prompt and exit.")] = None,
@@ -95,35 +105,41 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log on stderr.")] = False,
         rpc: RpcOpt = None,
+        engine: EngineOpt = DEFAULT_ENGINE,
         as_json: JsonOpt = False,
     ) -> None:
         """Chat with a DeepSeek V4 GGUF: a streaming REPL, or one answer for -p / a prompt on stdin."""
-        from dsv4cli.chat.session import ChatSession, open_chat
+        from dsv4cli.chat.session import ChatSession
         from dsv4cli.engine import SampleOptions
+        from dsv4cli.load.engines import open_engine
+        from dsv4cli.load.prepared import prepare_model
         from dsv4cli.models.ref import resolve_model
 
-        if rpc:
+        if rpc and engine != "server":
             raise UsageError(
                 "--rpc: chat runs llama.cpp in process, which does not load across machines",
-                hint=f"serve it across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
+                hint=f"chat through llama-server with `dsv4 chat MODEL --engine server --rpc {rpc}`, or serve it "
+                f"across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
             )
-        where = placement(plan, vram, ram, ctx, cpu)
+        where = placement(plan, vram, ram, ctx, cpu, rpc)
         if prompt is None and not sys.stdin.isatty():
             prompt = _read_stdin_prompt()
             if not prompt.strip():
                 raise UsageError("stdin is not a terminal and holds no prompt", hint="pass -p TEXT or pipe a prompt")
         if as_json and prompt is None:
             raise UsageError("--json needs a prompt (-p or stdin)")
-        loaded = open_chat(model and resolve_model(model), where, verbose=verbose, note=note)
+        prepared = prepare_model(model and resolve_model(model), where, note=note)
+        renderer = prepared.renderer  # a template that cannot render fails before the model loads
+        runner = open_engine(engine, prepared, verbose=verbose, note=note)
         options = SampleOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
-        session = ChatSession(loaded.engine, loaded.renderer, system=system, thinking=think, options=options)
+        session = ChatSession(runner, renderer, system=system, thinking=think, options=options)
         try:
             if prompt is None:
-                _interactive(session, loaded.gguf)
+                _interactive(session, prepared.gguf)
             else:
-                _one_shot(session, prompt, gguf=loaded.gguf, as_json=as_json)
+                _one_shot(session, prompt, gguf=prepared.gguf, as_json=as_json)
         finally:
-            loaded.engine.close()
+            runner.close()
 
 
 def _read_stdin_prompt() -> str:

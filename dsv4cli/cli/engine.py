@@ -24,7 +24,7 @@ def build(
     json_output: JsonOpt = False,
 ) -> None:
     """Build llama-server, ggml-rpc-server, llama-bench and llama-perplexity from the pinned llama.cpp (cached)."""
-    from dsv4cli.engine.build import build_engine
+    from dsv4cli.toolchain.build import build_engine
 
     live = err.is_terminal or os.environ.get("DSV4_PROGRESS") == "1"
     with Progress(
@@ -71,7 +71,7 @@ def check(
     json_output: JsonOpt = False,
 ) -> None:
     """Show which llama-server `dsv4 serve` would run, after checking it answers `--version`."""
-    from dsv4cli.engine.build import find_engine
+    from dsv4cli.toolchain.build import find_engine
 
     engine = find_engine(engine_bin)
     if json_output:

@@ -67,6 +67,13 @@ def _render(info: dict[str, Any]) -> None:
     template = {True: "yes", False: "no", None: "unknown (not downloaded)"}[info["chat_template"]]
     out.print(f"  chat template: {template}", markup=False)
     out.print(f"  converted from: {info['source'] or '-'}; Hub repo: {info['repo'] or '-'}", markup=False)
+    for r in info["eval"]:
+        out.print(
+            f"  eval: KLD {r['kld_mean']:.4g} (median {r['kld_median']:.4g}, 99% {r['kld_p99']:.4g}), "
+            f"top-1 {r['top1']:.1%}, PPL {r['ppl']:.4g} vs {r['ppl_ref']:.4g}; against {r['ref']} on {r['text']}, "
+            f"ctx {r['ctx']}, {r['tokens']} tokens ({r['date'][:10]})",
+            markup=False,
+        )
     if info["fetched_bytes"] is not None:
         err.print(f"read from the Hub: {human_bytes(info['fetched_bytes'])} of headers")
 

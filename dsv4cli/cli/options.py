@@ -21,10 +21,10 @@ from dsv4cli.errors import UsageError
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 if TYPE_CHECKING:
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
 
 
-def _one_of(flag: str, allowed: Iterable[str]) -> Callable[[str | None], str | None]:
+def one_of(flag: str, allowed: Iterable[str]) -> Callable[[str | None], str | None]:
     choices = tuple(allowed)
 
     def check(value: str | None) -> str | None:
@@ -90,7 +90,10 @@ def _check_gib_list(value: str | None) -> str | None:
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Registry name (see `dsv4 models`), Hub repo id `org/name`, either with `:TAG`, or a path."),
+    typer.Argument(
+        help="Registry name (see `dsv4 models`), Hub repo id `org/name`, either with `:TAG`, "
+        "`org/name/file.gguf`, or a path."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 VramOpt = Annotated[
@@ -139,19 +142,19 @@ ExpertsOpt = Annotated[
     str,
     typer.Option(
         "--experts",
-        callback=_one_of("--experts", EXPERT_RECIPES),
+        callback=one_of("--experts", EXPERT_RECIPES),
         help=f"Routed-expert recipe: {', '.join(EXPERT_RECIPES)} (mxfp4 is lossless for FP4 releases).",
     ),
 ]
 DenseOpt = Annotated[
     str,
     typer.Option(
-        "--dense", callback=_one_of("--dense", DENSE_RECIPES), help=f"Dense recipe: {', '.join(DENSE_RECIPES)}."
+        "--dense", callback=one_of("--dense", DENSE_RECIPES), help=f"Dense recipe: {', '.join(DENSE_RECIPES)}."
     ),
 ]
 KvTypeOpt = Annotated[
     str,
-    typer.Option("--kv-type", callback=_one_of("--kv-type", KV_TYPES), help=f"KV cache type: {', '.join(KV_TYPES)}."),
+    typer.Option("--kv-type", callback=one_of("--kv-type", KV_TYPES), help=f"KV cache type: {', '.join(KV_TYPES)}."),
 ]
 PlanFileOpt = Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")]
@@ -161,7 +164,7 @@ def placement(
     plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool, rpc: str | None = None
 ) -> Placement:
     """The placement flags of the commands that load a model (chat, serve), checked the same way for both."""
-    from dsv4cli.chat.session import Placement
+    from dsv4cli.load.placement import Placement
     from dsv4cli.rpc.protocol import parse_endpoints
 
     if plan and (vram is not None or ram is not None or ctx is not None):

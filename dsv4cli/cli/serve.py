@@ -77,11 +77,11 @@ def register(app: typer.Typer) -> None:
         json_output: JsonOpt = False,
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
-        from dsv4cli.engine.build import find_engine
         from dsv4cli.models.ref import resolve_model
-        from dsv4cli.rpc.health import lost_worker_error, rpc_endpoints
+        from dsv4cli.rpc.health import lost_worker_error
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
         from dsv4cli.server.process import ServerError
+        from dsv4cli.toolchain.build import find_engine
 
         where = placement(plan, vram, ram, ctx, cpu, rpc)
         opts = ServeOptions(
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             else:
                 _announce(server, keyed=bool(api_key or api_key_file))
             code = server.process.wait()
-            workers = rpc_endpoints(server.argv)
+            workers = server.model.workers
             if workers and (lost := lost_worker_error(server.process.log, workers)):
                 raise lost
             raise ServerError(
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _announce(server: RunningServer, *, keyed: bool) -> None:
-    mtp = ", MTP drafting" if server.info()["mtp"] else ""
+    mtp = ", MTP drafting" if server.mtp else ""
     out.print(f"serving {server.alias} ({server.model.gguf.name}{mtp}) at {server.base_url}/v1", markup=False)
     out.print(f"chat page: {server.base_url}/", markup=False)
     out.print(_snippet(server, keyed), markup=False)

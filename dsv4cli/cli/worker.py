@@ -51,15 +51,15 @@ def register(app: typer.Typer) -> None:
         json_output: JsonOpt = False,
     ) -> None:
         """Run an RPC worker that holds part of a model for `dsv4 serve --rpc`, until Ctrl-C."""
-        from dsv4cli.engine.build import find_engine
         from dsv4cli.rpc.worker import REMOTE_WARNING, WorkerOptions, check_worker_options, start_worker
+        from dsv4cli.toolchain.build import find_engine
 
         opts = WorkerOptions(host=host, port=port, mem_gib=mem, threads=threads, allow_remote=allow_remote)
         check_worker_options(opts)
         engine = find_engine(engine_bin)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        running = start_worker(opts, engine)
+        running = start_worker(opts, engine, note=lambda line: err.print(line, markup=False))
         try:
             if running.remote:
                 err.print(f"warning: {REMOTE_WARNING.format(address=running.address)}", markup=False)

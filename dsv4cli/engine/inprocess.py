@@ -350,3 +350,28 @@ class LlamaEngine:
                 stats.decode_tps = stats.generated_tokens / max(time.perf_counter() - first, 1e-9)
         if tail:
             yield tail
+
+
+def count_tokens(path: Path, text: str) -> int:
+    """How many tokens `text` is for the model in `path`, as llama-perplexity tokenizes it (BOS added, special
+    tokens as plain text). Loads the vocabulary only: no weights are read."""
+    llama_lib.install_abort_handler(path)
+    import llama_cpp
+
+    sink = _LogSink(llama_cpp, verbose=False)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise RuntimeLoadError(f"llama.cpp could not read the vocabulary of {path}: {sink.last_error() or 'unknown'}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        data = text.encode()
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+        if n < 0:
+            raise RuntimeLoadError(f"the tokenizer of {path} failed on a {len(data)}-byte text")
+        return n
+    finally:
+        llama_cpp.llama_model_free(model)

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, KV_TYPES
@@ -164,10 +165,10 @@ class LoadParams:
             )
         return params
 
-    def cli_args(self, model: str) -> list[str]:
+    def cli_args(self, model: str | Path) -> list[str]:
         """The same settings as llama.cpp command-line flags (`llama-server -m MODEL ...`), without the binary."""
         args = ["--rpc", ",".join(self.rpc)] if self.rpc else []
-        args += ["-m", model, "-ngl", str(self.n_gpu_layers), "-c", str(self.n_ctx), "-b", str(self.n_batch)]
+        args += ["-m", str(model), "-ngl", str(self.n_gpu_layers), "-c", str(self.n_ctx), "-b", str(self.n_batch)]
         args += ["-ub", str(self.n_ubatch), "-ctk", self.kv_type, "-ctv", self.kv_type, "-t", str(self.n_threads)]
         args += ["-fa", "on" if self.flash_attn else "off"]
         for pattern in self.host_tensors:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4cli.errors import PlanError, RuntimeLoadError
-from dsv4cli.gguf_io.read import read_header
+from dsv4cli.gguf_io.read import GgufHeader, read_header
 from quant.arch import V4, V41
 from quant.files import shown
 from quant.layout import model_tensors, nextn_tensors
@@ -55,15 +55,24 @@ def check_gguf(path: Path) -> GgufInfo:
             dedicated message for V4.1), or a key/tensor that would make llama.cpp fail or abort.
             Also a split GGUF given by a later shard, with a shard missing or with shards of different conversions.
     """
+    return check_header(read_checked_header(path))
+
+
+def read_checked_header(path: Path) -> GgufHeader:
+    """The whole header of every shard, tokenizer included, with the reader's errors as RuntimeLoadError."""
     if not path.exists():  # a folder, FIFO or device is refused by the reader, by name
         raise RuntimeLoadError(
             f"GGUF file not found: {path}", hint="give a .gguf path or a model name from `dsv4 models`"
         )
     try:
-        header = read_header(path, tokenizer=True)
+        return read_header(path, tokenizer=True)
     except PlanError as e:
         raise RuntimeLoadError(str(e), hint=e.hint) from e
-    return _Header(path, header.fields, tensor_names=[t.name for t in header.tensors]).check()
+
+
+def check_header(header: GgufHeader) -> GgufInfo:
+    """The deepseek4 hard constraints on a header already read (with its tokenizer), named after its first shard."""
+    return _Header(header.files[0], header.fields, tensor_names=[t.name for t in header.tensors]).check()
 
 
 class _Header:

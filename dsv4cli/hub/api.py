@@ -12,20 +12,24 @@ is created, and a transfer never writes past the size the listing announced.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx2
-from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import ModelInfo, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
+from dsv4cli.deadline import Deadline, env_seconds
 from dsv4cli.errors import AuthError, DownloadError, IntegrityError, NotFoundOnHubError, UnsafePathError
 from dsv4cli.hub import safe_paths
 
@@ -35,6 +39,9 @@ RESUME_HINT = "partial files are kept; run the same command again to resume"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_FILES = 100_000  # far above any real checkpoint; bounds the work a hostile listing can ask for
 MAX_FILE_BYTES = 1 << 50
+MAX_API_BYTES = 64 << 20  # a listing of MAX_FILES entries is ~30 MB of JSON; more is refused before decoding
+TIMEOUT_ENV = "DSV4_HUB_TIMEOUT"
+HUB_TIMEOUT_S = 60.0  # one Hub call in all: connect, answer, body and retries
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 # A redirect loop, or one to a scheme or URL httpx cannot follow: the same answer on every retry.
@@ -83,13 +90,59 @@ def retry_base() -> float:
     return float(os.environ.get("DSV4_RETRY_BASE", "1.0"))
 
 
+def hub_timeout() -> float:
+    """Seconds one Hub call may take in all, retries included (DSV4_HUB_TIMEOUT)."""
+    return env_seconds(TIMEOUT_ENV, HUB_TIMEOUT_S)
+
+
+def late_error(what: str, deadline: Deadline) -> DownloadError:
+    """The error for a Hub call that did not finish in time: names the server, the call and the deadline."""
+    return DownloadError(
+        f"{what}: {endpoint()} did not answer within {deadline.seconds:g} s",
+        hint=f"check the network or HF_ENDPOINT, or allow more time with {TIMEOUT_ENV}=SECONDS",
+    )
+
+
+def read_body(response: httpx2.Response, *, limit: int, what: str) -> bytes:
+    """The decoded body, refused once it passes `limit` bytes; a gzip/deflate body is inflated in bounded steps,
+    so a compression bomb costs `limit` bytes of memory, not what it expands to."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "", "gzip", "deflate"):
+        raise IntegrityError(f"{what}: the Hub answered with an unsupported Content-Encoding {encoding!r}")
+    inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate") else None  # 47: zlib or gzip header
+    body = bytearray()
+    try:
+        for chunk in response.iter_raw():
+            data = inflate.decompress(chunk, limit + 1 - len(body)) if inflate else chunk
+            body += data
+            if len(body) > limit or (inflate is not None and inflate.unconsumed_tail):
+                raise IntegrityError(
+                    f"{what}: the Hub's answer is larger than {limit >> 20} MiB decoded; refused",
+                    hint="nothing was written; the repo is malformed or hostile",
+                )
+    except zlib.error as e:
+        raise IntegrityError(f"{what}: the Hub's compressed answer is corrupt ({e})") from e
+    return bytes(body)
+
+
 def list_repo(repo: str, revision: str) -> RepoListing:
-    """Every file of `repo` at `revision` with size and LFS sha256, in one API call (retried when transient)."""
-    api = HfApi(endpoint=endpoint(), token=token())
+    """Every file of `repo` at `revision` with size and LFS sha256, in one API call (retried when transient,
+    within DSV4_HUB_TIMEOUT in all; the answer is bounded to MAX_API_BYTES before it is decoded)."""
+    deadline = Deadline(hub_timeout())
+    url = f"{endpoint()}/api/models/{repo}/revision/{quote(revision, safe='')}"
+    headers = {**build_hf_headers(token=token(), library_name="dsv4"), "Accept-Encoding": "gzip"}
 
     def call() -> Any:
         try:
-            return api.model_info(repo, revision=revision, files_metadata=True)
+            with (
+                open_client(deadline) as client,
+                client.stream("GET", url, params={"blobs": "true"}, headers=headers) as r,
+            ):
+                body = read_body(r, limit=MAX_API_BYTES, what=f"{repo} metadata")
+                kept = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "content-length")}
+                answer = httpx2.Response(r.status_code, headers=kept, content=body, request=r.request)
+            hf_raise_for_status(answer)
+            return ModelInfo(**json.loads(body))
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status in _TRANSIENT_STATUS:
@@ -99,13 +152,13 @@ def list_repo(repo: str, revision: str) -> RepoListing:
             raise DownloadError(f"{repo}: {type(e).__name__} from {endpoint()}: {e}") from e
         except httpx2.TransportError as e:
             raise TransientError(f"cannot reach {endpoint()} ({type(e).__name__}: {e})") from e
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # huggingface_hub parsing a bad answer
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:  # parsing a bad answer
             raise IntegrityError(
                 f"{repo}: the Hub answered with a malformed listing ({type(e).__name__}: {e})",
                 hint="nothing was written; the repo is malformed or hostile",
             ) from e
 
-    info = with_retries(call, what=f"{repo} metadata")
+    info = with_retries(call, what=f"{repo} metadata", deadline=deadline)
     files = tuple(
         RemoteFile(
             path=s.rfilename,
@@ -182,15 +235,23 @@ def _token_hint(repo: str) -> str:
     return f"set HF_TOKEN to a token with access, and accept the licence on {endpoint()}/{repo}"
 
 
-def with_retries(fn: Callable[[], Any], *, what: str, stop: threading.Event | None = None) -> Any:
-    """Call `fn`, retrying TransientError with exponential backoff; give up with a DownloadError."""
+def with_retries(
+    fn: Callable[[], Any], *, what: str, stop: threading.Event | None = None, deadline: Deadline | None = None
+) -> Any:
+    """Call `fn`, retrying TransientError with exponential backoff; give up with a DownloadError. With a
+    deadline every attempt and wait fits inside it, and the call ends when it passes however the server stalls."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return fn()
+            return fn() if deadline is None else deadline.run(fn)
+        except TimeoutError as e:
+            if deadline is None:
+                raise
+            raise late_error(what, deadline) from e
         except TransientError as e:
-            if attempt == MAX_ATTEMPTS:
+            wait = retry_base() * 2 ** (attempt - 1)
+            if attempt == MAX_ATTEMPTS or (deadline is not None and wait >= deadline.end - time.monotonic()):
                 raise DownloadError(f"{what}: {e} (gave up after {attempt} attempts)", hint=RESUME_HINT) from e
-            if (stop.wait if stop else time.sleep)(retry_base() * 2 ** (attempt - 1)):
+            if (stop.wait if stop else time.sleep)(wait):
                 raise Stopped from e
     raise AssertionError("unreachable")
 
@@ -232,8 +293,12 @@ def hash_file(root: Path, rel: str, remote: RemoteFile, *, on_bytes: Callable[[i
     return hasher
 
 
-def open_client() -> httpx2.Client:
-    timeout = httpx2.Timeout(30.0, read=float(os.environ.get("DSV4_READ_TIMEOUT", "60")))
+def open_client(deadline: Deadline | None = None) -> httpx2.Client:
+    """A client for Hub requests; with a deadline no single wait outlasts what is left of it."""
+    if deadline is not None:
+        timeout = httpx2.Timeout(deadline.left())
+    else:
+        timeout = httpx2.Timeout(30.0, read=float(os.environ.get("DSV4_READ_TIMEOUT", "60")))
     return httpx2.Client(follow_redirects=True, timeout=timeout)
 
 

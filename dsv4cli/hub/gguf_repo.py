@@ -77,11 +77,36 @@ def select_quant(paths: Iterable[str], tag: str | None, *, repo: str) -> list[st
     )
 
 
+def select_file(paths: Iterable[str], file: str, *, repo: str) -> list[str]:
+    """The files of one GGUF named by its path in the repo (`org/name/FILE.gguf`): it and its other shards.
+
+    Raises:
+        UsageError: the repo has no such model GGUF, or `file` is a later shard (the hint names the first).
+        IntegrityError: the repo lists only some shards of its split set.
+    """
+    names = sorted(set(paths))
+    firsts = first_shards(names)
+    if file not in firsts:
+        first = next((p for p in firsts if p in shard_candidates(names, file)), None)
+        shown = ", ".join(firsts[:MAX_LISTED]) + (", ..." if len(firsts) > MAX_LISTED else "")
+        raise UsageError(
+            f"{repo}: no GGUF model file {file!r}" + (f" (it is a later shard of {first})" if first else ""),
+            hint=f"the repo has: {shown}" if firsts else "pick a repo with .gguf files",
+        )
+    return shard_set(names, file, repo=repo)
+
+
+def shard_candidates(names: list[str], file: str) -> list[str]:
+    """Every listed shard of the split set `file` belongs to (just `file` for a single GGUF)."""
+    prefix, _, count = _split(file)
+    return [p for p in names if _split(p)[0] == prefix and _split(p)[2] == count]
+
+
 def shard_set(names: list[str], first: str, *, repo: str) -> list[str]:
-    prefix, _, count = _split(first)
+    count = _split(first)[2]
     if count == 1:
         return [first]
-    shards = sorted((p for p in names if _split(p)[0] == prefix and _split(p)[2] == count), key=lambda p: _split(p)[1])
+    shards = sorted(shard_candidates(names, first), key=lambda p: _split(p)[1])
     if [_split(p)[1] for p in shards] != list(range(1, count + 1)):
         raise IntegrityError(
             f"{repo}: {first} is one of {count} shards but the repo lists {len(shards)} of them",
@@ -113,20 +138,22 @@ def gguf_repos(spec: ModelSpec) -> tuple[str, ...]:
     return (spec.repo,) if spec.repo and spec.name == spec.repo else ()
 
 
-def find_local(spec: ModelSpec, tag: str | None) -> Path | None:
-    """The first shard of a completely pulled GGUF of this model and tag, without asking the Hub.
+def find_local(spec: ModelSpec, tag: str | None, *, file: str | None = None) -> Path | None:
+    """The first shard of a completely pulled GGUF of this model and tag (or this one `file` of the model's own
+    repo), without asking the Hub.
 
     Only files the pull manifest records (verified) count, so a half-finished download is never picked.
     """
-    from dsv4cli.hub.pull import read_manifest
+    from dsv4cli.hub.manifest import read_manifest
 
-    for repo in gguf_repos(spec):
-        folder = get_model(repo).local_dir
+    repos = (spec.repo,) if file and spec.repo else gguf_repos(spec)
+    for repo in repos:
+        folder = get_model(repo).local_dir if not file else spec.local_dir
         recorded = list(read_manifest(folder).get("files", {}))
-        if not is_gguf_repo(recorded):
+        if not is_gguf_repo(recorded) and not file:
             continue
         try:
-            shards = select_quant(recorded, tag, repo=repo)
+            shards = select_file(recorded, file, repo=repo) if file else select_quant(recorded, tag, repo=repo)
         except (UsageError, IntegrityError):
             continue
         return folder / shards[0]
@@ -134,13 +161,17 @@ def find_local(spec: ModelSpec, tag: str | None) -> Path | None:
 
 
 def find_on_hub(
-    spec: ModelSpec, tag: str | None, listing_of: Callable[[ModelSpec], RepoListing]
+    spec: ModelSpec, tag: str | None, listing_of: Callable[[ModelSpec], RepoListing], *, file: str | None = None
 ) -> tuple[ModelSpec, RepoListing, list[str]]:
-    """The first of the model's GGUF repos with a GGUF matching `tag`: its spec, listing and the files.
+    """The first of the model's GGUF repos with a GGUF matching `tag`: its spec, listing and the files; with
+    `file`, that GGUF of the model's own repo.
 
     Raises:
         UsageError: none of them has one (a model without GGUF repos says how to get one).
     """
+    if file:
+        listing = listing_of(spec)
+        return spec, listing, select_file((f.path for f in listing.files), file, repo=spec.repo or spec.name)
     repos = gguf_repos(spec)
     if not repos:
         raise UsageError(

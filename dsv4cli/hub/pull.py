@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import shutil
 import tempfile
 import threading
@@ -34,16 +33,22 @@ from typing import Any, Protocol
 from dsv4cli.errors import DiskSpaceError, DownloadError, IntegrityError, UnsafePathError, UsageError
 from dsv4cli.hub import api as hub
 from dsv4cli.hub import gguf_repo, safe_paths
+from dsv4cli.hub.manifest import (
+    PARTIAL_DIR,
+    is_real_dir,
+    journal,
+    known_verified,
+    part_path,
+    read_manifest,
+    write_manifest,
+)
 from dsv4cli.models.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX, foreign_entries
-from dsv4cli.models.ref import split_tag
+from dsv4cli.models.ref import split_hub_file, split_tag
 from dsv4cli.models.registry import ModelSpec, get_model
 from dsv4cli.units import human_bytes
 
-PARTIAL_DIR = ".dsv4-partial"
-JOURNAL_NAME = "verified.jsonl"
 BUILTIN_REVISION = "builtin"
 BUILTIN_STAGING = "builtin-"  # built-in files are written under PARTIAL_DIR/builtin-XXXX, then moved into place
-MAX_STATE_BYTES = 64 << 20  # the manifest and journal are ours, but read as untrusted: bounded
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class PullOptions:
     dry_run: bool = False
     verify: bool = False
     tag: str | None = None  # the quant of a GGUF repo (`NAME:TAG`); set by `pull` from the name
+    file: str | None = None  # one GGUF of a repo (`org/name/FILE.gguf`, all its shards); set by `pull` from the name
 
 
 @dataclass
@@ -136,8 +142,9 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
     """
     if options.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {options.workers}")
-    base, tag = split_tag(name)
-    options = replace(options, tag=tag)
+    hub_file = split_hub_file(name)
+    base, tag = hub_file or split_tag(name)
+    options = replace(options, tag=None, file=tag) if hub_file else replace(options, tag=tag)
     spec = get_model(base)
     listing = None
     # A registry model's pre-quantized GGUF: the first of its repos with the tag (a built-in model has none, and
@@ -186,7 +193,7 @@ def pull(name: str, options: PullOptions, *, progress: PullProgress | None = Non
                 )
             try:
                 _download(folder, listing, todo, states, result, workers=options.workers, progress=progress)
-                _write_manifest(folder, listing, selected)
+                write_manifest(folder, listing, selected)
                 _check_ggufs(folder, selected, spec)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -236,7 +243,7 @@ def _write_builtin(spec: ModelSpec, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     safe_paths.make_dirs(folder, PARTIAL_DIR)
     for stale in (folder / PARTIAL_DIR).glob(f"{BUILTIN_STAGING}*"):  # left by an interrupted run
-        if _is_real_dir(stale):
+        if is_real_dir(stale):
             shutil.rmtree(stale)
     # A fresh, uniquely named folder: nothing can have been planted in it.
     workdir = Path(tempfile.mkdtemp(prefix=BUILTIN_STAGING, dir=folder / PARTIAL_DIR))
@@ -250,18 +257,14 @@ def _write_builtin(spec: ModelSpec, folder: Path) -> None:
         safe_paths.replace(folder, f"{staging}/{rel}", rel)
     shutil.rmtree(workdir)
     listing = hub.RepoListing(repo=f"builtin:{spec.name}", revision=BUILTIN_REVISION, files=tuple(files))
-    _write_manifest(folder, listing, files)
+    write_manifest(folder, listing, files)
 
 
 def _check_builtin_target(folder: Path) -> None:
     """Only a folder we wrote (manifest or partial dir) may already hold files: a built-in model is written
     over what is there."""
-    if foreign_entries(folder) and not read_manifest(folder) and not _is_real_dir(folder / PARTIAL_DIR):
+    if foreign_entries(folder) and not read_manifest(folder) and not is_real_dir(folder / PARTIAL_DIR):
         raise UsageError(f"{folder} is not empty and was not written by `dsv4 pull`", hint="pass an empty --dir")
-
-
-def _is_real_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
 
 
 def _listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hub.RepoListing:
@@ -273,7 +276,7 @@ def _listing(spec: ModelSpec, options: PullOptions, folder: Path) -> hub.RepoLis
         listing = hub.list_repo(spec.repo, options.revision or spec.revision)
     hub.check_listing(listing, reserved_prefix=STATE_PREFIX)
     # Partial files live side by side under PARTIAL_DIR: `d` and `d.part/x` would need `d.part` as both.
-    clash = safe_paths.listing_problem(_part(f.path) for f in listing.files)
+    clash = safe_paths.listing_problem(part_path(f.path) for f in listing.files)
     if clash:
         name = clash[0].removeprefix(f"{PARTIAL_DIR}/").removesuffix(".part")
         raise UnsafePathError(
@@ -328,11 +331,13 @@ def _check_ggufs(folder: Path, selected: list[hub.RemoteFile], spec: ModelSpec) 
 def _select(listing: hub.RepoListing, options: PullOptions) -> list[hub.RemoteFile]:
     from huggingface_hub.utils import filter_repo_objects
 
-    if options.tag and (options.include or options.exclude):
-        raise UsageError(
-            f"both :{options.tag} and --include/--exclude pick files of {listing.repo}", hint="use one of them"
-        )
+    picked = f":{options.tag}" if options.tag else options.file
+    if picked and (options.include or options.exclude):
+        raise UsageError(f"both {picked} and --include/--exclude pick files of {listing.repo}", hint="use one of them")
     patterns = options.include or options.exclude
+    if options.file:
+        wanted = set(gguf_repo.select_file((f.path for f in listing.files), options.file, repo=listing.repo))
+        return [f for f in listing.files if f.path in wanted]
     if options.tag or (not patterns and gguf_repo.is_gguf_repo(f.path for f in listing.files)):
         wanted = set(gguf_repo.select_quant((f.path for f in listing.files), options.tag, repo=listing.repo))
         return [f for f in listing.files if f.path in wanted]
@@ -357,11 +362,11 @@ def _assess(folder: Path, listing: hub.RepoListing, selected: list[hub.RemoteFil
 
     Only regular files reached without symlinks count; anything else there is replaced by the download.
     """
-    known = _known_verified(folder, listing.revision)
+    known = known_verified(folder, listing.revision)
     states = {}
     for remote in selected:
         size = safe_paths.file_size(folder, remote.path)
-        part_size = safe_paths.file_size(folder, _part(remote.path))
+        part_size = safe_paths.file_size(folder, part_path(remote.path))
         if size == remote.size:
             record = known.get(remote.path, {})
             trusted = record.get("size") == remote.size and (not remote.sha256 or record.get("sha256") == remote.sha256)
@@ -403,7 +408,7 @@ def _verify(
         lock = threading.Lock()
         for path, state in states.items():
             if state.status == "verified":
-                _journal(folder, result.revision, remotes[path], lock)
+                journal(folder, result.revision, remotes[path], lock)
         safe_paths.unlink(folder, MANIFEST_NAME)
 
 
@@ -427,11 +432,11 @@ def _download(
             why = _check_on_disk(folder, remote, progress, action="check")
             if why is None:
                 state.status = "verified"
-                _journal(folder, listing.revision, remote, lock)
+                journal(folder, listing.revision, remote, lock)
                 return
             progress.note(f"{remote.path}: on disk but does not match the Hub ({why}); fetching it again")
         progress.file_started(remote.path, remote.size, action="get")
-        part = _part(remote.path)
+        part = part_path(remote.path)
         advance = lambda n: progress.advance(remote.path, n)  # noqa: E731
         transfer = hub.Transfer(client, listing, remote, folder, part, advance, stop)
         why = transfer.run().mismatch(remote)
@@ -451,7 +456,7 @@ def _download(
         state.status = "downloaded"
         with lock:
             result.downloaded_bytes += remote.size - state.have_bytes
-        _journal(folder, listing.revision, remote, lock)
+        journal(folder, listing.revision, remote, lock)
         progress.file_done(remote.path)
 
     progress.start(sum(r.size for r in todo))
@@ -483,83 +488,7 @@ def _run_parallel(fn: Callable[[Any], None], items: Iterable[Any], *, workers: i
             raise
 
 
-def _part(path: str) -> str:
-    """Where a file's bytes collect until verified, relative to the target folder."""
-    return f"{PARTIAL_DIR}/{path}.part"
-
-
 def _existing_parent(folder: Path) -> Path:
     while not folder.exists():
         folder = folder.parent
     return folder
-
-
-def _journal(folder: Path, revision: str, remote: hub.RemoteFile, lock: threading.Lock) -> None:
-    line = json.dumps({"revision": revision, "path": remote.path, "size": remote.size, "sha256": remote.sha256})
-    with lock, safe_paths.open_file(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}", "ab") as f:
-        f.write(line.encode() + b"\n")
-
-
-def _read_state(folder: Path, rel: str) -> str:
-    """One of our state files, or "" when it is missing, unreadable, too big or not a regular file."""
-    try:
-        with safe_paths.open_file(folder, rel, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
-    except (OSError, UnsafePathError):
-        return ""
-    return data.decode("utf-8", errors="replace") if len(data) <= MAX_STATE_BYTES else ""
-
-
-def _known_verified(folder: Path, revision: str) -> dict[str, dict[str, Any]]:
-    """Files verified earlier at this revision: the manifest, plus the journal of an unfinished pull."""
-    manifest = read_manifest(folder)
-    known = dict(manifest["files"]) if manifest.get("revision") == revision else {}
-    for line in _read_state(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if isinstance(record, dict) and record.get("revision") == revision and isinstance(record.get("path"), str):
-            known[record["path"]] = record
-    return {path: record for path, record in known.items() if isinstance(record, dict)}
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a complete pull, or {} when there is none (or it is unreadable)."""
-    try:
-        data = json.loads(_read_state(folder, MANIFEST_NAME) or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
-
-
-def _write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.RemoteFile]) -> None:
-    """Record every verified file (keeping earlier entries of the same commit), atomically; tidy the partial dir."""
-    old = read_manifest(folder)
-    files = dict(old["files"]) if old.get("revision") == listing.revision else {}
-    for remote in selected:
-        sha256 = remote.sha256 or hub.hash_file(folder, remote.path, remote).sha256.hexdigest()
-        files[remote.path] = {"size": remote.size, "sha256": sha256}
-    _store_manifest(folder, {"repo": listing.repo, "revision": listing.revision, "files": dict(sorted(files.items()))})
-    safe_paths.unlink(folder, f"{PARTIAL_DIR}/{JOURNAL_NAME}")
-    partial = folder / PARTIAL_DIR
-    if _is_real_dir(partial) and not any(p.is_file() for p in partial.rglob("*")):  # keep parts of unselected files
-        shutil.rmtree(partial)
-
-
-def _store_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = f"{MANIFEST_NAME}.tmp"
-    with safe_paths.open_file(folder, tmp, "wb") as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
-    safe_paths.replace(folder, tmp, MANIFEST_NAME)
-
-
-def forget_files(folder: Path, paths: list[str]) -> None:
-    """Drop files being removed (`dsv4 rm`) from the manifest, under the caller's folder lock; with none left
-    the manifest goes too, so the folder no longer counts as a pull."""
-    manifest = read_manifest(folder)
-    files = {p: entry for p, entry in manifest.get("files", {}).items() if p not in set(paths)}
-    if files:
-        _store_manifest(folder, {**manifest, "files": files})
-    else:
-        safe_paths.unlink(folder, MANIFEST_NAME)

@@ -4,8 +4,9 @@ so a remote header is parsed by the same code as a local one.
 
 Each `read_at` is one HTTP range request (the parser asks for about a MiB at a time and buffers); every byte
 fetched counts against a `FetchBudget` shared by the shards of one plan, so a hostile header cannot make us
-download the file. URLs, auth and retries are those of `dsv4cli.hub.api`; a server that ignores the range (a 200
-with the whole file) is refused at once, before its body is read.
+download the file, and all the reads of one plan share one deadline (DSV4_HUB_TIMEOUT), so a slow or silent
+server cannot keep it waiting. URLs, auth and retries are those of `dsv4cli.hub.api`; a server that ignores the
+range (a 200 with the whole file) is refused at once, before its body is read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx2
 from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
+from dsv4cli.deadline import Deadline
 from dsv4cli.errors import DownloadError, IntegrityError, PlanError
 from dsv4cli.hub import api as hub
 
@@ -30,6 +32,12 @@ class FetchBudget:
     limit: int = DEFAULT_BUDGET
     fetched: int = 0
     requests: int = 0
+    deadline: Deadline | None = None  # started by the first read
+
+    def clock(self) -> Deadline:
+        if self.deadline is None:
+            self.deadline = Deadline(hub.hub_timeout())
+        return self.deadline
 
     def charge(self, n: int, *, what: str) -> None:
         if self.fetched + n > self.limit:
@@ -57,9 +65,10 @@ class HubByteSource:
         if length == 0:
             return b""
         self._budget.charge(length, what=self.name)
-        return hub.with_retries(lambda: self._get(offset, length), what=self.name)
+        deadline = self._budget.clock()
+        return hub.with_retries(lambda: self._get(offset, length, deadline), what=self.name, deadline=deadline)
 
-    def _get(self, start: int, size: int) -> bytes:
+    def _get(self, start: int, size: int, deadline: Deadline) -> bytes:
         listing = self._listing
         url = hf_hub_url(listing.repo, self._remote.path, revision=listing.revision, endpoint=hub.endpoint())
         headers = {
@@ -68,7 +77,8 @@ class HubByteSource:
             "Range": f"bytes={start}-{start + size - 1}",
         }
         try:
-            with self._client.stream("GET", url, headers=headers) as response:
+            timeout = httpx2.Timeout(deadline.left())
+            with self._client.stream("GET", url, headers=headers, timeout=timeout) as response:
                 hub.check_status(response, self._listing, self._remote)
                 whole = start == 0 and size == self.size  # a 200 is then the bytes asked for
                 if response.status_code != 206 and not whole:  # else a 200 is the whole file: never read it

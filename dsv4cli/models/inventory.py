@@ -22,7 +22,7 @@ from dsv4cli.errors import IntegrityError, UsageError
 from dsv4cli.gguf_io.read import read_recipe
 from dsv4cli.home import dsv4_home, gguf_dir, models_dir
 from dsv4cli.hub import gguf_repo, safe_paths
-from dsv4cli.hub.pull import PARTIAL_DIR, forget_files, read_manifest
+from dsv4cli.hub.manifest import PARTIAL_DIR, forget_files, read_manifest
 from dsv4cli.models.local import LOCK_NAME
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.server.records import running_servers
@@ -43,8 +43,15 @@ class LocalModel:
     folder: Path | None = field(default=None, repr=False)  # the pulled folder it belongs to (lock, manifest)
 
     def to_dict(self) -> dict[str, Any]:
+        from dsv4cli.eval.record import read_results
+
         keys = ("name", "kind", "state", "bytes", "recipe", "repo")
-        return {k: getattr(self, k) for k in keys} | {"path": str(self.path), "files": [str(f) for f in self.files]}
+        measured = read_results(self.path) if self.kind in ("gguf", "gguf-repo") and self.state == "complete" else []
+        return {k: getattr(self, k) for k in keys} | {
+            "path": str(self.path),
+            "files": [str(f) for f in self.files],
+            "eval": measured,  # `dsv4 eval` results, newest first
+        }
 
 
 def _size(path: Path) -> int:
@@ -94,8 +101,10 @@ def _converted(path: Path) -> LocalModel:
         shards = [path.parent / n for n in gguf_repo.shard_set(names, path.name, repo=str(path.parent))]
     except IntegrityError:  # a shard is missing: list what is there, so it can be removed
         shards = [path.parent / n for n in names if gguf_repo.set_name(n) == gguf_repo.set_name(path.name)]
-    report = path.parent / (gguf_repo.set_name(path.name) + REPORT_SUFFIX)
-    files = tuple(shards) + ((report,) if report.is_file() else ())
+    from dsv4cli.eval.record import record_path
+
+    extras = (path.parent / (gguf_repo.set_name(path.name) + REPORT_SUFFIX), record_path(path))
+    files = tuple(shards) + tuple(f for f in extras if f.is_file())
     return LocalModel(path.name, "gguf", "complete", path, files, sum(_size(f) for f in shards), read_recipe(path))
 
 
@@ -125,10 +134,13 @@ def find_local_model(ref: ModelRef) -> LocalModel:
         if match is None and (path.exists() or path.is_symlink()):  # not dsv4's: check_removable says where it is
             match = LocalModel(path.name, ref.kind, "complete", path, (path,), _size(path))
     else:
-        pulled = gguf_repo.find_local(ref.spec, ref.tag) if ref.tag or ref.kind == "hub" else None
+        from dsv4cli.load.resolve import find_local_gguf
+
+        pulled = find_local_gguf(ref) if ref.tag or ref.kind == "hub" else None
         folder = ref.spec.local_dir
+        whole_folder = not (ref.tag or ref.file)
         match = next((e for e in entries if pulled and e.path == pulled), None) or next(
-            (e for e in entries if not ref.tag and e.folder == folder and e.kind != "gguf-repo"), None
+            (e for e in entries if whole_folder and e.folder == folder and e.kind != "gguf-repo"), None
         )
     if match is None:
         raise UsageError(f"{ref.text}: no such model in the dsv4 home", hint="`dsv4 list` shows what is there")

@@ -51,7 +51,7 @@ def _header_extras(path: Path) -> dict[str, Any]:
 def _pulled_from(path: Path) -> str | None:
     """The Hub repo a pulled file came from (its folder's manifest), None for other files."""
     from dsv4cli.home import models_dir
-    from dsv4cli.hub.pull import read_manifest
+    from dsv4cli.hub.manifest import read_manifest
 
     folder = next((p for p in path.parents if p.parent == models_dir()), None)
     return read_manifest(folder).get("repo") if folder else None
@@ -59,6 +59,7 @@ def _pulled_from(path: Path) -> str | None:
 
 def describe(ref: ModelRef) -> dict[str, Any]:
     """Everything `dsv4 show` prints, as JSON data."""
+    from dsv4cli.eval.record import read_results
     from dsv4cli.plan import PlanInputs
     from dsv4cli.plan.source import load_source
 
@@ -86,4 +87,5 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         "source": src.checkpoint,  # the checkpoint `dsv4 quantize` converted (None for other producers' files)
         "repo": (_pulled_from(src.files[0]) if local else None) or (ref.spec and ref.spec.repo),
         "fetched_bytes": src.fetched_bytes,
+        "eval": read_results(src.files[0]) if local else [],  # `dsv4 eval` results, newest first
     }

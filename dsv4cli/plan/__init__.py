@@ -44,8 +44,9 @@ a plan that memory-maps weights says "streams from disk" first, with hints that 
 `schema.SCHEMA` documents `Plan.to_dict()` (what `--json` prints and `-o` writes).
 """
 
+from dsv4cli.plan.inputs import DEFAULT_CTX, PlanInputs
 from dsv4cli.plan.make import make_plan
-from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier
+from dsv4cli.plan.model import Plan, Tier
 from dsv4cli.plan.schema import SCHEMA, check_plan_model, load_plan, save_plan
 from dsv4cli.plan.source import ModelSource, load_source
 from dsv4cli.units import GIB

@@ -99,13 +99,13 @@ def calibration(folder: Path, *, experts: str, dense: str, threads: int, remeasu
 
 def measure(folder: Path, *, experts: str, dense: str, threads: int, key: str) -> Calibration:
     """Decode the three calibration models and solve for the per-layer, dense and expert costs."""
+    from dsv4cli.load.model_file import open_model_file
     from dsv4cli.plan.groups import tensor_class
-    from dsv4cli.plan.source import read_gguf
 
     runs = {}
     for name in [*SHAPES, *SHAPES]:  # two rounds, interleaved: a busy moment spoils one run of each, not the fit
         path = calibration_model(folder, name, experts=experts, dense=dense)
-        src = read_gguf(path)
+        src = open_model_file(path).source  # checked as every load is, before the child's llama.cpp sees it
         n_active = src.dims.n_expert_used / src.dims.n_expert
         dense_b = expert_b = 0.0
         for spec in src.tensors:

@@ -15,7 +15,7 @@ from typing import Any
 from dsv4cli.errors import Dsv4Error
 from dsv4cli.home import dsv4_home
 from dsv4cli.plan.calibrate import Calibration, cache_key, calibration
-from dsv4cli.plan.model import PlanInputs
+from dsv4cli.plan.inputs import PlanInputs
 from dsv4cli.system import hardware
 
 # Without a calibration: one core of a recent x86 CPU through llama.cpp's GEMV (GB/s of weights per thread) and

@@ -8,8 +8,9 @@ from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cac
 from dsv4cli.errors import PlanError, UsageError
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import group_layers, layer_of, tensor_class
+from dsv4cli.plan.inputs import DEFAULT_CTX, PlanInputs
 from dsv4cli.plan.machine import Figure, assumptions, resolve_machine
-from dsv4cli.plan.model import DEFAULT_CTX, Plan, PlanInputs, Tier, flash_attn
+from dsv4cli.plan.model import Plan, Tier, flash_attn
 from dsv4cli.plan.placement import (
     check_inputs,
     fill_gpus,

@@ -1,4 +1,4 @@
-"""The plan's types: its inputs, the memory tiers and the finished `Plan` with its load parameters."""
+"""The plan's types: the memory tiers and the finished `Plan` with its load parameters (inputs: `inputs.py`)."""
 
 from __future__ import annotations
 
@@ -8,45 +8,14 @@ from typing import TYPE_CHECKING, Any
 from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.engine.params import LoadParams
 from dsv4cli.plan.groups import tensor_class
+from dsv4cli.plan.inputs import PlanInputs
 from dsv4cli.plan.source import ModelSource
-from dsv4cli.rpc.protocol import Endpoint
 from dsv4cli.system import llama_lib
-from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from dsv4cli.plan.machine import Machine
-
-DEFAULT_CTX = 32768
-DEFAULT_UBATCH = 512
-DEFAULT_MARGIN_GIB = 1.0
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    """Budgets and options; None means detect (VRAM) or use what is available (RAM) or the default bandwidth."""
-
-    vram_gib: tuple[float, ...] | None = None
-    ram_gib: float | None = None
-    no_disk: bool = False
-    ctx: int | None = None  # None: DEFAULT_CTX capped at the model's context length
-    ubatch: int = DEFAULT_UBATCH
-    kv_type: str = DEFAULT_KV_TYPE
-    margin_gib: float = DEFAULT_MARGIN_GIB
-    experts: str = DEFAULT_EXPERTS
-    dense: str = DEFAULT_DENSE
-    ram_bw: float | None = None
-    vram_bw: float | None = None
-    disk_bw: float | None = None
-    pcie_bw: float | None = None
-    measure: bool = False  # measure RAM and disk bandwidth again
-    threads: int | None = None  # None: physical cores
-    rpc_bw: float | None = None  # RPC workers' memory GB/s (None: the host RAM default)
-    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers, probed for memory and network at plan time
-    calibrate: bool = False  # time llama.cpp's kernels here again (dsv4cli.plan.calibrate)
-    cpu_gbs: float | None = None  # GEMV GB/s per thread, given (another machine): no calibration
-    reserve_gib: float | None = None  # host RAM kept for the OS; None: max(2 GiB, 10 % of RAM)
 
 
 @dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dsv4cli.engine.kvcache import KV_TYPES, KvCache, ModelDims
 from dsv4cli.errors import UsageError
 from dsv4cli.plan.groups import Layers, layer_of, tensor_class
-from dsv4cli.plan.model import PlanInputs, Tier
+from dsv4cli.plan.inputs import PlanInputs
+from dsv4cli.plan.model import Tier
 from dsv4cli.plan.source import ModelSource
 from dsv4cli.rpc.protocol import probe
 from dsv4cli.system import hardware

@@ -17,7 +17,7 @@ from dsv4cli.hub import gguf_repo
 from dsv4cli.hub.remote_file import FetchBudget, HubByteSource
 from dsv4cli.models.local import STATE_PREFIX
 from dsv4cli.models.registry import ModelSpec
-from dsv4cli.plan.source import ModelSource, source_from_header
+from dsv4cli.plan.source_facts import ModelSource, source_from_header
 from quant.errors import QuantError
 from quant.gguf_header import parse_header
 
@@ -40,19 +40,29 @@ def _reading_only() -> Iterator[None]:
         raise
 
 
+MAX_SHARDS = 1024  # a 1.6T-parameter model in BF16 is ~640 shards of 5 GB; more is a hostile or broken repo
+
+
 def _not_tokenizer(key: str) -> bool:
     return not key.startswith(TOKENIZER_PREFIX)  # the vocabulary is not planned (as gguf_read.read_header)
 
 
-def remote_source(spec: ModelSpec, tag: str | None, *, budget: FetchBudget | None = None) -> ModelSource:
-    """The tensors of the GGUF `spec:tag` on the Hub, from its headers only.
+def remote_source(
+    spec: ModelSpec, tag: str | None, *, file: str | None = None, budget: FetchBudget | None = None
+) -> ModelSource:
+    """The tensors of the GGUF `spec:tag` (or `spec.repo/file`) on the Hub, from its headers only.
 
     `files` are the paths `dsv4 pull` will give the shards, so `--llama-args` names where they will be;
     `fetched_bytes` is what the headers cost.
     """
     budget = budget or FetchBudget()
     with _reading_only():
-        repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing)
+        repo_spec, listing, paths = gguf_repo.find_on_hub(spec, tag, _listing, file=file)
+    if len(paths) > MAX_SHARDS:
+        raise PlanError(
+            f"{listing.repo}: {paths[0]} is split into {len(paths)} shards (at most {MAX_SHARDS} are planned remotely)",
+            hint="download it with `dsv4 pull` to plan it from disk",
+        )
     remotes = {f.path: f for f in listing.files}
     folder = repo_spec.local_dir
     fields: dict[str, Any] = {}

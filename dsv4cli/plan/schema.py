@@ -192,15 +192,16 @@ def _file_bytes(src: ModelSource) -> int | None:
     return sum(f.stat().st_size for f in src.files) if src.files else None
 
 
-def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> None:
+def check_plan_model(data: dict[str, Any], model: Path | ModelSource, *, plan_path: Path) -> None:
     """Refuse to apply a plan to a GGUF other than the one it was made for (plans without a `model` section
-    predate the binding and are applied as before)."""
+    predate the binding and are applied as before). `model` is the GGUF, or its header already read."""
     from dsv4cli.plan.source import read_gguf
 
     bound = data.get("model")
     if not isinstance(bound, dict) or not isinstance(bound.get("tensor_table_sha256"), str):
         return
-    src = read_gguf(gguf)
+    src = read_gguf(model) if isinstance(model, Path) else model
+    gguf = src.files[0]
     if tensor_table_digest(src.tensors, src.dims.n_layer) != bound["tensor_table_sha256"]:
         raise PlanError(
             f"{plan_path}: made for {bound.get('name')!r}, not {gguf.name} (their tensors differ)",
@@ -208,10 +209,12 @@ def check_plan_model(data: dict[str, Any], gguf: Path, *, plan_path: Path) -> No
         )
 
 
-def load_plan_params(path: Path, gguf: Path | None = None, *, note: Callable[[str], None] | None = None) -> LoadParams:
-    """The checked load parameters of a plan file (errors name the file and the key); with `gguf`, refused when
-    the plan was made for another model."""
+def load_plan_params(
+    path: Path, model: ModelSource | None = None, *, note: Callable[[str], None] | None = None
+) -> LoadParams:
+    """The checked load parameters of a plan file (errors name the file and the key); with `model` (a GGUF's
+    header), refused when the plan was made for another model."""
     data = load_plan(path)
-    if gguf is not None:
-        check_plan_model(data, gguf, plan_path=path)
+    if model is not None:
+        check_plan_model(data, model, plan_path=path)
     return LoadParams.from_dict(data["llama"], source=str(path), note=note)

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsv4cli.rpc.protocol import RpcError, parse_endpoints, probe
+from dsv4cli.rpc.protocol import Endpoint, RpcError, parse_endpoints, probe
 
-CHECK_TIMEOUT_S = 3.0
 ABORT_MARKER = "Remote RPC server crashed"
 
 
@@ -22,26 +21,34 @@ def rpc_endpoints(argv: Sequence[str]) -> str | None:
     return args[args.index("--rpc") + 1] if "--rpc" in args[:-1] else None
 
 
-def check_workers(rpc: str) -> None:
-    """Every worker answers HELLO with a compatible version; the first that does not is named in the error."""
-    for endpoint in parse_endpoints(rpc):
-        probe(endpoint, timeout=CHECK_TIMEOUT_S, transfer=0, pings=1)
+def _workers(rpc: str | Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+    """The workers, given as endpoints or as llama.cpp's `--rpc` value."""
+    return parse_endpoints(rpc) if isinstance(rpc, str) else tuple(rpc)
 
 
-def lost_worker_error(log: Path, rpc: str) -> RpcError | None:
-    """After llama-server exited: the error naming the lost worker(s), when an RPC failure is what killed it."""
+def check_workers(rpc: str | Sequence[Endpoint]) -> None:
+    """Every worker answers HELLO with a compatible version within DSV4_RPC_TIMEOUT; the first that does not is
+    named in the error. `rpc` is the workers, or llama.cpp's `--rpc` value."""
+    for endpoint in _workers(rpc):
+        probe(endpoint, transfer=0, pings=1)
+
+
+def lost_worker_error(log: Path, rpc: str | Sequence[Endpoint]) -> RpcError | None:
+    """After llama-server exited: the error naming the lost worker(s), when an RPC failure is what killed it.
+    `rpc` is the workers, or llama.cpp's `--rpc` value."""
     try:
         if ABORT_MARKER not in log.read_text(errors="replace"):
             return None
     except OSError:
         return None
+    workers = _workers(rpc)
     lost = []
-    for endpoint in parse_endpoints(rpc):
+    for endpoint in workers:
         try:
             probe(endpoint, timeout=1.0, transfer=0, pings=1)
         except RpcError:
             lost.append(str(endpoint))
-    who = f"RPC worker {', '.join(lost)}" if lost else f"an RPC worker ({rpc})"
+    who = f"RPC worker {', '.join(lost)}" if lost else f"an RPC worker ({', '.join(map(str, workers))})"
     return RpcError(
         f"{who} stopped answering; llama-server aborted the request (log: {log})",
         hint="restart `dsv4 worker` there and `dsv4 serve` here",

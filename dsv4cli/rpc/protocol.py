@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 
+from dsv4cli.deadline import Deadline, env_seconds
 from dsv4cli.errors import Dsv4Error, UsageError
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0
 CAPS_SIZE = 24
-PROBE_TIMEOUT_S = 5.0
+TIMEOUT_ENV = "DSV4_RPC_TIMEOUT"
+PROBE_TIMEOUT_S = 15.0  # the whole probe: connect, handshake, memory, round trips and two 4 MiB transfers
 MAX_REPLY = 1 << 20  # nothing a probe asks for answers with more; a bigger size is a stranger, not a worker
+MAX_DEVICES = 64  # far above any machine; a worker announcing more is refused before asking each one
 
 
 class Cmd(IntEnum):
@@ -86,9 +89,17 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     return tuple(endpoints)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def rpc_timeout() -> float:
+    """Seconds one exchange with a worker may take in all (DSV4_RPC_TIMEOUT)."""
+    return env_seconds(TIMEOUT_ENV, PROBE_TIMEOUT_S)
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: Deadline | None = None) -> bytes:
+    """`n` bytes; with a deadline, TimeoutError once it passes (however the bytes trickle in)."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            sock.settimeout(deadline.left())
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             raise ConnectionError("connection closed")
@@ -96,15 +107,17 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def request(sock: socket.socket, cmd: Cmd, payload: bytes = b"") -> bytes | None:
+def request(sock: socket.socket, cmd: Cmd, payload: bytes = b"", deadline: Deadline | None = None) -> bytes | None:
     """Send one command; read and return its reply when the command has one."""
+    if deadline is not None:
+        sock.settimeout(deadline.left())
     sock.sendall(bytes([cmd]) + U64.pack(len(payload)) + payload)
     if cmd not in RESPONDS:
         return None
-    (size,) = U64.unpack(recv_exact(sock, U64.size))
+    (size,) = U64.unpack(recv_exact(sock, U64.size, deadline))
     if size > MAX_REPLY:
         raise ConnectionError(f"reply of {size} bytes to {cmd.name}")
-    return recv_exact(sock, size)
+    return recv_exact(sock, size, deadline)
 
 
 @dataclass(frozen=True)
@@ -133,9 +146,9 @@ class WorkerInfo:
         }
 
 
-def hello(sock: socket.socket, where: Endpoint) -> tuple[int, int, int]:
+def hello(sock: socket.socket, where: Endpoint, deadline: Deadline | None = None) -> tuple[int, int, int]:
     """The handshake; a version llama.cpp would refuse is an error naming the worker."""
-    reply = request(sock, Cmd.HELLO, bytes(CAPS_SIZE))
+    reply = request(sock, Cmd.HELLO, bytes(CAPS_SIZE), deadline)
     if reply is None or len(reply) != HELLO_REPLY.size:
         got = len(reply or b"")
         raise RpcError(f"RPC worker {where} answered HELLO with {got} bytes: not a ggml-rpc {PROTO_MAJOR}.x server")
@@ -149,14 +162,18 @@ def hello(sock: socket.socket, where: Endpoint) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-def probe(where: Endpoint, *, timeout: float = PROBE_TIMEOUT_S, transfer: int = 4 << 20, pings: int = 5) -> WorkerInfo:
+def probe(where: Endpoint, *, timeout: float | None = None, transfer: int = 4 << 20, pings: int = 5) -> WorkerInfo:
     """Ask a worker its protocol version and each device's memory, and time a round trip and a bulk transfer.
 
-    Every step is bounded by `timeout`; the error names the worker and whether it was unreachable, busy (the
-    server serves one client at a time) or not a ggml-rpc server.
+    The whole exchange (connect included) is bounded by `timeout` (default DSV4_RPC_TIMEOUT, 15 s): a worker that
+    stalls or drips bytes is refused when it passes. The error names the worker and whether it was unreachable,
+    busy (the server serves one client at a time), not a ggml-rpc server, or of another protocol version.
     """
+    deadline = Deadline(timeout if timeout is not None else rpc_timeout())
     try:
-        sock = socket.create_connection((where.host, where.port), timeout=timeout)
+        sock = socket.create_connection((where.host, where.port), timeout=deadline.left())
+    except TimeoutError as e:
+        raise _late(where, deadline) from e
     except OSError as e:
         raise RpcError(
             f"RPC worker {where} is not reachable ({e.strerror or e})",
@@ -165,21 +182,23 @@ def probe(where: Endpoint, *, timeout: float = PROBE_TIMEOUT_S, transfer: int = 
     with sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            version = hello(sock, where)
-            (count,) = struct.unpack("<I", request(sock, Cmd.DEVICE_COUNT) or b"\0\0\0\0")
-            devices = tuple(_memory(sock, i) for i in range(count))
+            version = hello(sock, where, deadline)
+            (count,) = struct.unpack("<I", request(sock, Cmd.DEVICE_COUNT, b"", deadline) or b"\0\0\0\0")
+            if count > MAX_DEVICES:
+                raise RpcError(f"RPC worker {where} announces {count} devices (at most {MAX_DEVICES} accepted)")
+            devices = tuple(_memory(sock, i, deadline) for i in range(count))
             rtts = []
             for _ in range(pings):
                 start = time.perf_counter()
-                _memory(sock, 0)
+                _memory(sock, 0, deadline)
                 rtts.append(time.perf_counter() - start)
-            rtt = sorted(rtts)[len(rtts) // 2]
-            bandwidth = max((_transfer_rate(sock, transfer, rtt) for _ in range(2)), default=0.0) if transfer else 0.0
+            rtt = sorted(rtts)[len(rtts) // 2] if rtts else 0.0
+            rates = (_transfer_rate(sock, transfer, rtt, deadline) for _ in range(2))
+            bandwidth = max(rates, default=0.0) if transfer else 0.0
+        except RpcError:
+            raise
         except TimeoutError as e:
-            raise RpcError(
-                f"RPC worker {where} did not answer within {timeout:g} s",
-                hint="it may be serving another client (one at a time); stop that llama-server, or check the worker",
-            ) from e
+            raise _late(where, deadline) from e
         except (OSError, struct.error) as e:
             raise RpcError(f"RPC worker {where} broke the protocol ({e}): is it a ggml-rpc server?") from e
     if not devices:
@@ -187,27 +206,37 @@ def probe(where: Endpoint, *, timeout: float = PROBE_TIMEOUT_S, transfer: int = 
     return WorkerInfo(where, version, devices, rtt, bandwidth)
 
 
-def _memory(sock: socket.socket, device: int) -> Device:
-    free, total = MEMORY_REPLY.unpack(request(sock, Cmd.GET_DEVICE_MEMORY, struct.pack("<I", device)) or b"")
+def _late(where: Endpoint, deadline: Deadline) -> RpcError:
+    return RpcError(
+        f"RPC worker {where} did not answer within {deadline.seconds:g} s",
+        hint=f"it may be serving another client (one at a time), or be slow: stop that llama-server, check the "
+        f"worker, or allow more time with {TIMEOUT_ENV}=SECONDS",
+    )
+
+
+def _memory(sock: socket.socket, device: int, deadline: Deadline | None = None) -> Device:
+    reply = request(sock, Cmd.GET_DEVICE_MEMORY, struct.pack("<I", device), deadline)
+    free, total = MEMORY_REPLY.unpack(reply or b"")
     return Device(free, total)
 
 
-def _transfer_rate(sock: socket.socket, nbytes: int, rtt: float) -> float:
+def _transfer_rate(sock: socket.socket, nbytes: int, rtt: float, deadline: Deadline) -> float:
     """GB/s of one SET_TENSOR of `nbytes` into a scratch buffer on device 0 (freed again), timed to the reply of
     the round trip that follows it, less that round trip."""
-    ptr, size = ALLOC_REPLY.unpack(request(sock, Cmd.ALLOC_BUFFER, ALLOC_REQUEST.pack(0, nbytes)) or b"")
+    reply = request(sock, Cmd.ALLOC_BUFFER, ALLOC_REQUEST.pack(0, nbytes), deadline)
+    ptr, size = ALLOC_REPLY.unpack(reply or b"")
     if not ptr or size < nbytes:
         return 0.0  # the worker has no room for the scratch buffer; the plan falls back to the default
     try:
-        (base,) = U64.unpack(request(sock, Cmd.BUFFER_GET_BASE, U64.pack(ptr)) or b"")
+        (base,) = U64.unpack(request(sock, Cmd.BUFFER_GET_BASE, U64.pack(ptr), deadline) or b"")
         n = nbytes // 4
         tensor = TENSOR.pack(1, 0, ptr, n, 1, 1, 1, 4, nbytes, nbytes, nbytes, 0, *[0] * 16, 0, *[0] * 10, 0, 0,
                              base, b"dsv4-probe", 0)  # fmt: skip
         payload = tensor + b"\0" + U64.pack(0) + bytes(nbytes)
         start = time.perf_counter()
-        request(sock, Cmd.SET_TENSOR, payload)
-        _memory(sock, 0)
+        request(sock, Cmd.SET_TENSOR, payload, deadline)
+        _memory(sock, 0, deadline)
         elapsed = max(time.perf_counter() - start - rtt, 1e-6)
     finally:
-        request(sock, Cmd.FREE_BUFFER, U64.pack(ptr))
+        request(sock, Cmd.FREE_BUFFER, U64.pack(ptr), deadline)
     return nbytes / elapsed / 1e9

@@ -1,30 +1,41 @@
 """`dsv4 worker`'s work: llama.cpp's `ggml-rpc-server` behind the budget relay, on the address the client is given.
 
-With `--mem` the server (from `dsv4 engine build`) listens on a free loopback port only this machine can reach
-and the relay (`relay.py`) listens on `--host/--port` and enforces the budget; without, the server listens there
-itself. RPC has no authentication or encryption: anything
-but loopback needs `allow_remote`, and the caller prints the warning.
+With `--mem` the server (from `dsv4 engine build`) listens in a network namespace of its own (`netns.py`), which
+only the relay reaches, and the relay (`relay.py`) listens on `--host/--port`, checks every request and enforces
+the budget; where no namespace can be made (not root) the server falls back to a free loopback port, and the
+caller is told why. Without `--mem` the server listens on `--host/--port` itself and takes what it is sent.
+A server that dies (a request the relay could not judge, or any without `--mem`) is restarted, and the caller
+told. RPC has no authentication or encryption: anything but loopback needs `allow_remote`, and the caller prints
+the warning.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv4cli.engine.build import ServerBinary
+from dsv4cli.deadline import Deadline
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
-from dsv4cli.rpc.protocol import Endpoint, RpcError, probe
-from dsv4cli.rpc.relay import BudgetRelay
+from dsv4cli.rpc.netns import isolated_argv, isolation_problem, namespace_of
+from dsv4cli.rpc.protocol import Cmd, Endpoint, RpcError, hello, request
+from dsv4cli.rpc.relay import BudgetRelay, Upstream
 from dsv4cli.server.process import ServerProcess, check_port_free, free_port, is_loopback
+from dsv4cli.toolchain.build import ServerBinary
 from dsv4cli.units import GIB
 
 DEFAULT_PORT = 50052  # ggml-rpc-server's own default
+PRIVATE_PORT = 50052  # inside the server's own network namespace nothing else listens
 START_TIMEOUT_S = 30.0
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S; a server that keeps dying is an error, not a loop
+RESTART_WINDOW_S = 60.0
 # rpc-server prints its devices as "  NAME: DESCRIPTION (TOTAL MiB, FREE MiB free)" (tools/rpc/rpc-server.cpp)
 _DEVICE_LINE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)$")
 REMOTE_WARNING = (
@@ -49,6 +60,10 @@ class RunningWorker:
     address: str
     budget: int | None
     devices: list[dict[str, object]] = field(default_factory=list)
+    launcher: _Launcher | None = None
+    note: Callable[[str], None] = print
+    _crashes: list[float] = field(default_factory=list)
+    _stopping: bool = False
 
     def info(self) -> dict[str, object]:
         return {
@@ -66,11 +81,23 @@ class RunningWorker:
         return not is_loopback(self.address.rpartition(":")[0].strip("[]"))
 
     def serve_forever(self) -> None:
-        """Block while the server runs (the relay serves on its own thread); its exit is an error."""
-        code = self.process.wait()
-        raise RpcError(f"ggml-rpc-server exited with code {code} (log: {self.process.log}): {self.process.log_tail()}")
+        """Block while the server runs (the relay serves on its own thread); restart it when it dies, saying so,
+        unless it died MAX_RESTARTS times within RESTART_WINDOW_S (then that is the error)."""
+        while True:
+            code = self.process.wait()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < RESTART_WINDOW_S] + [now]
+            died = f"ggml-rpc-server {_exit_text(code)} (log: {self.process.log}): {self.process.log_tail(3)}"
+            if self.launcher is None or len(self._crashes) > MAX_RESTARTS:
+                raise RpcError(died, hint=f"it died {len(self._crashes)} times within {RESTART_WINDOW_S:g} s")
+            self.note(f"{died}; restarting it")
+            self.process = self.launcher.start(self.process.log)
+            self.note(f"ggml-rpc-server restarted (pid {self.process.pid})")
 
     def stop(self) -> None:
+        self._stopping = True
         if self.relay is not None:
             self.relay.close()
         self.process.stop(grace=3.0)
@@ -86,45 +113,90 @@ def check_worker_options(opts: WorkerOptions) -> None:
         )
 
 
-def start_worker(opts: WorkerOptions, engine: ServerBinary) -> RunningWorker:
-    """Start the server and wait until it answers HELLO. With a budget it listens on a private loopback port and
-    the relay takes the public one; without, it listens on the public one itself (nothing in the path)."""
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with_name = {s.value: s.name for s in signal.Signals}
+        return f"was killed by {with_name.get(-code, f'signal {-code}')}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class _Launcher:
+    """Starts ggml-rpc-server (again): on `server` in its own network namespace when `isolated`, and points the
+    relay's `upstream` at it."""
+
+    argv: list[str]
+    server: Endpoint
+    isolated: bool
+    upstream: Upstream
+    devices: int = 1
+
+    def start(self, log: Path) -> ServerProcess:
+        if log.exists():
+            log.replace(log.with_suffix(".previous.log"))
+        process = ServerProcess(isolated_argv(self.argv) if self.isolated else self.argv, log=log, base_url="")
+        try:
+            self.upstream.endpoint = self.server
+            self.upstream.netns = namespace_of(process.pid) if self.isolated else None
+            self.devices = _wait_listening(process, self.upstream)
+        except BaseException:
+            process.stop(grace=3.0)
+            raise
+        return process
+
+
+def start_worker(opts: WorkerOptions, engine: ServerBinary, *, note: Callable[[str], None] = print) -> RunningWorker:
+    """Start the server and wait until it answers HELLO. With a budget it listens where only the relay reaches it
+    (its own network namespace; a private loopback port where none can be made, with a `note` saying why) and
+    the relay takes the public address; without, it listens on the public one itself (nothing in the path)."""
     check_worker_options(opts)
     if opts.port:
         check_port_free(opts.host, opts.port)
     budget = int(opts.mem_gib * GIB) if opts.mem_gib is not None else None
+    problem = isolation_problem() if budget is not None else "no budget"
     if budget is None:
         server = Endpoint(opts.host, opts.port or free_port(opts.host))
+    elif problem is None:
+        server = Endpoint("127.0.0.1", PRIVATE_PORT)
     else:
         server = Endpoint("127.0.0.1", free_port())
+        note(
+            f"warning: cannot give ggml-rpc-server a private network ({problem}); it listens on {server}, "
+            "which other local users can reach past the relay and its budget (run `dsv4 worker` as root to close it)"
+        )
     argv = [str(engine.tool("ggml-rpc-server")), "--host", server.host, "--port", str(server.port)]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     log = dsv4_home() / "logs" / f"rpc-server-{opts.port or server.port}.log"
-    process = ServerProcess(argv, log=log, base_url="")
+    reach = Endpoint("127.0.0.1", server.port) if server.host in ("0.0.0.0", "::") else server
+    launcher = _Launcher(argv, reach, isolated=problem is None, upstream=Upstream(reach))
+    process = launcher.start(log)
     relay = None
     try:
-        _wait_listening(process, Endpoint("127.0.0.1", server.port) if server.host in ("0.0.0.0", "::") else server)
         if budget is not None:
-            relay = BudgetRelay(Endpoint(opts.host, opts.port), server, budget)
+            relay = BudgetRelay(Endpoint(opts.host, opts.port), launcher.upstream, budget, devices=launcher.devices,
+                                note=note)  # fmt: skip
             threading.Thread(target=relay.serve_forever, daemon=True).start()
     except BaseException:
         process.stop(grace=3.0)
         raise
     address = f"{_reachable_host(opts.host)}:{relay.port if relay else server.port}"
-    return RunningWorker(process, relay, address, budget, devices=read_devices(log))
+    return RunningWorker(process, relay, address, budget, read_devices(log), launcher, note)
 
 
-def _wait_listening(process: ServerProcess, private: Endpoint) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+def _wait_listening(process: ServerProcess, upstream: Upstream) -> int:
+    """Wait until the server answers HELLO; its device count."""
+    deadline = Deadline(START_TIMEOUT_S)
+    while not deadline.expired:
         code = process.proc.poll()
         if code is not None:
-            raise RpcError(f"ggml-rpc-server exited with code {code} (log: {process.log}): {process.log_tail()}")
+            raise RpcError(f"ggml-rpc-server {_exit_text(code)} (log: {process.log}): {process.log_tail()}")
         try:
-            probe(private, timeout=2.0, transfer=0, pings=1)
-            return
-        except RpcError:
+            with upstream.connect(timeout=2.0) as sock:
+                hello(sock, upstream.endpoint, Deadline(2.0))
+                (count,) = struct.unpack("<I", request(sock, Cmd.DEVICE_COUNT, b"", Deadline(2.0)) or b"")
+                return count
+        except (OSError, TimeoutError, struct.error):
             time.sleep(0.05)
     raise RpcError(f"ggml-rpc-server did not answer within {START_TIMEOUT_S:g} s (log: {process.log})")
 

@@ -1,9 +1,9 @@
 """`dsv4 serve`'s work: llama-server's command line from the plan, the safety checks, and the launch.
 
-What llama-server lacks and dsv4 adds: the model reference and placement (see `model.py`), the engine build,
-a port and key check before anything starts, the DeepSeek V4 chat template (byte-equal to DeepSeek's encoder, the
-one `quantize` embeds) whatever the GGUF carries, MTP drafting when the file carries the nextn block, and a
-lifecycle that leaves no process behind.
+What llama-server lacks and dsv4 adds: the model reference and placement (`dsv4cli.load.prepare_model`, the same
+loading path as `dsv4 chat`), the engine build, a port and key check before anything starts, the DeepSeek V4 chat
+template (byte-equal to DeepSeek's encoder, the one `quantize` embeds) whatever the GGUF carries, a chat page at `/`,
+MTP drafting when the file carries the nextn block, and a lifecycle that leaves no process behind.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dsv4cli.chat.session import Placement
-from dsv4cli.engine.build import ServerBinary
 from dsv4cli.errors import UsageError
 from dsv4cli.home import dsv4_home
+from dsv4cli.load.placement import Placement
+from dsv4cli.load.prepared import PreparedModel, prepare_model
 from dsv4cli.models.ref import ModelRef
-from dsv4cli.server.model import PlannedModel, plan_model
+from dsv4cli.rpc.health import check_workers
 from dsv4cli.server.page import placement_summary, remove_page, write_page
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.server.records import remove_record, write_record
+from dsv4cli.toolchain.build import ServerBinary
 from quant.gguf_set import complete_split_set
 from quant.tokenizer import TEMPLATE_PATH
 
@@ -41,11 +42,12 @@ class ServeOptions:
 @dataclass
 class RunningServer:
     process: ServerProcess
-    model: PlannedModel
+    model: PreparedModel
     alias: str
     base_url: str
     argv: list[str]
     record: Path  # what `dsv4 rm` reads to keep this model (`records.py`)
+    mtp: bool  # started with MTP drafting
     page: Path  # the chat page's folder (`page.py`)
 
     def stop(self) -> None:
@@ -62,7 +64,7 @@ class RunningServer:
             "model": self.alias,
             "gguf": str(self.model.gguf),
             "log": str(self.process.log),
-            "mtp": "--spec-type" in self.argv,
+            "mtp": self.mtp,
         }
 
 
@@ -83,7 +85,7 @@ def check_access(opts: ServeOptions) -> None:
 
 
 def server_argv(
-    engine: ServerBinary, model: PlannedModel, opts: ServeOptions, *, alias: str, port: int, page: Path | None = None
+    engine: ServerBinary, model: PreparedModel, opts: ServeOptions, *, alias: str, port: int, page: Path | None = None
 ) -> list[str]:
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
@@ -105,46 +107,64 @@ def server_argv(
 def start_server(
     ref: ModelRef, placement: Placement, opts: ServeOptions, engine: ServerBinary, *, note: Callable[[str], None]
 ) -> RunningServer:
-    """Check access and port, plan the model, start llama-server and return once it answers /health.
+    """Check access and port, prepare the model as chat does, start llama-server and return once it answers."""
+    check_access(opts)
+    port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
+    check_port_free(opts.host, port)
+    prepared = prepare_model(ref, placement, note=note)
+    return serve_prepared(prepared, replace(opts, port=port), engine, alias=opts.alias or ref.text, note=note)
+
+
+def serve_prepared(
+    prepared: PreparedModel, opts: ServeOptions, engine: ServerBinary, *, alias: str, note: Callable[[str], None]
+) -> RunningServer:
+    """Start llama-server on `opts.port` for a prepared model and return once it answers /health.
 
     If the server dies starting with MTP drafting on, it is started again without it (the model is still served;
     the note names the log): drafting is a speed-up, never a reason not to serve.
     """
-    check_access(opts)
-    port = opts.port or free_port(opts.host if is_loopback(opts.host) else "0.0.0.0")
-    check_port_free(opts.host, port)
-    planned = plan_model(ref, placement, note=note)
+    if prepared.workers:
+        check_workers(prepared.workers)  # llama-server would only log an unreachable worker
     note(f"starting llama-server {engine.version} ...")  # after the model's checks: a refusal stays one line
-    alias = opts.alias or ref.text
+    port = opts.port
     url_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
     url_host = f"[{url_host}]" if ":" in url_host else url_host
     base_url = f"http://{url_host}:{port}"
-    record = write_record(complete_split_set(planned.gguf), url=f"{base_url}/v1", model=alias)
-    info = {"model": alias, "gguf": planned.gguf.name, "placement": placement_summary(planned.llama_args)}
-    page = write_page(port, {**info, "mtp": opts.mtp and planned.has_mtp})
+    record = write_record(complete_split_set(prepared.gguf), url=f"{base_url}/v1", model=alias)
+    mtp = opts.mtp and prepared.has_mtp
+    info = {"model": alias, "gguf": prepared.gguf.name, "placement": placement_summary(prepared.llama_args)}
+    page = write_page(port, {**info, "mtp": mtp})
     launch = {"port": port, "base_url": base_url, "alias": alias, "page": page}
     try:
         try:
-            process, argv = _launch(engine, planned, opts, **launch)
+            process, argv = _launch(engine, prepared, opts, **launch)
         except ServerError as e:
-            if not (opts.mtp and planned.has_mtp):
+            if not mtp:
                 raise
             note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
-            page = write_page(port, {**info, "mtp": False})
-            process, argv = _launch(engine, planned, replace(opts, mtp=False), **launch)
+            mtp = False
+            write_page(port, {**info, "mtp": False})
+            process, argv = _launch(engine, prepared, replace(opts, mtp=False), **launch)
     except BaseException:
         remove_record(record)
         remove_page(page)
         raise
     return RunningServer(
-        process=process, model=planned, alias=alias, base_url=base_url, argv=argv, record=record, page=page
+        process=process, model=prepared, alias=alias, base_url=base_url, argv=argv, record=record, mtp=mtp, page=page
     )
 
 
 def _launch(
-    engine: ServerBinary, planned: PlannedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str, page: Path
+    engine: ServerBinary,
+    prepared: PreparedModel,
+    opts: ServeOptions,
+    *,
+    alias: str,
+    port: int,
+    base_url: str,
+    page: Path,
 ) -> tuple[ServerProcess, list[str]]:
-    argv = server_argv(engine, planned, opts, alias=alias, port=port, page=page)
+    argv = server_argv(engine, prepared, opts, alias=alias, port=port, page=page)
     env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
     process = ServerProcess(argv, log=log, base_url=base_url, env=env)

@@ -22,8 +22,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsv4cli.engine.logs import log_tail
 from dsv4cli.errors import Dsv4Error, UsageError
+from dsv4cli.toolchain.logs import log_tail
 
 HEALTH_TIMEOUT_S = 600.0  # a large model read from a slow disk takes minutes; a crash is seen at once
 

@@ -50,7 +50,7 @@ class Report:
 def serve_engine() -> dict[str, Any]:
     """Which llama-server `dsv4 serve` would run and its version, or why there is none (not built, a bad
     `$DSV4_ENGINE_BIN`); no problem either way: chat does not need it."""
-    from dsv4cli.engine.build import EngineError, find_engine
+    from dsv4cli.toolchain.build import EngineError, find_engine
 
     try:
         return find_engine().to_json()

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-from dsv4cli.engine.logs import log_tail
 from dsv4cli.errors import Dsv4Error
 from dsv4cli.hub.safe_paths import folder_lock
 from dsv4cli.system.hardware import cpu_flags
+from dsv4cli.toolchain.logs import log_tail
 
 PACKAGE = "llama-cpp-python"
 TARGETS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-perplexity")

@@ -1,0 +1,138 @@
+"""`dsv4 eval` on the tiny model with the engine build's real llama-perplexity: a model against itself, a lossy
+recipe against the lossless reference dsv4 makes, our figures against llama-perplexity's own, and the errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dsv4cli.toolchain.build import installed_engine
+
+pytestmark = pytest.mark.skipif(installed_engine() is None, reason="needs `dsv4 engine build` (llama-perplexity)")
+
+FAST = ("--ctx", "128", "--chunks", "4", "--cpu")
+
+
+@pytest.fixture(scope="module")
+def lossy_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """`tiny` with Q4_0 experts (a rounding of the FP4 values), its report naming the checkpoint."""
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("lossy") / "tiny-q4_0-q8_0.gguf"
+    quantize_checkpoint(tiny_checkpoint, out, QuantOptions(experts="q4_0"))
+    return out
+
+
+def _eval(dsv4, *args: str) -> tuple[dict, str]:
+    r = dsv4("eval", *args, *FAST, "--json")
+    assert r.code == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_model_against_itself_is_exact(dsv4, tiny_gguf: Path) -> None:
+    result, _ = _eval(dsv4, str(tiny_gguf), "--ref", str(tiny_gguf))
+    assert abs(result["kld_mean"]) < 1e-5 and result["kld_max"] < 1e-5 and result["rms_dp"] == 0.0
+    # llama-perplexity stores the reference's log-probabilities as uint16 steps of (max - min) / 65535 (about
+    # 3e-4 nats here), and the random tiny model's distributions are nearly flat: where its two best tokens are
+    # closer than one step, the stored reference ties and names the first. One such token in 252 is 0.996.
+    assert result["top1"] > 0.99
+    assert result["ppl"] == pytest.approx(result["ppl_ref"], rel=1e-5)
+    assert result["tokens"] == 4 * (128 - 1 - 64)  # the second half of every chunk is scored
+
+
+def test_lossy_recipe_against_made_reference_matches_llama_perplexity(
+    dsv4, lossy_gguf: Path, isolated_env: Path
+) -> None:
+    result, stderr = _eval(dsv4, str(lossy_gguf))
+    reference = lossy_gguf.parent / "tiny-mxfp4-bf16.gguf"
+    assert "MXFP4 experts, BF16 dense" in stderr and reference.is_file()  # made with dsv4's own quantizer
+    assert result["ref_path"] == str(reference) and not result["cache_reused"]
+    assert result["kld_mean"] > 1e-4 and result["kld_p99"] > result["kld_median"] > 0 and result["top1"] < 1.0
+    assert result["kld_p999"] >= result["kld_p99"] and result["kld_max"] >= result["kld_p999"]
+
+    [base] = (isolated_env / "eval" / "logits").glob("*.bin")
+    by_hand = _llama_perplexity_by_hand(lossy_gguf, base)
+    assert result["kld_mean"] == by_hand["Mean    KLD"]
+    assert result["kld_median"] == by_hand["Median  KLD"]
+    assert result["kld_p99"] == by_hand["99.0%   KLD"] and result["kld_max"] == by_hand["Maximum KLD"]
+    assert result["ppl"] == by_hand["Mean PPL(Q)"] and result["ppl_ref"] == by_hand["Mean PPL(base)"]
+    assert result["top1"] == pytest.approx(by_hand["Same top p"] / 100, abs=1e-9)
+    assert result["rms_dp"] == pytest.approx(by_hand["RMS Δp"] / 100, abs=1e-9)
+
+    again, stderr = _eval(dsv4, str(lossy_gguf))  # the reference logits are reused
+    assert again["cache_reused"] and "reusing" in stderr and again["ref_seconds"] == 0
+    assert again["kld_mean"] == result["kld_mean"]
+
+    shown = dsv4("show", str(lossy_gguf), "--json")
+    assert json.loads(shown.stdout)["eval"][0]["kld_mean"] == result["kld_mean"]  # one record per way measured
+
+
+def _llama_perplexity_by_hand(model: Path, base: Path) -> dict[str, float]:
+    """llama-perplexity's own statistics block for `model` against the base logits file (run again when its
+    output was cut short: the pinned llama.cpp's log thread can lose the tail on a busy machine)."""
+    tool = installed_engine().tool("llama-perplexity")
+    argv = [str(tool), "-m", str(model), "-c", "128", "-b", "128", "-ub", "128", "-t", "2", "-fa", "off", "--no-repack"]
+    argv += ["--kl-divergence-base", str(base), "--kl-divergence"]
+    for _ in range(5):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+        stats = dict(re.findall(r"^([^:\n]+?)\s*:\s+(-?[\d.]+)", out, re.M))
+        if "Same top p" in stats:
+            return {k.strip(): float(v) for k, v in stats.items()}
+    pytest.fail("llama-perplexity never printed its statistics")
+
+
+def test_reference_of_another_vocabulary_is_one_line(dsv4, tiny_gguf: Path, tmp_path: Path, isolated_env: Path) -> None:
+    from dsv4cli.models.registry import ModelSpec, get_model
+    from dsv4cli.models.tiny import write_tiny_checkpoint
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    config = {**get_model("tiny").config, "vocab_size": 384}
+    write_tiny_checkpoint(ModelSpec(name="other", builtin=True, config=config), tmp_path / "other")
+    other = tmp_path / "other.gguf"
+    quantize_checkpoint(tmp_path / "other", other, QuantOptions())
+    r = dsv4("eval", str(tiny_gguf), "--ref", str(other), *FAST)
+    assert r.code == 1 and "the vocabularies differ" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (isolated_env / "eval").exists()  # refused before any work
+
+
+def test_text_too_short_for_ctx_is_one_line(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only\n")
+    r = dsv4("eval", str(tiny_gguf), "--ref", str(tiny_gguf), "--text", str(short), *FAST)
+    assert r.code == 1 and "--ctx 128 needs at least 256" in r.stderr and "give a longer --text" in r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [r.stderr.splitlines()[-1]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "no-record"])
+def test_damaged_logits_cache_is_computed_again(dsv4, tiny_gguf: Path, isolated_env: Path, damage: str) -> None:
+    args = (str(tiny_gguf), "--ref", str(tiny_gguf), "--chunks", "2")
+    first = dsv4("eval", *args, "--ctx", "128", "--cpu", "--json")
+    assert first.code == 0, first.stderr
+    [cached] = (isolated_env / "eval" / "logits").glob("*.bin")
+    data = bytearray(cached.read_bytes())
+    if damage == "truncated":
+        cached.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":
+        data[len(data) // 2] ^= 0xFF
+        cached.write_bytes(bytes(data))
+    else:
+        cached.with_suffix(".json").unlink()  # killed between the rename and the record: not trusted
+    again = dsv4("eval", *args, "--ctx", "128", "--cpu", "--json")
+    assert again.code == 0 and "partial or damaged; computing them again" in again.stderr
+    assert cached.read_bytes() == bytes(data) if damage != "flipped" else cached.read_bytes() != bytes(data)
+    assert json.loads(again.stdout)["kld_max"] < 1e-5 and not json.loads(again.stdout)["cache_reused"]
+
+
+def test_list_json_carries_the_result(dsv4, tiny_gguf: Path, isolated_env: Path) -> None:
+    converted = isolated_env / "gguf" / tiny_gguf.name
+    converted.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf, converted)
+    result, _ = _eval(dsv4, tiny_gguf.name, "--ref", str(converted))
+    [entry] = json.loads(dsv4("list", "--json").stdout)
+    assert entry["eval"][0]["kld_mean"] == result["kld_mean"] and entry["eval"][0]["text"] == "builtin:mixed-v1"
+    assert any(f.endswith(".eval.json") for f in entry["files"])  # `dsv4 rm` removes the record with the model
