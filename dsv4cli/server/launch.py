@@ -23,7 +23,6 @@ from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, 
 from dsv4cli.server.records import remove_record, write_record
 from dsv4cli.toolchain.build import ServerBinary
 from quant.gguf_set import complete_split_set
-from quant.tokenizer import TEMPLATE_PATH
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,8 @@ def server_argv(
     engine: ServerBinary, model: PreparedModel, opts: ServeOptions, *, alias: str, port: int, page: Path | None = None
 ) -> list[str]:
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
+    from quant.tokenizer import TEMPLATE_PATH  # here: quant.tokenizer loads gguf and numpy, which --help must not
+
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
     if page is not None:
         argv += ["--path", str(page)]  # the chat page at `/`
