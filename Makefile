@@ -12,7 +12,7 @@ GPU_CMAKE_rocm := -DGGML_HIP=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 GPU_CMAKE_metal := -DGGML_METAL=on
 
-.PHONY: setup engine demo test lint bench browser
+.PHONY: setup engine demo test test-fast lint bench browser
 
 setup: $(VENV)/.installed engine
 ifneq ($(GPU),)
@@ -60,6 +60,12 @@ browser:
 
 test: lint browser
 	$(PY) -m pytest
+
+# The fast tier for while you work (under 90 s): no llama.cpp model loads, fuzzing, servers or engine builds
+# (the markers are in tests/conftest.py). `make test` runs everything.
+FAST := not slow and not fuzz and not server and not engine_build
+test-fast: setup
+	$(PY) -m pytest -m "$(FAST)"
 
 bench: setup
 	$(PY) bench/pull.py

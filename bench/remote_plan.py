@@ -33,6 +33,7 @@ def write_headers(folder: Path) -> tuple[int, int]:
     import gguf
 
     from dsv4cli.models.registry import get_model
+    from quant.gguf_keys import ARCHITECTURE
     from quant.mapping import gguf_metadata, gguf_tensor_specs
 
     config = get_model("deepseek-v4-flash").hf_config()
@@ -46,7 +47,7 @@ def write_headers(folder: Path) -> tuple[int, int]:
         writer.add_uint16("split.count", SHARDS)
         if i == 0:
             for key, value, vtype, sub in gguf_metadata(config):
-                if key != "general.architecture":
+                if key != ARCHITECTURE:
                     writer.add_key_value(key, value, vtype, sub)
             writer.add_tokenizer_model("gpt2")
             writer.add_token_list([f"tok{n:06d}" for n in range(vocab)])

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quant.arch import HF_CLASS, V4, V41
+from quant.archs import ARCHS
+from quant.archs.base import HC
 from quant.errors import CheckpointError, UnsupportedError
 from quant.files import shown
 
-HC = 4
 CONFIG_HINT = "use the config.json shipped with the checkpoint"
 BIG = 1 << 20
 # key -> (min, max) for integer facts
@@ -43,23 +43,13 @@ INTS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, 1 << 22),
     "num_hash_layers": (0, 256),
     "num_nextn_predict_layers": (0, 64),
-    "engram_max_ngram_size": (2, 64),
-    "engram_n_heads": (1, 1 << 12),
-    "engram_head_dim": (1, 1 << 13),
     "bos_token_id": (0, 1 << 22),
     "eos_token_id": (0, 1 << 22),
-}
+} | {key: bounds for arch in ARCHS.values() for key, bounds in arch.int_bounds.items()}
 FLOATS = ("routed_scaling_factor", "hc_eps", "rms_norm_eps", "rope_theta", "compress_rope_theta", "swiglu_limit")
-INT_LISTS = ("compress_ratios", "kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids")
-V4_REQUIRED = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_rope_head_dim",
-    "q_lora_rank", "o_lora_rank", "o_groups", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
-    "num_experts_per_tok", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "index_n_heads",
-    "index_head_dim", "index_topk", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "rms_norm_eps",
-    "rope_theta", "compress_rope_theta", "compress_ratios", "max_position_embeddings", "vocab_size", "swiglu_limit",
-)  # fmt: skip
-V41_REQUIRED = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
-                "engram_max_ngram_size", "engram_n_heads", "engram_head_dim")  # fmt: skip
+LAYER_LISTS = tuple(key for arch in ARCHS.values() for key in arch.layer_lists)  # lists of layer ids
+INT_LISTS = ("compress_ratios", *LAYER_LISTS)
+ROW_COUNTS = {key: layers for arch in ARCHS.values() for key, layers in arch.row_counts.items()}
 
 
 def _bad(key: str, what: str, value: Any) -> CheckpointError:
@@ -93,17 +83,18 @@ def _dict(key: str, value: Any) -> dict[str, Any]:
 
 
 def arch_of(config: dict[str, Any]) -> str:
-    """'deepseek4' or 'deepseek41' from `architectures`; anything else is unsupported."""
+    """The registered family (`quant.archs`) of `architectures`, a nested `text_config` naming its own; anything
+    else is unsupported."""
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise _bad("architectures", "a list of class names", archs)
-    if HF_CLASS[V41] in archs or "text_config" in config:
-        return V41
-    if HF_CLASS[V4] in archs:
-        return V4
+    nested_first = sorted(ARCHS.values(), key=lambda a: not a.text_config)
+    for arch in nested_first:
+        if arch.hf_class in archs or (arch.text_config and "text_config" in config):
+            return arch.name
     raise UnsupportedError(
         f"config.json: architecture {shown(archs or config.get('model_type'))} is not DeepSeek V4",
-        hint=f"dsv4 quantize converts {HF_CLASS[V4]} and {HF_CLASS[V41]} checkpoints",
+        hint=f"dsv4 quantize converts {' and '.join(a.hf_class for a in ARCHS.values())} checkpoints",
     )
 
 
@@ -113,7 +104,7 @@ def facts_of(config: dict[str, Any]) -> dict[str, Any]:
     arch = arch_of(config)
     facts = {**config, **_dict("text_config", config.get("text_config"))}
     quant = _dict("quantization_config", config.get("quantization_config"))
-    required = V4_REQUIRED + (V41_REQUIRED if arch == V41 else ())
+    required = ARCHS[arch].required
     missing = [k for k in required if k not in facts]
     if missing:
         raise CheckpointError(
@@ -166,13 +157,14 @@ def _check_relations(facts: dict[str, Any], layers: int, n_all: int) -> None:
     width = facts["num_attention_heads"] * facts["head_dim"]
     if width % facts["o_groups"]:
         raise _bad("o_groups", f"a divisor of num_attention_heads x head_dim ({width})", facts["o_groups"])
-    for key in ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids"):
+    for key in LAYER_LISTS:
         if any(i >= n_all for i in facts.get(key, [])):
             raise _bad(key, f"layer ids below {n_all}", facts[key])
-    if "engram_num_embeddings" in facts:
-        rows = _int_list("engram_num_embeddings", facts["engram_num_embeddings"], 1, 1 << 34, 256)
-        if len(rows) != len(facts["engram_layer_ids"]):
-            raise _bad("engram_num_embeddings", "one row count per engram layer", rows)
+    for key, layers_key in ROW_COUNTS.items():
+        if key in facts:
+            rows = _int_list(key, facts[key], 1, 1 << 34, 256)
+            if len(rows) != len(facts[layers_key]):
+                raise _bad(key, f"one row count per {layers_key.removesuffix('_layer_ids')} layer", rows)
     for key in ("bos_token_id", "eos_token_id"):
         if facts.get(key, 0) >= facts["vocab_size"]:
             raise _bad(key, f"below vocab_size ({facts['vocab_size']})", facts[key])

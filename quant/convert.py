@@ -19,37 +19,55 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
 
-from quant.errors import CheckpointError, QuantError
+from quant.errors import CheckpointError, QuantError, UnsupportedError
 from quant.experts import ExpertResult, quantize_expert, repack_fp4
 from quant.files import PULL_HINT
+from quant.gguf_keys import (
+    BUDGET_KEY,
+    DENSE_KEY,
+    DSV4_KEYS,
+    EXPERTS_KEY,
+    FIT_KEYS,
+    IMATRIX_KEY,
+    MIX_KEY,
+    NAME,
+    SOURCE_KEY,
+    SUMMARY_KEY,
+)
 from quant.gguf_out import StreamingGGUF
-from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors
+from quant.imatrix import Imatrix, load_imatrix
+from quant.mapping import KeyValue, TensorPlan, facts_of, gguf_metadata, gguf_name, plan_tensors, typed_kv
 from quant.outlock import output_lock, write_error
 from quant.quantizers import quantize
-from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
+from quant.recipes import BY_TYPE, DEFAULT_DENSE, DEFAULT_EXPERTS, RECIPES
 from quant.safetensors import Checkpoint
 from quant.source import CHUNK_BYTES, SCALE_DTYPES, SourceTensors, fp4_scale_shape, fp8_block, scale_name
 from quant.tokenizer import load_vocab
 
 T = GGMLQuantizationType
 WORKERS = 2
-SUMMARY_KEY = "dsv4.expert_error_summary"
 FP4_METHOD = "lossless FP4 repack"
+FIT_METHOD = "fitted mix: lossless FP4 repack where mxfp4, else ggml's quantizers (importance-weighted)"
 SUMMARY_WIDTH = 384  # fixed-width placeholder, patched in place once the experts are done
 Progress = Callable[[int, int], None]  # (source bytes done, source bytes total)
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Recipe (`experts`, `dense`), MTP block, shard size in bytes (0 = one file), worker threads."""
+    """Recipe (`experts`, `dense`), MTP block, shard size in bytes (0 = one file), worker threads; an importance
+    matrix file (`quant.imatrix`, "" = none); a fitted mix (fit group -> recipe, `quant.fit_groups`) and the budget
+    in bytes it was fitted to (0 = none)."""
 
     experts: str = DEFAULT_EXPERTS
     dense: str = DEFAULT_DENSE
     mtp: bool = False
     split_max_size: int = 0
     workers: int = WORKERS
+    imatrix: str = ""
+    mix: tuple[tuple[str, str], ...] = ()
+    budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,12 +206,15 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
         facts = facts_of(ckpt.config)
     except QuantError as e:  # name the file, not just "config.json"
         raise type(e)(str(e).replace("config.json", str(ckpt.folder / "config.json"), 1), hint=e.hint) from e
-    plans = plan_tensors(ckpt.config, experts=options.experts, dense=options.dense, mtp=options.mtp)
+    plans = plan_tensors(
+        ckpt.config, experts=options.experts, dense=options.dense, mtp=options.mtp, mix=dict(options.mix)
+    )
     check_checkpoint(ckpt, facts, plans, mtp=options.mtp)
+    importance = _importance(options, plans)
     vocab = load_vocab(ckpt.folder, ckpt.config)
     source = SourceTensors(ckpt, facts)
     total = sum(source.nbytes(s) for p in plans for s in p.sources)
-    fp4_experts = facts["expert_dtype"] == "fp4" and options.experts == "mxfp4"
+    fp4_experts = facts["expert_dtype"] == "fp4" and RECIPES[options.experts].fp4_repack
     report = QuantReport(
         source=str(ckpt.folder),
         outputs=[],
@@ -204,7 +225,7 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
         bytes_written=sum(p.spec.nbytes for p in plans),
         source_bytes=total,
         seconds=0.0,
-        expert_method=FP4_METHOD if fp4_experts else "per-expert block scale search",
+        expert_method=(FIT_METHOD if options.mix else FP4_METHOD if fp4_experts else "per-expert block scale search"),
         report_file=str(Path(out).with_name(Path(out).name + ".report.json")),
         fallbacks=[
             {"tensor": p.spec.name, "wanted": T(p.requested).name, "used": T(p.spec.ggml_type).name}
@@ -215,16 +236,22 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     placeholder = b"{" + b" " * (SUMMARY_WIDTH - 2) + b"}"
     kv = [
         *gguf_metadata(ckpt.config, experts=options.experts, mtp=options.mtp),
-        ("general.name", ckpt.folder.name, GGUFValueType.STRING, None),
-        ("dsv4.experts", options.experts, GGUFValueType.STRING, None),
-        ("dsv4.dense", options.dense, GGUFValueType.STRING, None),
-        ("dsv4.source", ckpt.folder.name, GGUFValueType.STRING, None),
-        (SUMMARY_KEY, placeholder.decode(), GGUFValueType.STRING, None),
+        *(
+            typed_kv(key, value, DSV4_KEYS[key])
+            for key, value in (
+                (NAME, ckpt.folder.name),
+                (EXPERTS_KEY, options.experts),
+                (DENSE_KEY, options.dense),
+                (SOURCE_KEY, ckpt.folder.name),
+                (SUMMARY_KEY, placeholder.decode()),
+            )
+        ),
+        *_fit_metadata(options, importance),
         *vocab.metadata(),
     ]
     try:
         with output_lock(out):
-            _write(source, plans, out, options, kv, placeholder, report, progress, started)
+            _write(source, plans, out, options, kv, placeholder, report, progress, started, importance)
     except OSError as e:
         if isinstance(e, QuantError):
             raise
@@ -234,14 +261,61 @@ def quantize_checkpoint(src: Path, out: Path, options: QuantOptions, progress: P
     return report
 
 
+def _importance(options: QuantOptions, plans: list[TensorPlan]) -> Imatrix | None:
+    """The importance matrix of `--imatrix`; refuses the i-quants without one (their codebook search needs it)."""
+    if options.imatrix:
+        return load_imatrix(Path(options.imatrix))
+    for plan in plans:
+        recipe = BY_TYPE.get(plan.spec.ggml_type)
+        if recipe and recipe.needs_imatrix:
+            flag = "--experts" if plan.kind == "experts" else "--dense"
+            raise UnsupportedError(
+                f"{flag} {recipe.name} needs an importance matrix: pass --imatrix FILE",
+                hint="make one with `dsv4 imatrix MODEL` (from the lossless GGUF)",
+            )
+    return None
+
+
+def _tensor_importance(imatrix: Imatrix | None, plan: TensorPlan, options: QuantOptions) -> np.ndarray | None:
+    """Per-column importance [matrices, columns] of one planned tensor: from the imatrix when a token reached it,
+    uniform for i-quants no token reached (the MTP block), else None (the quantizer's own choice)."""
+    cols = plan.spec.ne[0]
+    rows = imatrix.importance(plan.spec.name) if imatrix is not None else None
+    if rows is not None and rows.shape[1] != cols:
+        raise CheckpointError(
+            f"--imatrix {options.imatrix}: {plan.spec.name} has {cols} columns, the imatrix {rows.shape[1]}",
+            hint="the importance matrix was made for another model",
+        )
+    recipe = BY_TYPE.get(plan.spec.ggml_type)
+    if rows is None and recipe is not None and recipe.needs_imatrix:
+        return np.ones((plan.spec.ne[2] if plan.kind == "experts" else 1, cols), dtype=np.float32)
+    return rows
+
+
+def _fit_metadata(options: QuantOptions, imatrix: Imatrix | None) -> list[KeyValue]:
+    """dsv4.fit.* and dsv4.imatrix: the budget and chosen mix of a fitted quant, the importance matrix used."""
+    values: dict[str, str] = {}
+    if options.budget:
+        values[BUDGET_KEY] = str(options.budget)
+    if options.mix:
+        values[MIX_KEY] = json.dumps(dict(options.mix), separators=(",", ":"))
+    if imatrix is not None:
+        what = {"file": Path(options.imatrix).name, "dataset": imatrix.dataset, "tokens": imatrix.tokens}
+        values[IMATRIX_KEY] = json.dumps(what, separators=(",", ":"))
+    return [typed_kv(key, value, FIT_KEYS[key]) for key, value in values.items()]
+
+
 def _identity(ckpt: Checkpoint, options: QuantOptions) -> dict[str, Any]:
     """What the output depends on besides its header: the options and every source file's size and mtime
     (a re-downloaded or edited checkpoint must not be resumed into)."""
     files = sorted(
         p for p in ckpt.folder.iterdir() if p.suffix in (".json", ".safetensors", ".jinja") and p.name[0] != "."
     )
+    if options.imatrix:
+        files.append(Path(options.imatrix))
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return {"options": {k: v for k, v in asdict(options).items() if k != "workers"}, "files": stats}
+    options_seen = json.loads(json.dumps({k: v for k, v in asdict(options).items() if k != "workers"}))  # as stored
+    return {"options": options_seen, "files": stats}
 
 
 def _write(
@@ -254,9 +328,10 @@ def _write(
     report: QuantReport,
     progress: Progress | None,
     started: float,
+    importance: Imatrix | None,
 ) -> None:
     """Stream every planned tensor into the output, then patch the summary in and commit the files."""
-    fp4_experts = report.expert_method == FP4_METHOD
+    fp4_experts = report.expert_method in (FP4_METHOD, FIT_METHOD)
     specs = [p.spec for p in plans]
     identity = _identity(source.ckpt, options)
     with (
@@ -270,7 +345,11 @@ def _write(
         for plan in plans[len(w.resumed) :]:
             w.begin(plan.spec.name)
             source.prefetch(plan.sources)
-            jobs = _expert_jobs(source, plan, fp4_experts) if plan.kind == "experts" else _dense_jobs(source, plan)
+            weights = _tensor_importance(importance, plan, options)
+            if plan.kind == "experts":
+                jobs = _expert_jobs(source, plan, fp4_experts, weights)
+            else:
+                jobs = _dense_jobs(source, plan, weights)
             tensor_errors: list[ExpertError] = []
             for data, read, errors in _in_order(pool, jobs, window=2 * options.workers):
                 w.append(data)
@@ -305,7 +384,7 @@ def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[Job], *, window: int) -> 
         yield pending.popleft().result()
 
 
-def _dense_jobs(source: SourceTensors, plan: TensorPlan) -> Iterator[Job]:
+def _dense_jobs(source: SourceTensors, plan: TensorPlan, weights: np.ndarray | None) -> Iterator[Job]:
     """A non-expert tensor in row chunks: copied bit for bit when the type is unchanged, else decoded + quantized."""
     target = plan.spec.ggml_type
     name = plan.sources[0]
@@ -336,16 +415,23 @@ def _dense_jobs(source: SourceTensors, plan: TensorPlan) -> Iterator[Job]:
     step = source.row_step(width)
     per_row = sum(source.nbytes(s) for s in plan.sources) / max(rows, 1)
 
-    def chunk(start: int) -> Piece:
-        stop = min(rows, start + step)
+    groups = 1 if weights is None else weights.shape[0]
+    per_group = rows // groups  # the grouped output projection: group g is rows [g * per_group, (g + 1) * ...)
+
+    def chunk(start: int, stop: int) -> Piece:
         x = np.concatenate([source.floats(s, start, stop) for s in plan.sources], axis=1)
-        return quantize(x, target), round(per_row * (stop - start)), []
+        row_weights = None if weights is None else weights[start // per_group]
+        return quantize(x, target, imatrix=row_weights), round(per_row * (stop - start)), []
 
-    for start in range(0, rows, step):
-        yield lambda start=start: chunk(start)
+    groups_at = range(0, rows, per_group)
+    bounds = [(a, min(g + per_group, a + step)) for g in groups_at for a in range(g, g + per_group, step)]
+    for start, stop in bounds:  # a chunk never spans two groups
+        yield lambda start=start, stop=stop: chunk(start, stop)
 
 
-def _expert_jobs(source: SourceTensors, plan: TensorPlan, fp4_repack: bool) -> Iterator[Job]:
+def _expert_jobs(
+    source: SourceTensors, plan: TensorPlan, fp4_repack: bool, weights: np.ndarray | None
+) -> Iterator[Job]:
     """One job per expert, in expert order: FP4 repack (lossless) or the per-expert search."""
     layer = int(plan.spec.name.split(".")[1])
     proj = plan.spec.name.split(".")[2]
@@ -354,10 +440,11 @@ def _expert_jobs(source: SourceTensors, plan: TensorPlan, fp4_repack: bool) -> I
     def one(index: int) -> Piece:
         name = plan.sources[index]
         read = source.nbytes(name)
-        if fp4_repack and source.ckpt.info(name).dtype == "I8":
+        if fp4_repack and target in BY_TYPE and BY_TYPE[target].fp4_repack and source.ckpt.info(name).dtype == "I8":
             data = repack_fp4(source.ckpt.read(name), source.ckpt.read(scale_name(name)))
             return data, read, [ExpertError(layer, index, proj, 0.0, 0.0, 0.0)]
-        result: ExpertResult = quantize_expert(source.floats(name), target)
+        importance = None if weights is None else weights[index]
+        result: ExpertResult = quantize_expert(source.floats(name), target, importance)
         return result.data, read, [ExpertError(layer, index, proj, result.rms, result.max_abs, result.plain_rms)]
 
     for index in range(len(plan.sources)):

@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from quant.quantizers import dequantize, ggml_quantize, quantize
+from quant.recipes import BY_TYPE
 
 T = GGMLQuantizationType
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float32)  # ggml's doubled e2m1 magnitudes
@@ -112,12 +113,22 @@ def _candidates(blocks: np.ndarray, ggml_type: int) -> Iterator[tuple[np.ndarray
             yield _q4_0(blocks, c)
 
 
-def quantize_expert(x: np.ndarray, ggml_type: int) -> ExpertResult:
-    """Quantize one expert's [out, in] float32 weights with the per-expert search described above."""
+def quantize_expert(x: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> ExpertResult:
+    """Quantize one expert's [out, in] float32 weights the way its recipe says (`Recipe.expert_search`).
+
+    `importance`: this expert's per-column mean x² of its input activations (an importance matrix,
+    `quant.imatrix`); with it every ggml-quantized type is searched under it instead of the weights' own x².
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if ggml_type == T.Q4_K:
-        return _search_q4_k(x)
-    if ggml_type not in (T.MXFP4, T.Q4_0):
+    recipe = BY_TYPE.get(ggml_type)
+    search = recipe.expert_search if recipe else "plain"
+    if importance is not None and recipe and recipe.quantizer == "ggml" and search != "scale":
+        return _best_of_two(x, ggml_type, importance, metric=importance)
+    if recipe and recipe.needs_imatrix:
+        raise ValueError(f"{recipe.name} needs an importance matrix")
+    if search == "imatrix":
+        return _best_of_two(x, ggml_type, np.mean(x * x, axis=0) + 1e-12, metric=None)
+    if search != "scale":
         return _plain(x, ggml_type)
     blocks = x.reshape(-1, 32)
     candidates = _candidates(blocks, ggml_type)
@@ -145,18 +156,20 @@ def _plain(x: np.ndarray, ggml_type: int) -> ExpertResult:
     return ExpertResult(data=data.reshape(x.shape[0], -1), rms=rms, max_abs=max_abs, plain_rms=rms)
 
 
-def _search_q4_k(x: np.ndarray) -> ExpertResult:
-    """Q4_K: ggml's own quantizer, row by row the better of plain and importance-weighted by this expert's x²."""
-    plain = ggml_quantize(x, T.Q4_K)
-    weighted = ggml_quantize(x, T.Q4_K, imatrix=np.mean(x * x, axis=0) + 1e-12)
-    plain_diff = dequantize(plain, T.Q4_K).reshape(x.shape) - x
-    weighted_diff = dequantize(weighted, T.Q4_K).reshape(x.shape) - x
-    plain_sq = plain_diff**2
-    plain_sse, weighted_sse = plain_sq.sum(axis=1), (weighted_diff**2).sum(axis=1)
-    better = weighted_sse < plain_sse
+def _best_of_two(x: np.ndarray, ggml_type: int, weights: np.ndarray, metric: np.ndarray | None) -> ExpertResult:
+    """ggml's own quantizer, row by row the better of unweighted (uniform weights for the i-quants, which need
+    some) and weighted by `weights`; "better" = lower squared error, weighted per column by `metric` if given."""
+    uniform = np.ones(x.shape[1], dtype=np.float32) if BY_TYPE[ggml_type].needs_imatrix else None
+    plain = ggml_quantize(x, ggml_type, imatrix=uniform)
+    weighted = ggml_quantize(x, ggml_type, imatrix=weights)
+    plain_diff = dequantize(plain, ggml_type).reshape(x.shape) - x
+    weighted_diff = dequantize(weighted, ggml_type).reshape(x.shape) - x
+    plain_sq, weighted_sq = plain_diff**2, weighted_diff**2
+    scale = 1.0 if metric is None else metric[None, :]
+    better = (weighted_sq * scale).sum(axis=1) < (plain_sq * scale).sum(axis=1)
     best = np.where(better[:, None], weighted, plain)
     diff = np.where(better[:, None], weighted_diff, plain_diff)
-    sse = np.where(better, weighted_sse, plain_sse).sum(dtype=np.float64)
+    sse = np.where(better, weighted_sq.sum(axis=1), plain_sq.sum(axis=1)).sum(dtype=np.float64)
     return ExpertResult(
         data=best,
         rms=float(np.sqrt(sse / x.size)),

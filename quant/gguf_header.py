@@ -25,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quant.errors import CheckpointError
 from quant.files import open_regular, shown
+from quant.gguf_keys import ALIGNMENT
 from quant.mapping import TensorSpec
 
 MAGIC = b"GGUF"
@@ -157,11 +158,11 @@ def parse_header(source: ByteSource, *, keep: Callable[[str], bool] | None = Non
     if not 0 <= n_kv <= MAX_KV:
         raise cur.fail(f"key count {n_kv} is outside 0..{MAX_KV}")
     fields, types = _read_fields(cur, n_kv, keep)
-    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if "general.alignment" in types and types["general.alignment"] != UINT32:
-        raise cur.fail("general.alignment must be a uint32")
+    alignment = fields.get(ALIGNMENT, DEFAULT_ALIGNMENT)
+    if ALIGNMENT in types and types[ALIGNMENT] != UINT32:
+        raise cur.fail(f"{ALIGNMENT} must be a uint32")
     if alignment <= 0 or alignment & (alignment - 1):
-        raise cur.fail(f"general.alignment {alignment} is not a power of 2")
+        raise cur.fail(f"{ALIGNMENT} {alignment} is not a power of 2")
     tensors, offsets = _read_tensors(cur, n_tensors)
     data_offset = -(-cur.pos // alignment) * alignment
     _check_layout(cur, tensors, offsets, data_offset, alignment)
@@ -179,7 +180,7 @@ def _read_fields(cur: _Cursor, n_kv: int, keep: Callable[[str], bool] | None) ->
         if key in types:
             raise cur.fail(f"duplicate key {shown(key)}")
         vtype = cur.unpack("I", f"type of {key}")
-        wanted = keep is None or keep(key) or key == "general.alignment"
+        wanted = keep is None or keep(key) or key == ALIGNMENT
         if vtype == ARRAY:
             sub, n = cur.unpack("I", f"array type of {key}"), cur.unpack("Q", f"length of {key}")
             elements += n

@@ -18,6 +18,7 @@ first shard comes last (readers start from the first shard; see `quant.gguf_set`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,8 +33,11 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 from gguf.gguf_writer import GGUFValue
 
-from quant.gguf_set import SET_ID_KEY, output_paths, set_id
+from quant.errors import OutputError
+from quant.gguf_keys import ARCHITECTURE, SET_ID_KEY
+from quant.gguf_set import output_paths, set_id
 from quant.mapping import KeyValue, TensorSpec
+from quant.outlock import write_error
 
 ALIGNMENT = 32  # GGUF default data alignment
 JOURNAL = "journal.jsonl"
@@ -43,6 +47,32 @@ READ_BLOCK = 16 << 20
 
 def temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
+
+
+_OPEN_FLAGS = {
+    "rb": os.O_RDONLY,
+    "r+b": os.O_RDWR,
+    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+}
+
+
+def _open_own(path: Path, mode: str) -> Any:
+    """Open one of the partial output's own files without following a symlink planted at its name (writes must
+    never land in the file a link points to)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS[mode] | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path} is a symlink; refusing to follow it", hint="remove it and run again") from e
+        raise write_error(e, path) from e
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def _no_link(path: Path) -> None:
+    """Remove a symlink planted at one of the partial output's own folder names (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,7 @@ class StreamingGGUF:
             previous = self._load_journal()
             if not previous:
                 shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run with other inputs
+            _no_link(self.tmp)
             self.tmp.mkdir(parents=True, exist_ok=True)
             headers = self._write_headers(arch, kv, specs, split_max_size)
             self._open(headers, previous)
@@ -135,12 +166,13 @@ class StreamingGGUF:
     def _write_headers(self, arch: str, kv: list[KeyValue], specs: list[TensorSpec], split_max_size: int) -> list[Path]:
         """Header + key/values + tensor infos of every shard, in a side folder; returns their paths."""
         folder = self.tmp / "headers"
+        _no_link(folder)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         writer = _Writer(folder / self.out.name, arch, split_max_size=split_max_size)
         writer.set_id = self._identity["set"]
         for key, value, vtype, sub_type in kv:
-            if key != "general.architecture":
+            if key != ARCHITECTURE:
                 writer.add_key_value(key, value, vtype, sub_type)
         for spec in specs:
             writer.add_tensor_info(
@@ -165,15 +197,15 @@ class StreamingGGUF:
         for header, path, end in zip(headers, data, ends, strict=True):
             if not kept:
                 os.replace(header, path)
-            f = path.open("r+b")
+            f = _open_own(path, "r+b")
             self._files.append(f)
             f.truncate(end)
             f.seek(end)
         shutil.rmtree(self.tmp / "headers", ignore_errors=True)
         self.resumed = kept
-        with (self.tmp / JOURNAL).open("w", encoding="utf-8") as journal:
+        with _open_own(self.tmp / JOURNAL, "w") as journal:
             journal.writelines(json.dumps(line) + "\n" for line in [self._identity, *map(asdict, kept)])
-        self._journal = (self.tmp / JOURNAL).open("a", encoding="utf-8")
+        self._journal = _open_own(self.tmp / JOURNAL, "a")
 
     def _verified(self, headers: list[Path], data: list[Path], previous: list[Written]) -> list[Written]:
         """The journaled tensors still intact on disk, in order: same headers, same places, same checksums."""
@@ -181,13 +213,13 @@ class StreamingGGUF:
             return []
         for header, path in zip(headers, data, strict=True):
             expected = header.read_bytes()
-            if not path.is_file():
+            if path.is_symlink() or not path.is_file():  # a planted link: start over (os.replace drops it)
                 return []
-            with path.open("rb") as f:
+            with _open_own(path, "rb") as f:
                 if f.read(len(expected)) != expected:
                     return []
         kept: list[Written] = []
-        fds = [os.open(p, os.O_RDONLY) for p in data]
+        fds = [os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) for p in data]
         try:
             for i, w in enumerate(previous):
                 if i >= len(self._order) or w.name != self._order[i] or w.shard != self._shard_of[w.name]:

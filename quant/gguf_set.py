@@ -15,9 +15,9 @@ from pathlib import Path
 
 from quant.errors import OutputError
 from quant.gguf_header import GgufFile, read_gguf_header
+from quant.gguf_keys import SET_ID_KEY
 from quant.mapping import KeyValue, TensorSpec
 
-SET_ID_KEY = "dsv4.split.set_id"
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

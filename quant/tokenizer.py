@@ -15,6 +15,7 @@ from gguf import GGUFValueType
 from quant.config import facts_of
 from quant.errors import CheckpointError
 from quant.files import load_json_object, read_bounded, shown
+from quant.gguf_keys import BOS_TOKEN_ID, CHAT_TEMPLATE, EOS_TOKEN_ID, MERGES, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
 from quant.mapping import KeyValue
 
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp token types
@@ -37,17 +38,17 @@ class Vocab:
         """Tokenizer keys with their exact GGUF types (token_type must be i32, ids u32)."""
         V = GGUFValueType
         return [
-            ("tokenizer.ggml.model", "gpt2", V.STRING, None),
-            ("tokenizer.ggml.pre", PRE_TOKENIZER, V.STRING, None),
-            ("tokenizer.ggml.tokens", self.tokens, V.ARRAY, V.STRING),
+            (TOKENIZER_MODEL, "gpt2", V.STRING, None),
+            (TOKENIZER_PRE, PRE_TOKENIZER, V.STRING, None),
+            (TOKENS, self.tokens, V.ARRAY, V.STRING),
             ("tokenizer.ggml.token_type", self.token_types, V.ARRAY, V.INT32),
-            ("tokenizer.ggml.merges", self.merges, V.ARRAY, V.STRING),
-            ("tokenizer.ggml.bos_token_id", self.bos_id, V.UINT32, None),
-            ("tokenizer.ggml.eos_token_id", self.eos_id, V.UINT32, None),
+            (MERGES, self.merges, V.ARRAY, V.STRING),
+            (BOS_TOKEN_ID, self.bos_id, V.UINT32, None),
+            (EOS_TOKEN_ID, self.eos_id, V.UINT32, None),
             ("tokenizer.ggml.padding_token_id", self.pad_id, V.UINT32, None),
             ("tokenizer.ggml.add_bos_token", False, V.BOOL, None),
             ("tokenizer.ggml.add_eos_token", False, V.BOOL, None),
-            ("tokenizer.chat_template", self.chat_template, V.STRING, None),
+            (CHAT_TEMPLATE, self.chat_template, V.STRING, None),
         ]
 
 
@@ -66,10 +67,14 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise _bad(path, "expected a byte-level BPE model with a vocab (is this a DeepSeek V4 tokenizer?)")
+    if not model["vocab"]:
+        raise _bad(path, "the vocabulary is empty")
     ids: dict[str, int] = {}
+    owner: dict[int, str] = {}  # id -> its token: two different tokens may not share an id
     for token, i in model["vocab"].items():
         if type(i) is not int or not 0 <= i < vocab_size:
             raise _bad(path, f"token {shown(token, 40)} has id {shown(i, 40)}, outside the vocabulary of {vocab_size}")
+        _claim(path, owner, token, i)
         ids[token] = i
     special = set()
     added_tokens = data.get("added_tokens") or []
@@ -80,10 +85,18 @@ def _ids(path: Path, data: dict[str, Any], vocab_size: int) -> tuple[dict[str, i
             raise _bad(path, f"added token {shown(added, 60)} needs a string content and an integer id")
         if not 0 <= added["id"] < vocab_size:
             raise _bad(path, f"added token {shown(added['content'], 40)} has id {added['id']}, outside {vocab_size}")
+        _claim(path, owner, added["content"], added["id"])
         ids[added["content"]] = added["id"]
         if added.get("special"):
             special.add(added["id"])
     return ids, special, model
+
+
+def _claim(path: Path, owner: dict[int, str], token: str, i: int) -> None:
+    """Record that `token` has id `i`; another token with the same id would be silently lost in the GGUF."""
+    other = owner.setdefault(i, token)
+    if other != token:
+        raise _bad(path, f"tokens {shown(other, 40)} and {shown(token, 40)} both have id {i}")
 
 
 def _merges(path: Path, model: dict[str, Any]) -> list[str]:

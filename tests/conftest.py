@@ -6,7 +6,10 @@ or read by the tests that need them.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_REPO = "test-org/tiny-GGUF"  # the tiny model published as a pre-quantized GGUF repo (gguf_repo_dir)
 GGUF_TAG = "UD-Q2_K_XL"
+# The test tiers (README, "Tests"): `make test-fast` deselects these, `make test` runs everything.
+MARKERS = {
+    "slow": "converts several GGUFs or loads models in llama.cpp subprocesses (seconds each)",
+    "fuzz": "hundreds of generated hostile inputs",
+    "server": "runs the engine build's programs (llama-server, rpc-server, llama-perplexity): every test using the "
+    "`engine` fixture, and test_eval",
+    "engine_build": "builds (or checks the cached build of) the llama.cpp engine",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, why in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the engine build, however indirectly, is in the server tier."""
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +128,17 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
 
 
 @pytest.fixture(scope="session")
+def tiny_imatrix(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    """`dsv4 imatrix` of the tiny GGUF (two chunks of the built-in text), run in a subprocess; read-only."""
+    home = tmp_path_factory.mktemp("imatrix-home")
+    env = {**os.environ, "DSV4_HOME": str(home)}
+    argv = [sys.executable, "-m", "dsv4cli", "imatrix", str(tiny_gguf), "--chunks", "2", "--chunk", "128", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(json.loads(proc.stdout)["file"])
+
+
+@pytest.fixture(scope="session")
 def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """`tiny` quantized with `--mtp`: the default recipe plus the MTP block as one more layer; read-only."""
     from quant.convert import QuantOptions, quantize_checkpoint
@@ -112,6 +146,15 @@ def mtp_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) ->
     out = tmp_path_factory.mktemp("tiny-mtp") / "tiny-mtp.gguf"
     quantize_checkpoint(tiny_checkpoint, out, QuantOptions(mtp=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The CPU engine build (llama-server, rpc-server) from the engine cache: built once if missing (`make setup`
+    builds it; about 10 minutes on 2 cores), then shared by every test that starts a server."""
+    from dsv4cli.toolchain.build import build_engine
+
+    return build_engine("cpu").engine
 
 
 @pytest.fixture

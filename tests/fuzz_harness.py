@@ -117,3 +117,15 @@ def clean_failures(results: list[dict[str, Any]], *, max_seconds: float = 15) ->
         if not clean or "Traceback" in r["stderr"] or r["seconds"] > max_seconds:
             bad.append(r)
     return bad
+
+
+def registry_cases(root: Path, entries: dict[str, str], commands: list[list[str]]) -> list[dict[str, Any]]:
+    """One home per models.toml text in `entries` (label -> text), and one case per (entry, command): each
+    command runs with DSV4_HOME set to that home, so every registry entry is read the way a user's would be."""
+    cases = []
+    for i, (label, text) in enumerate(entries.items()):
+        home = root / f"home-{i}"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "models.toml").write_text(text)
+        cases += [{"argv": argv, "env": {"DSV4_HOME": str(home)}, "entry": label} for argv in commands]
+    return cases

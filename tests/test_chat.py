@@ -57,6 +57,7 @@ sys.stdout.write(llm.detokenize(out, special=True).decode("utf-8", errors="repla
 """
 
 
+@pytest.mark.slow
 def test_one_shot_json_matches_a_bare_llama_cpp_greedy_run(tiny_gguf: Path) -> None:
     result = chat(str(tiny_gguf), "-p", "Hello", "--max-tokens", "24", "--json", *GREEDY)
     assert result.returncode == 0, result.stderr
@@ -69,6 +70,7 @@ def test_one_shot_json_matches_a_bare_llama_cpp_greedy_run(tiny_gguf: Path) -> N
     assert data["answer"] == ref.stdout and data["answer"]
 
 
+@pytest.mark.slow
 def test_plain_output_is_only_the_answer_and_stdin_works(tiny_gguf: Path) -> None:
     expected = json.loads(chat(str(tiny_gguf), "-p", "Hi", "--max-tokens", "12", "--json", *GREEDY).stdout)
     flag = chat(str(tiny_gguf), "-p", "Hi", "--max-tokens", "12", *GREEDY)
@@ -79,6 +81,7 @@ def test_plain_output_is_only_the_answer_and_stdin_works(tiny_gguf: Path) -> Non
         assert re.search(r"\d+ prompt tokens .* tokens at [\d.]+ tok/s", result.stderr)
 
 
+@pytest.mark.slow
 def test_default_model_is_the_tiny_one_prepared_on_first_use(isolated_env: Path) -> None:
     result = chat("-p", "Hi", "--max-tokens", "4", *GREEDY, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -91,6 +94,7 @@ def test_v41_registry_model_is_refused_before_any_work(dsv4) -> None:
     assert result.code == 1 and "has no deepseek41 architecture yet" in result.stderr
 
 
+@pytest.mark.slow
 def test_plan_host_tensors_are_overridden_to_cpu(tiny_gguf: Path, tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     llama = {"n_gpu_layers": 0, "n_ctx": 2048, "n_batch": 256, "n_ubatch": 256, "use_mmap": False}
@@ -133,6 +137,7 @@ print(json.dumps({"turns": turns}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "think"])
 def test_second_turn_prefills_only_the_new_tokens(tiny_gguf: Path, mode: str) -> None:
     result = python_script(TURNS, str(tiny_gguf), mode)
@@ -172,6 +177,7 @@ def spawn_repl(gguf: Path, *args: str) -> pexpect.spawn:
     )
 
 
+@pytest.mark.slow
 def test_repl_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     child = spawn_repl(tiny_gguf, "--max-tokens", "12", "--ctx", "4096")
     child.expect("/help for commands")
@@ -205,6 +211,7 @@ def test_repl_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     assert saved["thinking"] is True and saved["messages"][0] == {"role": "user", "content": "Hello"}
 
 
+@pytest.mark.slow
 def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None:
     child = spawn_repl(tiny_gguf, "--max-tokens", "100000")
     child.expect("> ")
@@ -251,6 +258,7 @@ def test_vram_list_plans_two_gpus_and_a_cpu_build_refuses_it(dsv4, fake_tool, ti
     assert res.code != 0 and "--cpu" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_multi_line_paste_and_a_triple_quoted_block_are_one_turn_each(tiny_gguf: Path, tmp_path: Path) -> None:
     child = spawn_repl(tiny_gguf, "--max-tokens", "2", "--ctx", "4096")
     child.expect("> ")

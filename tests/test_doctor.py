@@ -33,6 +33,7 @@ def physical_cores() -> int:
 linux = pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads /proc")
 
 
+@pytest.mark.slow
 @linux
 def test_facts_match_proc_and_statvfs_and_bandwidth_is_cached(dsv4, isolated_env: Path) -> None:
     res = dsv4("doctor", "--json")
@@ -86,6 +87,7 @@ def test_gpus_and_the_cpu_only_build_problem(dsv4, isolated_env: Path, fake_tool
     assert "RTX A6000" in text and "GPU offload" in text and "RAM 20.0 GB/s, disk 2.0 GB/s (cached)" in text
 
 
+@pytest.mark.slow
 def test_reports_the_serve_engine_or_how_to_build_it(
     dsv4, isolated_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,8 @@ import pytest
 
 from dsv4cli.toolchain import build
 
+pytestmark = pytest.mark.engine_build
+
 FAKE_SERVER = r"""
 #include <stdio.h>
 #include <string.h>

@@ -13,7 +13,10 @@ import pytest
 
 from dsv4cli.toolchain.build import installed_engine
 
-pytestmark = pytest.mark.skipif(installed_engine() is None, reason="needs `dsv4 engine build` (llama-perplexity)")
+pytestmark = [  # the engine build's llama-perplexity: the server tier
+    pytest.mark.server,
+    pytest.mark.skipif(installed_engine() is None, reason="needs `dsv4 engine build` (llama-perplexity)"),
+]
 
 FAST = ("--ctx", "128", "--chunks", "4", "--cpu")
 

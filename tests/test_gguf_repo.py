@@ -90,6 +90,7 @@ def test_plan_stops_at_the_fetch_budget(gguf_hub) -> None:
         remote_source(get_model(REPO), TAG, budget=FetchBudget(limit=1000))
 
 
+@pytest.mark.slow
 def test_pull_by_tag_then_chat_by_the_same_name(dsv4, gguf_hub, gguf_repo_dir, isolated_env) -> None:
     result = dsv4("pull", f"{REPO}:{TAG.lower()}", "--json")
     assert result.code == 0, result.stderr

@@ -95,6 +95,7 @@ def _one_line_within(dsv4, argv: list[str], seconds: float):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "handle",
     [_never, _answer(_listing(["a.gguf"]), drip_s=0.05), _answer(_listing(["a.gguf"]), stop_after=20)],
@@ -107,6 +108,7 @@ def test_a_stalling_hub_is_refused_at_the_deadline(dsv4, monkeypatch, handle: Ha
     assert f"{url} did not answer within 1 s" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_listing_is_refused_in_bounded_memory(monkeypatch, tmp_path) -> None:
     """1 GiB of JSON whitespace compressed to ~1 MB: refused after 64 MiB decoded; the process stays small."""
     inflate = zlib.compressobj(1, wbits=31)
@@ -124,6 +126,7 @@ def test_a_gzip_bomb_listing_is_refused_in_bounded_memory(monkeypatch, tmp_path)
     assert int(peak_mib) < 400
 
 
+@pytest.mark.slow
 def test_a_listing_of_a_million_and_a_half_files_is_refused_before_decoding(dsv4, monkeypatch) -> None:
     entry = b'{"rfilename":"f%07d.gguf","size":1,"blobId":"%s"},'
     blob = b"0" * 40
@@ -133,6 +136,7 @@ def test_a_listing_of_a_million_and_a_half_files_is_refused_before_decoding(dsv4
     assert "larger than 64 MiB decoded; refused" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_gguf_split_into_20000_shards_is_not_planned_remotely(dsv4, monkeypatch) -> None:
     names = [f"x-Q4_K_M-{i:05d}-of-20000.gguf" for i in range(1, 20001)]
     with hostile_hub(_answer(_listing(names)), monkeypatch):
@@ -140,6 +144,7 @@ def test_a_gguf_split_into_20000_shards_is_not_planned_remotely(dsv4, monkeypatc
     assert "split into 20000 shards (at most 1024" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_slow_header_read_is_refused_at_the_deadline(dsv4, gguf_hub, monkeypatch) -> None:
     """The listing is quick; the GGUF header trickles in (100 bytes/s): the header reads share one deadline."""
     monkeypatch.setenv("DSV4_HUB_TIMEOUT", str(DEADLINE))

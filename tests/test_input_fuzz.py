@@ -25,6 +25,8 @@ import pytest
 
 from tests.fuzz_harness import clean_failures, run_cases
 
+pytestmark = pytest.mark.fuzz
+
 SEED = 20261126
 GGUF_CASES, PLAN_CASES, TEMPLATE_CASES = 170, 100, 40
 S = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}

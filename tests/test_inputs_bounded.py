@@ -318,6 +318,7 @@ def test_dsv4_home_that_is_a_file(dsv4, tmp_path: Path, monkeypatch: pytest.Monk
     assert res.code == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_stdin_prompt_is_bounded_and_any_bytes_are_text(tiny_gguf: Path, python: str) -> None:
     import subprocess
 

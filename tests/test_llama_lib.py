@@ -51,6 +51,7 @@ def _aborted_as_amx_does(res: subprocess.CompletedProcess[str], setting: str) ->
     return True
 
 
+@pytest.mark.slow
 def test_generates_with_extra_buffer_types_on_and_off(tiny_gguf: Path) -> None:
     """Both load paths (AMX machines take `off` automatically) load, generate, and agree on greedy output."""
     results = {}
@@ -97,6 +98,7 @@ print("not reached", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_llama_cpp_assert_is_one_line_and_exit_1(tmp_path: Path) -> None:
     model = tmp_path / "model.gguf"
     res = run_python(TRIP_ASSERT, str(model))
@@ -134,6 +136,7 @@ def fake_4090(fake_tool) -> None:
 needs_cpu_build = pytest.mark.skipif(llama_lib.gpu_offload(), reason="this llama.cpp build can offload")
 
 
+@pytest.mark.slow
 @needs_cpu_build
 def test_gpu_placement_on_a_cpu_build_stops_with_the_fix(dsv4, fake_4090: None, tiny_gguf: Path) -> None:
     """`chat --vram` and a detected GPU both refuse to run silently on the CPU; `--cpu` runs on purpose."""
@@ -189,6 +192,7 @@ llm.create_completion("Hi", max_tokens=4, temperature=0)
 """
 
 
+@pytest.mark.slow
 def test_llama_class_follows_the_repack_choice(tiny_gguf: Path) -> None:
     """Reference scripts that load through `Llama(...)` get the same buffer types as dsv4 chat."""
     for setting in ("on", "off"):

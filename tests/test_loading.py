@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from dsv4cli.load.placement import Placement
 from dsv4cli.load.prepared import prepare_model
 from dsv4cli.models.ref import RefKind, resolve_model
@@ -28,14 +26,6 @@ def _audit(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_audit)  # hooks cannot be removed: it records only inside `opens()`
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """The CPU engine build from the engine cache (built if missing, as `make setup` does)."""
-    from dsv4cli.toolchain.build import build_engine
-
-    return build_engine("cpu").engine
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import GGUF_REPO, GGUF_TAG
@@ -107,7 +108,8 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
     model = listed(dsv4)[TAGGED]
     run = home / "run"
     run.mkdir()
-    record = {"pid": os.getpid(), "files": [model["files"][0]], "url": "http://127.0.0.1:8080", "model": TAGGED}
+    started = psutil.Process().create_time()
+    record = {"pid": os.getpid(), "started": started, "files": [model["files"][0]], "url": "http://x", "model": TAGGED}
     (run / f"serve-{os.getpid()}.json").write_text(json.dumps(record))
     result = dsv4("rm", TAGGED, "--yes")
     assert result.code == 1 and f"in use by dsv4 serve (pid {os.getpid()}" in result.stderr
@@ -117,6 +119,7 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
     assert dsv4("rm", TAGGED, "--yes").code == 0  # a stale record (dead pid) holds nothing
 
 
+@pytest.mark.slow
 def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
     folder = home / "models" / "test-org--tiny-GGUF"
     holder = subprocess.Popen(

@@ -195,6 +195,7 @@ def test_output_file_and_llama_args(dsv4, tmp_path: Path) -> None:
         load_plan(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_measure_fills_bandwidths(dsv4) -> None:
     """--measure puts this machine's figures in the plan (RAM within 4x of a read timed here); a flag still wins."""
     res = dsv4("plan", "tiny", "--vram", "1", "--ram", "4", "--measure", "--disk-bw", "7.5", "--json")

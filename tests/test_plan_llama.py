@@ -6,9 +6,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_planned_bytes_within_5_percent_of_llama(tiny_gguf: Path, python: str) -> None:
     argv = [python, str(ROOT / "bench" / "plan.py"), "--gguf", str(tiny_gguf), "--ctx", "1024,4096", "--decode", "0"]
     argv.append("--json")

@@ -58,6 +58,7 @@ def test_table_shows_assumptions_and_uncalibrated_note(dsv4) -> None:
     assert "--calibrate" in res.stderr
 
 
+@pytest.mark.slow
 def test_calibration_cache_is_keyed_and_reused(isolated_env: Path) -> None:
     """A cached calibration for this CPU, build, recipe and thread count is used as measured; nothing is
     generated or decoded. Another thread count (another key) falls back to defaults and says so."""

@@ -128,12 +128,10 @@ def test_chat_splits_reasoning_as_deepseek_parses_it(thinking: bool, text: str) 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
-    from dsv4cli.toolchain.build import build_engine
 
-    engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("encoding-home")))
         opts = ServeOptions(port=0, alias="tiny", health_timeout=120)

@@ -106,6 +106,7 @@ def test_dropped_connection_resumes_with_range(dsv4, hub, repo_dir, target, cut)
     assert_complete(target, repo_dir, hub)
 
 
+@pytest.mark.slow
 def test_partial_file_resumes_in_a_new_process(hub, repo_dir, target, python, cut):
     """huggingface_hub 2.4.0 restarts such a file from byte 0; we continue from the last byte."""
     part = target / PARTIAL_DIR / f"{SHARD}.part"
@@ -238,6 +239,7 @@ def test_refuses_to_start_without_disk_space(dsv4, hub, repo_dir, target):
     assert file_requests(hub) == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_partial_files_and_a_rerun_resumes(dsv4, hub, repo_dir, target, python):
     hub.faults.bytes_per_second = 2_000_000
     child = subprocess.Popen(
@@ -262,6 +264,7 @@ def test_ctrl_c_keeps_partial_files_and_a_rerun_resumes(dsv4, hub, repo_dir, tar
     assert_complete(target, repo_dir, hub)
 
 
+@pytest.mark.slow
 def test_builtin_model_is_written_offline_with_a_manifest(dsv4, tiny_checkpoint, monkeypatch, isolated_env):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail

@@ -95,6 +95,7 @@ def hostile_names(tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_hostile_names_are_refused_before_anything_is_written(dsv4, hub, tmp_path, target):
     before = snapshot(tmp_path)
     hub.add_file("cafe\u0301.json", EVIL)
@@ -198,6 +199,7 @@ def test_symlink_at_a_final_name_is_replaced_not_followed(dsv4, hub, tmp_path, t
     assert_complete(target, tiny_checkpoint, hub)
 
 
+@pytest.mark.slow
 def test_two_pulls_into_one_folder_one_waits_both_verified(hub, tiny_checkpoint, target, python):
     total = sum(len(b) for b in served_files(tiny_checkpoint).values())
     hub.faults.bytes_per_second = total // 8  # the first run takes about 4 s on 2 workers
@@ -216,6 +218,7 @@ def test_two_pulls_into_one_folder_one_waits_both_verified(hub, tiny_checkpoint,
         assert len(hub.requests_for(path)) == 1, path
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing(dsv4, hub, tmp_path, target, isolated_env):
     before = snapshot(tmp_path)
     for args in (
@@ -272,6 +275,7 @@ def test_permission_denied_is_one_line(dsv4, hub, tmp_path):
     assert "permission denied" in line and str(locked) in line
 
 
+@pytest.mark.slow
 def test_disk_filling_up_midway_is_one_true_line(hub, tmp_path, python, tiny_checkpoint):
     """The free-space check passes, then something else fills the disk while the download runs."""
     shard = (tiny_checkpoint / SHARD).read_bytes()
@@ -338,7 +342,7 @@ def test_garbage_manifest_offline_is_one_line(dsv4, target, monkeypatch):
     target.mkdir()
     (target / MANIFEST_NAME).write_text(json.dumps({"repo": REPO, "revision": "x", "files": {"../../x": {"size": 1}}}))
     line = one_line_error(dsv4("pull", REPO, "--dir", str(target)))
-    assert MANIFEST_NAME in line or "../../x" in line
+    assert "no complete pull there" in line  # a manifest naming an unsafe path is no manifest (read_manifest)
 
 
 @pytest.mark.parametrize(
@@ -388,6 +392,7 @@ def test_ordinary_repo_names_are_accepted():
     assert listing_problem(names, reserved_prefix=".dsv4-") is None
 
 
+@pytest.mark.slow
 def test_builtin_pull_ignores_links_planted_in_its_staging(dsv4, tmp_path, tiny_checkpoint):
     victim = tmp_path / "victim"
     victim.mkdir()

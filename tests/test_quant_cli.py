@@ -184,6 +184,7 @@ def run_quantize(python: str, source: Path, out: Path, *extra: str) -> subproces
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_killed_and_interrupted_runs_leave_no_final_file(
     python: str, tiny_base_checkpoint: Path, tmp_path: Path
@@ -208,6 +209,7 @@ def test_killed_and_interrupted_runs_leave_no_final_file(
     assert not other.exists() and temp_dir_for(other).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_interrupted_runs_resume_to_a_byte_identical_file(
     python: str, tiny_base_checkpoint: Path, tmp_path: Path

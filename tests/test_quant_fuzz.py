@@ -22,6 +22,8 @@ import pytest
 
 from tests.fuzz_harness import clean_failures, run_cases
 
+pytestmark = pytest.mark.fuzz
+
 SEED = 20261126
 CASES_PER_KIND = 70
 BAD_VALUES: list[Any] = [

@@ -68,6 +68,7 @@ def reference_repack(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+@pytest.mark.slow
 def test_loads_and_generates(python: str, tiny_gguf: Path) -> None:
     result = load_in_llama(python, tiny_gguf)
     assert result["plain"] > 0 and result["chat"] > 0
@@ -127,6 +128,7 @@ def test_report_beside_gguf(tiny_gguf: Path) -> None:
     assert report["summary"]["rms_max"] == 0.0
 
 
+@pytest.mark.slow
 def test_split_output_loads(python: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.gguf"
     report = quantize_checkpoint(tiny_checkpoint, out, QuantOptions(split_max_size=3_000_000))
@@ -136,6 +138,7 @@ def test_split_output_loads(python: str, tiny_checkpoint: Path, tmp_path: Path) 
     assert load_in_llama(python, Path(report.outputs[0]))["plain"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("experts", "dense", "mtp"), [("q4_k", "q4_k", False), ("q4_0", "bf16", True)])
 def test_other_recipes_load(
     python: str, tiny_checkpoint: Path, tmp_path: Path, experts: str, dense: str, mtp: bool

@@ -167,7 +167,7 @@ def test_recipes_and_fallbacks() -> None:
     assert specs["blk.0.attn_q_b.weight"].ggml_type == Q8_0  # q_lora_rank 64 does not: falls back
     assert specs["token_embd.weight"].ggml_type == BF16
     with pytest.raises(UnsupportedError, match="--experts"):
-        gguf_tensor_specs(config, experts="q2_k")
+        gguf_tensor_specs(config, experts="q1_0")
 
 
 def test_bad_configs() -> None:

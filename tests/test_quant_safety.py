@@ -40,6 +40,7 @@ def assert_complete_gguf(path: Path) -> None:
     assert end <= path.stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
 def test_two_runs_on_one_output(tiny_checkpoint: Path, tmp_path: Path, python: str) -> None:
     out = tmp_path / "o.gguf"
@@ -172,6 +173,7 @@ def test_writer_rejects_out_of_order_and_short_tensors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_experts_falling_back_to_a_type_without_search(dsv4, tmp_path: Path) -> None:
     """Expert rows that fit no Q4_K block (192 wide) fall back to Q8_0, which has no per-expert search."""
     from dsv4cli.models.registry import ModelSpec, get_model

@@ -93,7 +93,7 @@ def test_user_file_adds_entries(isolated_env: Path) -> None:
     isolated_env.mkdir(parents=True, exist_ok=True)
     (isolated_env / "models.toml").write_text(
         '[models.my-flash]\nrepo = "me/my-flash"\narch = "deepseek4"\n'
-        "[models.my-flash.config]\nhidden_size = 1024\ncompress_ratios = [0, 4, 128]\n"
+        "[models.my-flash.config]\nhidden_size = 1024\nnum_hidden_layers = 3\ncompress_ratios = [0, 4, 128]\n"
     )
     spec = get_model("my-flash")
     assert spec.facts["hidden_size"] == 1024

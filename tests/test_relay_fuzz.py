@@ -27,7 +27,9 @@ from dsv4cli.rpc.messages import (
     check_set_tensor,
 )
 from dsv4cli.rpc.protocol import TENSOR, U64, Cmd
-from tests.test_rpc_hostile import Client, _graph, _survived, engine, tensor, worker  # noqa: F401 - fixtures
+from tests.test_rpc_hostile import Client, _graph, _survived, tensor, worker  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.fuzz
 
 SEED = 20261127
 CASES = 3000

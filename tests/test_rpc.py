@@ -39,13 +39,6 @@ CTX, UBATCH = 1024, 64
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from dsv4cli.toolchain.build import build_engine
-
-    return build_engine("cpu").engine
-
-
-@pytest.fixture(scope="module")
 def start_worker(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable]:
     from dsv4cli.rpc.worker import WorkerOptions, start_worker
 

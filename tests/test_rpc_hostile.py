@@ -35,6 +35,7 @@ def short_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSV4_RPC_TIMEOUT", DEADLINE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script",
     [Script(drip_s=0.1), Script(memory_delay_s=5), Script(silent=True), Script(devices=3, drip_s=0.02)],
@@ -64,6 +65,7 @@ def test_a_version_mismatch_keeps_its_message_and_hint() -> None:
     assert "same dsv4/llama-cpp-python version" in (e.value.hint or "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [Script(drip_s=0.1), Script(devices=2**32 - 1)], ids=["drip", "devices"])
 def test_plan_rpc_against_a_hostile_worker_is_one_line_within_the_deadline(
     dsv4, tiny_gguf, short_deadline, script: Script
@@ -77,6 +79,7 @@ def test_plan_rpc_against_a_hostile_worker_is_one_line_within_the_deadline(
     assert f"RPC worker {address}" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_rpc_check_refuses_a_dripping_worker_within_the_deadline(short_deadline) -> None:
     from dsv4cli.rpc.health import check_workers
 
@@ -100,13 +103,6 @@ def test_a_bad_timeout_setting_is_a_usage_error(monkeypatch: pytest.MonkeyPatch)
 # --- clients against `dsv4 worker --mem`: the real relay in front of the real ggml-rpc-server --------------------
 
 BUDGET_GIB = 0.25
-
-
-@pytest.fixture(scope="module")
-def engine():
-    from dsv4cli.toolchain.build import build_engine
-
-    return build_engine("cpu").engine
 
 
 @pytest.fixture

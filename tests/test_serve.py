@@ -36,13 +36,6 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from dsv4cli.toolchain.build import build_engine
-
-    return build_engine("cpu").engine
-
-
-@pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server

@@ -44,12 +44,10 @@ DSML_CALL = render_tool_calls(
 )
 
 
-def _serve(tiny_gguf: Path, home: Path, *, think: bool) -> Iterator:
+def _serve(engine, tiny_gguf: Path, home: Path, *, think: bool) -> Iterator:
     from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
-    from dsv4cli.toolchain.build import build_engine
 
-    engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSV4_HOME", str(home))
         opts = ServeOptions(port=0, api_key=KEY, alias=ALIAS, think=think, health_timeout=120)
@@ -61,13 +59,13 @@ def _serve(tiny_gguf: Path, home: Path, *, think: bool) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    yield from _serve(tiny_gguf, tmp_path_factory.mktemp("agents-home"), think=False)
+def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    yield from _serve(engine, tiny_gguf, tmp_path_factory.mktemp("agents-home"), think=False)
 
 
 @pytest.fixture(scope="module")
-def thinking_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    yield from _serve(tiny_gguf, tmp_path_factory.mktemp("agents-think-home"), think=True)
+def thinking_server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    yield from _serve(engine, tiny_gguf, tmp_path_factory.mktemp("agents-think-home"), think=True)
 
 
 def _claude(server, key: str = KEY):

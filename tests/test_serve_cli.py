@@ -35,11 +35,8 @@ def test_parallel_is_bounded_by_llama_cpp_sequences(dsv4) -> None:
     assert result.code == 1 and result.stderr.strip() == "error: --parallel 257: expected 1..256"
 
 
-def test_missing_model_is_one_line(dsv4, tmp_path: Path) -> None:
+def test_missing_model_is_one_line(dsv4, engine, tmp_path: Path) -> None:
     """No "starting llama-server" line before a refusal of the model."""
-    from dsv4cli.toolchain.build import build_engine
-
-    build_engine("cpu")
     result = dsv4("serve", str(tmp_path / "absent.gguf"))
     assert result.code == 1
     assert result.stderr.strip().splitlines() == [
@@ -65,10 +62,7 @@ def test_loopback_hosts_need_no_key() -> None:
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
 
 
-def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
-    from dsv4cli.toolchain.build import build_engine
-
-    build_engine("cpu")
+def test_port_in_use_is_a_clear_error(dsv4, engine, tiny_gguf: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -79,10 +73,8 @@ def test_port_in_use_is_a_clear_error(dsv4, tiny_gguf: Path) -> None:
 
 
 def _start(python: str, gguf: Path, home: Path) -> tuple[subprocess.Popen, dict]:
-    """`dsv4 serve --json` in its own process; returns it and its first stdout line (base_url, pid)."""
-    from dsv4cli.toolchain.build import build_engine
-
-    build_engine("cpu")
+    """`dsv4 serve --json` in its own process (the `engine` fixture has built the engine); returns it and its
+    first stdout line (base_url, pid)."""
     proc = subprocess.Popen(
         [python, "-m", "dsv4cli", "serve", str(gguf), "--port", "0", "--ctx", "1024", "--json"],
         stdout=subprocess.PIPE,
@@ -114,7 +106,7 @@ def _gone(pid: int, timeout: float = 15) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_dsv4_leaves_no_server(
-    python: str, tiny_gguf: Path, tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
+    engine, python: str, tiny_gguf: Path, tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dsv4cli.server.records import running_servers
 

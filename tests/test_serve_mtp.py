@@ -24,12 +24,10 @@ def sibling_plan(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def mtp_server(mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def mtp_server(engine, mtp_gguf: Path, sibling_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from dsv4cli.load.placement import Placement
     from dsv4cli.server.launch import ServeOptions, start_server
-    from dsv4cli.toolchain.build import build_engine
 
-    engine = build_engine("cpu").engine
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("serve-mtp-home")))
         opts = ServeOptions(port=0, alias="tiny-mtp", health_timeout=120)

@@ -287,6 +287,7 @@ def test_tokenizer_is_byte_level_bpe_with_deepseek_specials(tiny_checkpoint):
     assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["add_bos_token"]) == (bos, eos, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-v41"])
 def test_reruns_are_byte_identical(name, tmp_path, request):
     first = request.getfixturevalue(name.replace("-", "_") + "_checkpoint")
@@ -297,6 +298,7 @@ def test_reruns_are_byte_identical(name, tmp_path, request):
         assert (tmp_path / name / file).read_bytes() == (first / file).read_bytes(), file
 
 
+@pytest.mark.slow
 def test_rewrite_replaces_the_folder_and_cleans_up(tmp_path):
     spec = get_model("tiny-v41")
     folder = tmp_path / "models" / "tiny-v41"

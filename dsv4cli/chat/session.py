@@ -20,6 +20,7 @@ from dsv4cli.errors import Dsv4Error, UsageError
 
 MAX_CONVERSATION_BYTES = 256 << 20  # a /load file
 MAX_HISTORY_BYTES = 16 << 20  # the REPL's line history (1000 lines)
+MAX_TURN_CHARS = 1 << 20  # one typed or pasted turn; a longer prompt is piped (`dsv4 chat < FILE`, up to 8 MiB)
 _MESSAGE_KEYS = {"role", "content", "reasoning_content"}
 HELP = """\
 /help             this help
@@ -200,22 +201,39 @@ FENCE = '"""'  # typed multi-line input, as in Ollama: from a line starting with
 def read_turn(read_line: Callable[[str], str], prompt: str = "> ", more: str = "... ") -> str:
     """One turn of input from a line reader: a pasted block (all its lines), a FENCE block, or one line.
 
-    GNU readline (8.1+) takes a bracketed paste in as one line holding newlines; a reader that does not
-    (libedit, a dumb terminal) passes the markers through, and the lines up to the end marker are collected here.
+    The reader passes bracketed-paste markers through (the terminal UI binds them so, rather than letting GNU
+    readline swallow the paste, which it does until the end marker, Ctrl-D or not), and the lines up to the end
+    marker are collected here; EOF (Ctrl-D on an empty line) inside a block raises EOFError like anywhere else.
+    A turn longer than MAX_TURN_CHARS is read to its end and refused with UsageError, so the rest of a huge paste
+    is never sent as turns of its own.
     """
     line = read_line(prompt)
+    size = len(line)
     if PASTE_START in line:
         lines = [line]
         while PASTE_END not in lines[-1]:
             lines.append(read_line(""))
-        return "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "")
-    if not line.lstrip().startswith(FENCE):
-        return line
-    lines = [line.lstrip()[len(FENCE) :]]
-    while not lines[-1].rstrip().endswith(FENCE) or (len(lines) == 1 and not lines[0].strip()):
-        lines.append(read_line(more))
-    lines[-1] = lines[-1].rstrip()[: -len(FENCE)]
-    return "\n".join(lines).strip("\n")
+            size += len(lines[-1])
+            if size > MAX_TURN_CHARS:
+                lines = lines[-1:]  # keep reading to the end marker, but not the text
+        text = "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "")
+    elif line.lstrip().startswith(FENCE):
+        lines = [line.lstrip()[len(FENCE) :]]
+        while not lines[-1].rstrip().endswith(FENCE) or (len(lines) == 1 and not lines[0].strip()):
+            lines.append(read_line(more))
+            size += len(lines[-1])
+            if size > MAX_TURN_CHARS:
+                lines = lines[-1:]
+        lines[-1] = lines[-1].rstrip()[: -len(FENCE)]
+        text = "\n".join(lines).strip("\n")
+    else:
+        text = line
+    if size > MAX_TURN_CHARS:
+        raise UsageError(
+            f"that input is {size:,} characters, more than the {MAX_TURN_CHARS:,} one turn may have",
+            hint="send a shorter text, or pipe a long prompt: dsv4 chat MODEL < FILE",
+        )
+    return text
 
 
 def run_repl(session: ChatSession, ui: ChatUI) -> None:
@@ -228,6 +246,9 @@ def run_repl(session: ChatSession, ui: ChatUI) -> None:
             continue
         except EOFError:
             return
+        except Dsv4Error as e:
+            ui.note(f"error: {e}" + (f" ({e.hint})" if e.hint else ""))
+            continue
         if not line.strip():
             continue
         if line.startswith("/"):

@@ -15,6 +15,7 @@ import typer
 
 from dsv4cli import __version__
 from dsv4cli.errors import Dsv4Error
+from dsv4cli.ui import printable
 from quant.errors import QuantError
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ COMMAND_MODULES = (
     "local_models",
     "pull",
     "quantize",
+    "imatrix",
     "plan",
     "chat",
     "serve",
@@ -79,18 +81,12 @@ def format_error(exc: BaseException) -> str | None:
     """The one-line message for an error we expect, or None for a bug (which keeps its traceback)."""
     if isinstance(exc, (Dsv4Error, QuantError)):
         hint = getattr(exc, "hint", None)
-        return f"{exc}" + (f" ({hint})" if hint else "")
+        return printable(f"{exc}" + (f" ({hint})" if hint else ""))
     if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
         what, todo = _OS_ERRORS[exc.errno]
-        names = [_printable(n) for n in (exc.filename, exc.filename2) if n is not None]
+        names = [printable(n) for n in (exc.filename, exc.filename2) if n is not None]
         return f"{what}: {' -> '.join(names) or 'the system did not name the file'}; {todo}"
     return None
-
-
-def _printable(name: object) -> str:
-    """A path for a one-line message: as is, or quoted with escapes when it holds control characters."""
-    text = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
-    return text if text.isprintable() else repr(text)
 
 
 def main(argv: list[str] | None = None) -> None:

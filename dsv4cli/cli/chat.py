@@ -11,7 +11,7 @@ import typer
 from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, one_of, placement
 from dsv4cli.errors import UsageError
 from dsv4cli.load.engines import DEFAULT_ENGINE, ENGINES
-from dsv4cli.ui import err, note, out, print_json
+from dsv4cli.ui import err, note, out, print_json, printable
 
 if TYPE_CHECKING:
     from dsv4cli.chat.session import ChatSession, TurnResult
@@ -46,6 +46,9 @@ class TerminalUI:
         self._history = history_file
         load_history(readline, history_file)
         readline.parse_and_bind("set enable-bracketed-paste on")
+        if "libedit" not in (readline.__doc__ or ""):  # GNU readline: pass the paste markers to `read_turn`
+            readline.parse_and_bind(r'"\e[200~": "\C-v\e[200~"')
+            readline.parse_and_bind(r'"\e[201~": "\C-v\e[201~"')
         self._paste_mode(True)
 
     def _paste_mode(self, on: bool) -> None:
@@ -60,6 +63,7 @@ class TerminalUI:
         return read_turn(input)
 
     def piece(self, kind: str, text: str) -> None:
+        text = printable(text, keep="\n\t")  # the model's output may hold escape sequences
         out.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False)
         out.file.flush()
 
@@ -72,7 +76,7 @@ class TerminalUI:
         err.print(format_stats(turn.stats), style="dim", markup=False)
 
     def note(self, message: str) -> None:
-        note(message)
+        note(printable(message, keep="\n"))
 
     def close(self) -> None:
         from dsv4cli.chat.session import save_history
@@ -172,7 +176,7 @@ def _one_shot(session: ChatSession, prompt: str, *, gguf: Path, as_json: bool) -
     for kind, text in session.send(prompt):
         if not as_json:
             stream = sys.stdout if kind == "answer" else sys.stderr
-            stream.write(text)
+            stream.write(printable(text, keep="\n\t") if stream.isatty() else text)
             stream.flush()
     turn = session.last
     if as_json:

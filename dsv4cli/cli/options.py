@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -18,6 +19,7 @@ import typer
 from dsv4cli.engine.kvcache import KV_TYPES
 from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, MAX_SEQ, max_threads
 from dsv4cli.errors import UsageError
+from dsv4cli.ui import printable
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ def one_of(flag: str, allowed: Iterable[str]) -> Callable[[str | None], str | No
 
 MAX_GIB = float(1 << 20)  # 1 PiB of RAM or VRAM: anything above is a typo
 MAX_GBS = 1e5  # GB/s: ten times the fastest memory there is
+RPC_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def in_range(flag: str, lo: float, hi: float, *, above: bool = False) -> Callable[[float | None], float | None]:
@@ -178,9 +181,18 @@ def placement(
 
 
 def _check_rpc(value: str | None) -> str | None:
+    """HOST:PORT,... as llama.cpp takes it; a host is a name or IPv4 address (no control or other characters that
+    would reach a terminal or the resolver raw)."""
     if value is not None:
         from dsv4cli.rpc.protocol import parse_endpoints
 
+        for part in value.split(","):
+            host = part.strip().rpartition(":")[0]
+            if host and not RPC_HOST_RE.match(host):
+                raise UsageError(
+                    f"--rpc {printable(part.strip())}: a host may hold only letters, digits, '.', '-' and '_'",
+                    hint="e.g. --rpc 192.168.1.10:50052,gpu-box.local:50052",
+                )
         parse_endpoints(value)
     return value
 

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from dsv4cli.cli.options import (
     MAX_GIB,
@@ -28,7 +30,7 @@ from dsv4cli.cli.options import (
     in_range,
 )
 from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE
-from dsv4cli.ui import err, out, print_json
+from dsv4cli.ui import err, out, print_json, printable
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
@@ -114,7 +116,7 @@ def plan(
         print_json(result.to_dict())
         return
     if llama_args:
-        out.print(" ".join(_quote(a) for a in ["llama-server", *result.llama_args()]), soft_wrap=True)
+        out.print(printable(" ".join(_quote(a) for a in ["llama-server", *result.llama_args()])), markup=False)
         return
     _render(result)
     if output is not None:
@@ -128,21 +130,22 @@ def _quote(arg: str) -> str:
 def _render(result: Plan) -> None:
     src = result.source
     what = f"{src.name} ({src.kind}" + (f", {src.recipe['experts']}/{src.recipe['dense']})" if src.recipe else ")")
+    what = escape(printable(what))  # names, hosts and messages below may come from strangers (a file, --rpc)
     gpus = [t for t in result.tiers if t.kind == "gpu"]
     if result.vram_source == "none":
         err.print("no GPU found (NVML, nvidia-smi, rocm-smi): CPU-only plan; pass --vram GiB to plan for a GPU")
     elif result.vram_source != "flag":
         found = ", ".join(f"{t.device} ({human_bytes(t.budget or 0)} free)" for t in gpus)
-        err.print(f"VRAM detected via {result.vram_source}: {found}")
+        err.print(printable(f"VRAM detected via {result.vram_source}: {found}"), markup=False)
     table = Table(title=what, box=box.SIMPLE_HEAD)
     for column, justify in (("tier", "left"), ("class", "left"), ("tensors", "right"), ("bytes", "right")):
         table.add_column(column, justify=justify)
     for row in result.class_rows():
-        table.add_row(row["tier"], row["class"], str(row["count"]), human_bytes(row["bytes"]))
+        table.add_row(Text(printable(row["tier"])), row["class"], str(row["count"]), human_bytes(row["bytes"]))
     for tier in result.tiers:
         if tier.kv or tier.compute or tier.margin:
             parts = f"KV {human_bytes(tier.kv)}, compute {human_bytes(tier.compute)}, margin {human_bytes(tier.margin)}"
-            table.add_row(tier.name, "context", "", parts)
+            table.add_row(Text(printable(tier.name)), "context", "", parts)
     out.print(table)
     budget = Table(box=box.SIMPLE_HEAD)
     rpc = any(t.kind == "rpc" for t in result.tiers)
@@ -150,7 +153,8 @@ def _render(result: Plan) -> None:
         budget.add_column(column)
     for tier in result.tiers:
         limit = human_bytes(tier.budget) if tier.budget is not None else "-"
-        row = [tier.name, tier.device, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}"]
+        names = [Text(printable(tier.name)), Text(printable(tier.device))]
+        row: list[Text | str] = [*names, human_bytes(tier.used), limit, f"{tier.bandwidth_gbs:.1f}"]
         if rpc:
             row.append(f"{tier.rtt_s * 1e3:.2f} ms, {tier.net_gbs:.2f} GB/s" if tier.kind == "rpc" else "")
         budget.add_row(*row)
@@ -164,13 +168,13 @@ def _render(result: Plan) -> None:
         figures.add_row(name.replace("_", " "), text, figure["source"])
     out.print(figures)
     for warning in result.warnings:
-        err.print(f"warning: {warning}")
+        err.print(printable(f"warning: {warning}"), markup=False)
     if result.machine:
         for note in result.machine.notes:
-            err.print(f"note: {note}")
-    out.print(result.verdict)
+            err.print(printable(f"note: {note}"), markup=False)
+    out.print(printable(result.verdict), markup=False)
     for hint in result.hints:
-        out.print(f"  to fit: {hint}")
+        out.print(printable(f"  to fit: {hint}"), markup=False)
     if src.fetched_bytes is not None:
         err.print(
             f"planned from the GGUF headers on the Hub: read {human_bytes(src.fetched_bytes)} of a "

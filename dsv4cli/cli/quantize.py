@@ -37,17 +37,39 @@ def quantize(
     ] = None,
     mtp: Annotated[bool, typer.Option("--mtp", help="Include the MTP block (speculative decoding).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    size: Annotated[
+        str | None,
+        typer.Option("--size", help="Fit a mix of types to this size (90G, 85.5GiB, bytes) with the least loss."),
+    ] = None,
+    imatrix: Annotated[
+        str | None, typer.Option("--imatrix", help="Importance matrix file from `dsv4 imatrix` (needed by iq*).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --size: print the allocation, write nothing.")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Convert an official DeepSeek V4 checkpoint into a deepseek4 GGUF in one streaming pass."""
+    from dsv4cli.errors import UsageError
+    from dsv4cli.models.imatrix import resolve_imatrix
     from dsv4cli.models.quantize import parse_size
     from dsv4cli.models.quantize import quantize as run_quantize
     from dsv4cli.models.ref import resolve_model
     from quant.convert import QuantOptions
 
     options = QuantOptions(
-        experts=experts, dense=dense, mtp=mtp, split_max_size=parse_size(split_max_size) if split_max_size else 0
+        experts=experts,
+        dense=dense,
+        mtp=mtp,
+        split_max_size=parse_size(split_max_size, flag="--split-max-size") if split_max_size else 0,
+        imatrix=str(resolve_imatrix(imatrix)) if imatrix else "",
     )
+    if size is not None:
+        options = _fitted(model, parse_size(size, flag="--size"), options, dry_run=dry_run, json_output=json_output)
+        if options is None:
+            return
+    elif dry_run:
+        raise UsageError("--dry-run: it prints a --size allocation", hint="add --size, e.g. --size 90G")
     display = byte_progress(transient=True)
     task = display.add_task("quantize", total=None)
     with display:  # Ctrl-C keeps the finished tensors: the same command resumes after them
@@ -84,6 +106,34 @@ def quantize(
             out.print(
                 f"    blk.{e.layer}.{e.proj}[{e.expert}]  rms {e.rms:.3g} [{e.plain_rms:.3g}]  max {e.max_abs:.3g}"
             )
+
+
+def _fitted(model: str, budget: int, options, *, dry_run: bool, json_output: bool):
+    """Measure and allocate for `--size`; prints the allocation; None after a dry run."""
+    from dsv4cli.models.fit import cached_imatrix, fit
+    from dsv4cli.models.quantize import resolve_source
+    from dsv4cli.models.ref import resolve_model
+
+    folder, _ = resolve_source(resolve_model(model), experts=options.experts, dense=options.dense)
+    matrix = Path(options.imatrix) if options.imatrix else cached_imatrix(model)
+    with err.status("measuring each tensor group's loss in every candidate type") as status:
+        result = fit(folder, budget, options, matrix, progress=lambda g: status.update(f"measuring {g}"))
+    a = result.allocation
+    if json_output and dry_run:
+        print_json({"budget": budget, "bytes": a.nbytes, "lossless": result.lossless, "loss": a.loss,
+                    "imatrix": str(matrix) if matrix else None, "mix": a.mix})  # fmt: skip
+        return None
+    where = f"importance matrix {matrix.name}" if matrix else "the weights alone (no imatrix: run `dsv4 imatrix`)"
+    err.print(
+        f"fit: {human_bytes(a.nbytes)} ({a.nbytes} bytes) for a budget of {human_bytes(budget)} "
+        f"({100 * a.nbytes / budget:.2f} %); lossless is {human_bytes(result.lossless)}; loss measured with {where}"
+    )
+    by_recipe: dict[str, list[str]] = {}
+    for group, recipe in sorted(a.mix.items()):
+        by_recipe.setdefault(recipe, []).append(group)
+    for recipe, groups in sorted(by_recipe.items()):
+        err.print(f"  {recipe:8} {', '.join(groups)}")
+    return None if dry_run else result.options
 
 
 def register(app: typer.Typer) -> None:

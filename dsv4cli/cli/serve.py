@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -55,7 +56,12 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="Address to listen on; anything but loopback needs a key.")
         ] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8080,
-        api_key: Annotated[str | None, typer.Option("--api-key", help="Key clients must send (Bearer).")] = None,
+        api_key: Annotated[
+            str | None,
+            typer.Option(
+                "--api-key", help="Key clients must send (Bearer); visible in `ps`: prefer DSV4_API_KEY or a file."
+            ),
+        ] = None,
         api_key_file: Annotated[
             Path | None, typer.Option("--api-key-file", help="File with keys, one per line.")
         ] = None,
@@ -78,16 +84,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve a model on an OpenAI-compatible API until Ctrl-C."""
         from dsv4cli.models.ref import resolve_model
-        from dsv4cli.rpc.health import lost_worker_error
         from dsv4cli.server.launch import ServeOptions, check_access, start_server
-        from dsv4cli.server.process import ServerError
+        from dsv4cli.server.supervise import supervise
         from dsv4cli.toolchain.build import find_engine
 
         where = placement(plan, vram, ram, ctx, cpu, rpc)
         opts = ServeOptions(
             host=host,
             port=port,
-            api_key=api_key,
+            api_key=api_key if api_key is not None else os.environ.get("DSV4_API_KEY"),
             api_key_file=api_key_file,
             alias=alias,
             think=think,
@@ -105,14 +110,8 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.write(json.dumps(server.info()) + "\n")
                 sys.stdout.flush()
             else:
-                _announce(server, keyed=bool(api_key or api_key_file))
-            code = server.process.wait()
-            workers = server.model.workers
-            if workers and (lost := lost_worker_error(server.process.log, workers)):
-                raise lost
-            raise ServerError(
-                f"llama-server exited with code {code} (log: {server.process.log}): {server.process.log_tail()}"
-            )
+                _announce(server, keyed=opts.api_key is not None or api_key_file is not None)
+            supervise(server, note=note)
         except KeyboardInterrupt:
             note("stopping llama-server")
         finally:

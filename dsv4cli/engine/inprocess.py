@@ -24,6 +24,7 @@ from typing import Any
 from dsv4cli.engine.base import SampleOptions, TurnStats, TurnStream
 from dsv4cli.engine.kvcache import KV_TYPES
 from dsv4cli.engine.params import LoadParams
+from dsv4cli.engine.stack import check_runs, on_big_stack
 from dsv4cli.errors import RuntimeLoadError, UsageError
 from dsv4cli.system import llama_lib
 
@@ -159,10 +160,12 @@ class LlamaEngine:
     # -- tokens -------------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text` with special tokens parsed and no BOS added (the chat template writes it)."""
+        """Tokens of `text` with special tokens parsed and no BOS added (the chat template writes it), on a thread
+        with the stack llama.cpp's tokenizer needs (`dsv4cli.engine.stack`)."""
+        check_runs(text)
         data = text.encode()
         buf = (self._lib.llama_token * (len(data) + 8))()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, True)
+        n = on_big_stack(lambda: self._lib.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, True))
         if n < 0:
             raise RuntimeLoadError(f"tokenizer failed on a {len(data)}-byte prompt")
         return buf[:n]

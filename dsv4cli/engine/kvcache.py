@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from quant.arch import V4, V41
+from quant.archs import ARCHS
 
 CSA_RATIO = 4
 HCA_RATIO = 128
@@ -157,7 +157,7 @@ def kv_cache(dims: ModelDims, *, n_ctx: int, n_ubatch: int, kv_type: str = DEFAU
     per_layer = []
     for il, ratio in enumerate(dims.compress_ratios):
         layer = {"raw": raw_cells * k_row, "csa": 0, "hca": 0, "idx": 0, "state": 0}
-        if dims.arch == V41:
+        if ARCHS[dims.arch].kv_by_source_layers:
             if il in dims.kv_source_layers and ratio:
                 layer["csa"] = pad(math.ceil(n_ctx / ratio)) * k_row
             if il in dims.index_source_layers and ratio:
@@ -213,13 +213,14 @@ def attention_flops(dims: ModelDims, cache: KvCache, *, flash_attn: bool) -> tup
     so each cell costs 2·2·head_dim per head; the indexer scores every CSA cell with index_n_heads heads.
     """
     per_layer = []
+    by_ratio = not ARCHS[dims.arch].kv_by_source_layers
     for ratio in dims.compress_ratios:
         cells = cache.raw_cells
         indexer = 0.0
-        if dims.arch == V4 and ratio == CSA_RATIO:
+        if by_ratio and ratio == CSA_RATIO:
             cells = min(cells, dims.sliding_window) + dims.index_topk if flash_attn else cells + cache.csa_cells
             indexer = 2.0 * dims.index_n_heads * dims.index_head_dim * cache.csa_cells
-        elif dims.arch == V4 and ratio == HCA_RATIO:
+        elif by_ratio and ratio == HCA_RATIO:
             cells += cache.hca_cells
         per_layer.append(4.0 * dims.n_head * dims.head_dim * cells + indexer)
     return tuple(per_layer)

@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsv4cli.errors import RuntimeLoadError
-from dsv4cli.gguf_io.check import V41_HINT, V41_UNSUPPORTED, GgufInfo, check_gguf
-from quant.arch import V41
+from dsv4cli.gguf_io.check import GgufInfo, check_gguf
+from quant.archs import ARCHS
 
 
 def require_runnable(arch: str, name: str) -> None:
     """Refuse a model no bundled llama.cpp runs before anything (a pull, a quantize) is spent on it."""
-    if arch == V41:
-        raise RuntimeLoadError(f"{name} is a DeepSeek V4.1 model: {V41_UNSUPPORTED}", hint=V41_HINT)
+    family = ARCHS.get(arch)
+    if family is not None and not family.runs:
+        raise RuntimeLoadError(f"{name} is a {family.title} model: {family.refusal}", hint=family.refusal_hint)
 
 
 def check_model_file(path: Path) -> GgufInfo:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsv4cli.errors import UsageError
-from dsv4cli.gguf_io.read import SOURCE_KEY, read_header, recipe_of
+from dsv4cli.gguf_io.read import read_header, recipe_of
 from dsv4cli.units import human_bytes
+from quant.gguf_keys import ARCHITECTURE, MERGES, SOURCE_KEY, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
 
 LOSSLESS = {"experts": "mxfp4", "dense": "bf16"}  # for FP4 releases; FP8 experts have no lossless dsv4 recipe
-TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+TOKENIZER_KEYS = (TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS, MERGES)
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,7 @@ def vocabulary(gguf: Path) -> Vocabulary:
     h = hashlib.sha256()
     for key in TOKENIZER_KEYS:
         h.update(f"{key}={fields.get(key)!r}\0".encode())
-    return Vocabulary(
-        str(fields.get("general.architecture")), len(fields.get("tokenizer.ggml.tokens") or ()), h.hexdigest()
-    )
+    return Vocabulary(str(fields.get(ARCHITECTURE)), len(fields.get(TOKENS) or ()), h.hexdigest())
 
 
 def check_comparable(model: Path, ref: Path) -> Vocabulary:

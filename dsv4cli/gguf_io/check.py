@@ -14,20 +14,16 @@ from typing import Any
 
 from dsv4cli.errors import PlanError, RuntimeLoadError
 from dsv4cli.gguf_io.read import GgufHeader, read_header
-from quant.arch import V4, V41
+from quant import gguf_keys as k
+from quant.archs import ARCHS, V4
 from quant.files import shown
+from quant.gguf_keys import Key
 from quant.layout import model_tensors, nextn_tensors
 
 ARCH = V4
-V41_ARCH = V41
 ALLOWED_RATIOS = (0, 4, 128)
 MAX_LAYERS, MAX_EXPERTS = 512, 1024  # LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS (src/llama-hparams.h; the latter asserted)
 HINT_REQUANTIZE = "re-create it with `dsv4 quantize`"
-V41_UNSUPPORTED = (
-    "the bundled llama.cpp (llama-cpp-python 0.3.36) has no deepseek41 architecture yet; "
-    "V4.1 GGUFs can be quantized and planned but not run"
-)
-V41_HINT = "chat with a V4 model such as deepseek-v4-flash"
 # Generic per-expert/per-tensor scales that the loader tolerates (docs/formats.md §Tensor names).
 _TOLERATED_EXTRA = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_(exps|shexp)\.scale$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -95,112 +91,132 @@ class _Header:
             raise self.fail(f"required key {key} is missing")
         return value
 
-    def need_int(self, key: str, *, default: int | None = None, full: bool = False) -> int:
-        """An integer key; per-layer arrays (allowed for some head/expert counts) must hold one value."""
-        name = key if full else f"{ARCH}.{key}"
+    def need_int(self, key: Key | str, *, default: int | None = None) -> int:
+        """An integer key (an architecture key, or a full name); per-layer arrays (allowed for some head/expert
+        counts) must hold one value."""
+        name = _full(key)
         value = _uniform(self.need(name) if default is None else self.get(name, default))
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"key {name} must be an integer, got {shown(value)}")
         return value
 
-    def need_ints(self, key: str) -> list[int]:
-        value = self.need(f"{ARCH}.{key}")
+    def need_ints(self, key: Key) -> list[int]:
+        value = self.need(_full(key))
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise self.fail(f"key {ARCH}.{key} must be an array of integers")
+            raise self.fail(f"key {_full(key)} must be an array of integers")
         return value
 
     def check(self) -> GgufInfo:
-        arch = self.need("general.architecture")
-        if arch == V41_ARCH:
-            raise RuntimeLoadError(f"{self.path} is a DeepSeek V4.1 GGUF: {V41_UNSUPPORTED}", hint=V41_HINT)
+        arch = self.need(k.ARCHITECTURE)
+        family = ARCHS.get(arch) if isinstance(arch, str) else None  # a damaged header may hold any value
+        if family is not None and not family.runs:
+            raise RuntimeLoadError(f"{self.path} is a {family.title} GGUF: {family.refusal}", hint=family.refusal_hint)
         if arch != ARCH:
             raise RuntimeLoadError(
                 f"{self.path} has architecture {arch!r}, not {ARCH!r}; dsv4 chat runs DeepSeek V4 GGUFs only",
                 hint="quantize a V4 checkpoint with `dsv4 quantize`",
             )
-        n_layer = self.need_int("block_count")
+        n_layer = self.need_int(k.BLOCK_COUNT)
         if not 0 < n_layer <= MAX_LAYERS:
-            raise self.fail(f"{ARCH}.block_count {n_layer} is outside 1..{MAX_LAYERS} (llama.cpp's limit)")
+            raise self.fail(f"{_full(k.BLOCK_COUNT)} {n_layer} is outside 1..{MAX_LAYERS} (llama.cpp's limit)")
+        self._check_bounds()
         self._check_attention()
         self._check_moe(n_layer)
         ratios = self._check_ratios(n_layer)
         tokens = self._check_tokens()
         mtp_layers = self._check_tensors(n_layer, ratios)
-        template = self.get("tokenizer.chat_template")
+        template = self.get(k.CHAT_TEMPLATE)
         return GgufInfo(
             arch=arch,
             block_count=n_layer,
             chat_template=template if isinstance(template, str) else None,
-            bos_token=tokens[self.need_int("tokenizer.ggml.bos_token_id", default=0, full=True)],
-            eos_token=tokens[self.need_int("tokenizer.ggml.eos_token_id", default=1, full=True)],
+            bos_token=tokens[self.need_int(k.BOS_TOKEN_ID, default=0)],
+            eos_token=tokens[self.need_int(k.EOS_TOKEN_ID, default=1)],
             mtp_layers=mtp_layers,
         )
 
+    def _check_bounds(self) -> None:
+        """Integer hyper-parameters llama.cpp loops over or sizes buffers by get the bounds their config.json fact
+        gets (`quant.config.INTS`): 10^9 Sinkhorn iterations would make every token take minutes. block_count has
+        its own check (llama.cpp's layer limit, MTP block included)."""
+        from quant.config import INTS
+
+        for key in (*k.ARCH_KEYS, k.NEXTN_PREDICT_LAYERS):
+            if key is k.BLOCK_COUNT or key.gguf_type != k.UINT32 or key.config not in INTS:
+                continue
+            if _full(key) not in self.fields:
+                continue
+            value = self.need_int(key)
+            low, high = INTS[key.config]
+            if not low <= value <= high:
+                raise self.fail(f"{_full(key)} is {value}, outside {low}..{high}")
+
     def _check_attention(self) -> None:
-        if _uniform(self.get(f"{ARCH}.attention.head_count_kv")) != 1:
-            raise self.fail(f"{ARCH}.attention.head_count_kv must be present and 1 (MQA)")
-        head_count = self.need_int("attention.head_count")
-        key_length = self.need_int("attention.key_length")
-        if self.need_int("attention.value_length") != key_length:
-            raise self.fail(f"{ARCH}.attention.value_length must equal key_length ({key_length})")
-        groups = self.need_int("attention.output_group_count")
+        if _uniform(self.get(_full(k.HEAD_COUNT_KV))) != 1:
+            raise self.fail(f"{_full(k.HEAD_COUNT_KV)} must be present and 1 (MQA)")
+        head_count = self.need_int(k.HEAD_COUNT)
+        key_length = self.need_int(k.KEY_LENGTH)
+        if self.need_int(k.VALUE_LENGTH) != key_length:
+            raise self.fail(f"{_full(k.VALUE_LENGTH)} must equal key_length ({key_length})")
+        groups = self.need_int(k.OUTPUT_GROUP_COUNT)
         if groups <= 0 or head_count % groups:
-            raise self.fail(f"{ARCH}.attention.head_count {head_count} is not divisible by output_group_count {groups}")
-        if self.need_int("rope.dimension_count", default=key_length) > key_length:
-            raise self.fail(f"{ARCH}.rope.dimension_count exceeds key_length {key_length}")
-        index_len = self.need_int("attention.indexer.key_length")
+            raise self.fail(f"{_full(k.HEAD_COUNT)} {head_count} is not divisible by output_group_count {groups}")
+        if self.need_int(k.ROPE_DIMENSION_COUNT, default=key_length) > key_length:
+            raise self.fail(f"{_full(k.ROPE_DIMENSION_COUNT)} exceeds key_length {key_length}")
+        index_len = self.need_int(k.INDEXER_KEY_LENGTH)
         if index_len <= 0 or index_len % 64:
-            raise self.fail(f"{ARCH}.attention.indexer.key_length {index_len} is not a multiple of 64")
-        if self.need_int("hyper_connection.count") != 4:
-            raise self.fail(f"{ARCH}.hyper_connection.count must be 4 (llama.cpp asserts it)")
+            raise self.fail(f"{_full(k.INDEXER_KEY_LENGTH)} {index_len} is not a multiple of 64")
+        if self.need_int(k.HC_COUNT) != 4:
+            raise self.fail(f"{_full(k.HC_COUNT)} must be 4 (llama.cpp asserts it)")
 
     def _check_moe(self, n_layer: int) -> None:
-        if self.need_int("expert_gating_func") != 4:
-            raise self.fail(f"{ARCH}.expert_gating_func must be 4 (sqrtsoftplus)")
-        n_expert = self.need_int("expert_count")
-        used = self.need_int("expert_used_count")
+        if self.need_int(k.EXPERT_GATING_FUNC) != 4:
+            raise self.fail(f"{_full(k.EXPERT_GATING_FUNC)} must be 4 (sqrtsoftplus)")
+        n_expert = self.need_int(k.EXPERT_COUNT)
+        used = self.need_int(k.EXPERT_USED_COUNT)
         if not 0 < used <= n_expert <= MAX_EXPERTS:
             raise self.fail(f"expert_used_count {used} / expert_count {n_expert} out of range")
-        self.need(f"{ARCH}.swiglu_clamp_exp")  # the shared-expert clamp is optional
-        for key in ("swiglu_clamp_exp", "swiglu_clamp_shexp"):
-            value = self.get(f"{ARCH}.{key}")
+        self.need(_full(k.SWIGLU_CLAMP_EXP))  # the shared-expert clamp is optional
+        for key in (k.SWIGLU_CLAMP_EXP, k.SWIGLU_CLAMP_SHEXP):
+            value = self.get(_full(key))
             if isinstance(value, list) and len(value) != n_layer:
-                raise self.fail(f"{ARCH}.{key} has {len(value)} entries; expected block_count = {n_layer}")
+                raise self.fail(f"{_full(key)} has {len(value)} entries; expected block_count = {n_layer}")
 
     def _check_ratios(self, n_layer: int) -> list[int]:
-        ratios = self.need_ints("attention.compress_ratios")
+        ratios = self.need_ints(k.COMPRESS_RATIOS)
+        key = _full(k.COMPRESS_RATIOS)
         if len(ratios) < n_layer:
-            raise self.fail(f"{ARCH}.attention.compress_ratios must be an array of at least block_count = {n_layer}")
+            raise self.fail(f"{key} must be an array of at least block_count = {n_layer}")
         ratios = ratios[:n_layer]
         if bad := sorted({r for r in ratios if r not in ALLOWED_RATIOS}):
-            raise self.fail(f"{ARCH}.attention.compress_ratios contains {bad}; only 0, 4 and 128 are supported")
+            raise self.fail(f"{key} contains {bad}; only 0, 4 and 128 are supported")
         # A cache with zero layers crashes llama.cpp with SIGFPE at context creation (docs/formats.md).
         if 4 not in ratios:
-            raise self.fail(f"{ARCH}.attention.compress_ratios has no ratio-4 layer")
-        same_dim = self.need_int("attention.key_length") == self.need_int("attention.indexer.key_length")
+            raise self.fail(f"{key} has no ratio-4 layer")
+        same_dim = self.need_int(k.KEY_LENGTH) == self.need_int(k.INDEXER_KEY_LENGTH)
         if same_dim and 128 not in ratios:
-            raise self.fail(f"{ARCH}.attention.compress_ratios has no ratio-128 layer")
+            raise self.fail(f"{key} has no ratio-128 layer")
         return ratios
 
     def _check_tokens(self) -> list[str]:
-        tokens = self.need("tokenizer.ggml.tokens")
+        tokens = self.need(k.TOKENS)
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-            raise self.fail("tokenizer.ggml.tokens must be a non-empty array of strings")
+            raise self.fail(f"{k.TOKENS} must be a non-empty array of strings")
         if len(set(tokens)) != len(tokens):
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))
-            raise self.fail(f"tokenizer.ggml.tokens has duplicate token string {dup!r}")
-        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-            if not 0 <= self.need_int(key, default=0, full=True) < len(tokens):
+            raise self.fail(f"{k.TOKENS} has duplicate token string {dup!r}")
+        for key in (k.BOS_TOKEN_ID, k.EOS_TOKEN_ID):
+            if not 0 <= self.need_int(key, default=0) < len(tokens):
                 raise self.fail(f"{key} is outside the vocabulary of {len(tokens)} tokens")
         return tokens
 
     def _check_tensors(self, n_layer: int, ratios: list[int]) -> int:
         """Check the tensor names against the layout; returns the number of MTP layers."""
         present = set(self.tensor_names)
-        n_hash = self.need_int("hash_layer_count")
+        n_hash = self.need_int(k.HASH_LAYER_COUNT)
         if not 0 <= n_hash <= n_layer:
-            raise self.fail(f"{ARCH}.hash_layer_count {n_hash} is outside 0..block_count ({n_layer})")
+            raise self.fail(f"{_full(k.HASH_LAYER_COUNT)} {n_hash} is outside 0..block_count ({n_layer})")
         expected = set(model_tensors(ratios, n_hash))
         optional: set[str] = set()
         mtp = self._mtp_layers(n_layer, present)
@@ -217,9 +233,14 @@ class _Header:
     def _mtp_layers(self, n_layer: int, present: set[str]) -> range:
         """The MTP layers at the end of block_count, found as llama.cpp finds them: by the first one's eh_proj
         (src/models/deepseek4.cpp); without it they are main layers."""
-        n_nextn = self.get(f"{ARCH}.nextn_predict_layers", 0)
+        n_nextn = self.get(_full(k.NEXTN_PREDICT_LAYERS), 0)
         first = n_layer - n_nextn if isinstance(n_nextn, int) and 0 < n_nextn < n_layer else n_layer
         return range(first, n_layer) if f"blk.{first}.nextn.eh_proj.weight" in present else range(0)
+
+
+def _full(key: Key | str) -> str:
+    """The GGUF key: a deepseek4 architecture key under its prefix, a generic one as named."""
+    return key.of(ARCH) if isinstance(key, Key) else key
 
 
 def _uniform(value: Any) -> Any:

@@ -14,13 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError
 from quant.errors import QuantError
+from quant.gguf_keys import RECIPE_KEYS
 
 if TYPE_CHECKING:
     from quant.mapping import TensorSpec
 
-# Keys `dsv4 quantize` writes besides the architecture (docs/formats.md §GGUF metadata).
-RECIPE_KEYS = {"experts": "dsv4.experts", "dense": "dsv4.dense"}
-SOURCE_KEY = "dsv4.source"
 TOKENIZER_PREFIX = "tokenizer."
 HINT = "the GGUF is damaged or not DeepSeek V4; download it again or re-create it with `dsv4 quantize`"
 

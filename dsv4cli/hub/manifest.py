@@ -16,7 +16,7 @@ from typing import Any
 from dsv4cli.errors import UnsafePathError
 from dsv4cli.hub import api as hub
 from dsv4cli.hub import safe_paths
-from dsv4cli.models.local import MANIFEST_NAME
+from dsv4cli.models.local import MANIFEST_NAME, STATE_PREFIX
 
 PARTIAL_DIR = ".dsv4-partial"
 JOURNAL_NAME = "verified.jsonl"
@@ -63,12 +63,16 @@ def known_verified(folder: Path, revision: str) -> dict[str, dict[str, Any]]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a complete pull, or {} when there is none (or it is unreadable)."""
+    """The manifest of a complete pull, or {} when there is none or it is unreadable, nested too deeply, or names
+    a file that is not a safe relative path below the folder (`../another-model/x`, dsv4's own state files)."""
     try:
         data = json.loads(read_state(folder, MANIFEST_NAME) or "{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return {}
-    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return {}
+    unsafe = any(safe_paths.name_problem(p) or p.startswith(STATE_PREFIX) for p in data["files"])
+    return {} if unsafe else data
 
 
 def write_manifest(folder: Path, listing: hub.RepoListing, selected: list[hub.RemoteFile]) -> None:

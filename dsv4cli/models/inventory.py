@@ -1,31 +1,26 @@
-"""What is on disk under the dsv4 home, model by model (`dsv4 list`), and removing one (`dsv4 rm`).
+"""What is on disk under the dsv4 home, model by model (`dsv4 list`); `dsv4cli.models.remove` deletes one.
 
 Kinds: "checkpoint" (a pulled official checkpoint folder), "gguf-repo" (a pre-quantized GGUF pulled from a Hub
-repo, one entry per quant), "gguf" (written by `dsv4 quantize` into `$DSV4_HOME/gguf`). A folder a pull has not
-finished is listed with state "partial". Names are what chat/plan/show/rm accept for the same model.
-
-Removal never leaves the home: every path is resolved (a symlink is removed itself, never what it points to,
-and one pointing out of the home is refused), a file a running `dsv4 serve` holds is refused, and a pulled
-folder is removed under its pull lock, so a running pull finishes (or is waited for) first.
+repo, one entry per quant), "gguf" (written by `dsv4 quantize` into `$DSV4_HOME/gguf`), "download" (a folder a
+pull has not finished). States: "complete", "partial" (a pull has not finished), "damaged" (a manifest that
+cannot be read or names unsafe paths), "unreadable" (the folder cannot be read). A damaged home is listed, never
+a crash. Names are what chat/plan/show/rm accept for the same model. `files` are exactly what removing the model
+deletes: the files its own manifest lists inside its folder (or dsv4's partial folder, or quantize's outputs).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsv4cli.errors import IntegrityError, UsageError
+from dsv4cli.errors import IntegrityError
 from dsv4cli.gguf_io.read import read_recipe
-from dsv4cli.home import dsv4_home, gguf_dir, models_dir
-from dsv4cli.hub import gguf_repo, safe_paths
-from dsv4cli.hub.manifest import PARTIAL_DIR, forget_files, read_manifest
-from dsv4cli.models.local import LOCK_NAME
-from dsv4cli.models.ref import ModelRef
-from dsv4cli.server.records import running_servers
+from dsv4cli.home import gguf_dir, models_dir
+from dsv4cli.hub import gguf_repo
+from dsv4cli.hub.pull import PARTIAL_DIR, read_manifest
+from dsv4cli.models.local import MANIFEST_NAME
 
 REPORT_SUFFIX = ".report.json"  # `dsv4 quantize` writes FILE.gguf.report.json beside its output
 
@@ -33,10 +28,10 @@ REPORT_SUFFIX = ".report.json"  # `dsv4 quantize` writes FILE.gguf.report.json b
 @dataclass
 class LocalModel:
     name: str  # what chat/plan/show/rm accept
-    kind: str  # checkpoint | gguf-repo | gguf
-    state: str  # complete | partial
+    kind: str  # checkpoint | gguf-repo | gguf | download
+    state: str  # complete | partial | damaged | unreadable
     path: Path  # the folder (checkpoint, partial download) or the first shard
-    files: tuple[Path, ...] = ()  # what removing it deletes (a folder is deleted whole)
+    files: tuple[Path, ...] = ()  # what removing it deletes (the partial folder is deleted whole)
     bytes: int = 0
     recipe: dict[str, str] | None = None
     repo: str | None = None
@@ -70,14 +65,27 @@ def _name_of(folder: Path) -> str:
 
 
 def _pulled(folder: Path) -> list[LocalModel]:
+    """The models in one pulled folder; a folder that cannot be read is one "unreadable" entry."""
+    try:
+        return _pulled_models(folder)
+    except OSError:
+        return [LocalModel(_name_of(folder), "download", "unreadable", folder, folder=folder)]
+
+
+def _pulled_models(folder: Path) -> list[LocalModel]:
     base = _name_of(folder)
     manifest = read_manifest(folder)
     names = list(manifest.get("files", {}))
     if not manifest:
-        return [LocalModel(base, "download", "partial", folder, (folder,), _size(folder), folder=folder)]
+        partial = folder / PARTIAL_DIR
+        if (folder / MANIFEST_NAME).exists() or (folder / MANIFEST_NAME).is_symlink():
+            return [LocalModel(base, "download", "damaged", folder, (), _size(folder), folder=folder)]
+        files = (partial,) if partial.is_dir() and not partial.is_symlink() else ()
+        return [LocalModel(base, "download", "partial", folder, files, _size(folder), folder=folder)]
     if not gguf_repo.is_gguf_repo(names):
         repo = manifest.get("repo")
-        return [LocalModel(base, "checkpoint", "complete", folder, (folder,), _size(folder), repo=repo, folder=folder)]
+        files = tuple(folder / n for n in names)
+        return [LocalModel(base, "checkpoint", "complete", folder, files, _size(folder), repo=repo, folder=folder)]
     found = []
     for first in gguf_repo.first_shards(names):
         try:
@@ -119,78 +127,3 @@ def list_local() -> list[LocalModel]:
         firsts = gguf_repo.first_shards(p.name for p in gguf_dir().iterdir())
         found += [_converted(gguf_dir() / name) for name in firsts if not (gguf_dir() / name).is_symlink()]
     return found
-
-
-def find_local_model(ref: ModelRef) -> LocalModel:
-    """The local model MODEL names (a name `dsv4 list` shows, a path, or a registry/Hub name with `:TAG`)."""
-    entries = list_local()
-    by_name = next((e for e in entries if e.name == ref.text), None)
-    if by_name:
-        return by_name
-    if ref.kind in ("gguf", "checkpoint"):
-        path = ref.path
-        wanted = path.resolve()
-        match = next((e for e in entries if wanted in {e.path.resolve(), *(f.resolve() for f in e.files)}), None)
-        if match is None and (path.exists() or path.is_symlink()):  # not dsv4's: check_removable says where it is
-            match = LocalModel(path.name, ref.kind, "complete", path, (path,), _size(path))
-    else:
-        from dsv4cli.load.resolve import find_local_gguf
-
-        pulled = find_local_gguf(ref) if ref.tag or ref.kind == "hub" else None
-        folder = ref.spec.local_dir
-        whole_folder = not (ref.tag or ref.file)
-        match = next((e for e in entries if pulled and e.path == pulled), None) or next(
-            (e for e in entries if whole_folder and e.folder == folder and e.kind != "gguf-repo"), None
-        )
-    if match is None:
-        raise UsageError(f"{ref.text}: no such model in the dsv4 home", hint="`dsv4 list` shows what is there")
-    return match
-
-
-def check_removable(model: LocalModel) -> None:
-    """Refuse a model outside the home (after resolving symlinks) or one a running `dsv4 serve` holds."""
-    home = dsv4_home().resolve()
-    for path in model.files:
-        real = path.parent.resolve() / path.name
-        if home not in real.parents or (path.is_symlink() and home not in path.resolve().parents):
-            raise UsageError(
-                f"refusing to remove {path}: it is outside the dsv4 home ({home})",
-                hint="dsv4 rm removes only what dsv4 put in its home; delete other files yourself",
-            )
-    held = {p.resolve() for p in model.files}
-    for server in running_servers():
-        for f in server["files"]:
-            real = Path(f).resolve()
-            if real in held or any(h in real.parents for h in held):
-                pid = server["pid"]
-                raise UsageError(
-                    f"{model.name} is in use by dsv4 serve (pid {pid}, {server.get('url')})",
-                    hint=f"stop that server first (kill {pid})",
-                )
-
-
-def remove(model: LocalModel, *, on_wait: Callable[[str], None]) -> None:
-    """Delete the model's files (a folder whole); a pulled quant is also dropped from its folder's manifest."""
-    check_removable(model)
-    if model.folder is None:
-        for path in model.files:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        return
-    folder = model.folder
-    with safe_paths.folder_lock(folder, LOCK_NAME, what="`dsv4 pull`", on_wait=on_wait):
-        check_removable(model)  # a server may have started while we waited
-        if model.kind == "gguf-repo" and model.state == "complete":
-            forget_files(folder, [p.relative_to(folder).as_posix() for p in model.files])
-            for path in model.files:
-                safe_paths.unlink(folder, path.relative_to(folder).as_posix())
-        else:
-            target = model.files[0]
-            if target == folder:
-                shutil.rmtree(folder)
-                return
-            shutil.rmtree(target)
-    if not read_manifest(folder) and not (folder / PARTIAL_DIR).exists():
-        shutil.rmtree(folder, ignore_errors=True)

@@ -26,12 +26,13 @@ HEADER_ALLOWANCE = 16 << 20  # metadata + tokenizer + alignment padding, generou
 SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 
 
-def parse_size(text: str) -> int:
-    """'50G' -> 50_000_000_000 (decimal units, like llama.cpp's gguf-split)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+def parse_size(text: str, flag: str = "--split-max-size") -> int:
+    """'50G' -> 50_000_000_000 (decimal units, like llama.cpp's gguf-split); '85.5GiB' -> binary; '20933888'."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
     if m is None or float(m.group(1)) <= 0:
-        raise UsageError(f"--split-max-size {text!r}: expected a size such as 50G or 500M")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+        raise UsageError(f"{flag} {text!r}: expected a size such as 90G, 85.5GiB, 500M or a number of bytes")
+    unit = SIZE_UNITS[m.group(2)] if not m.group(3) else 1024 ** " KMGT".index(m.group(2) or " ")
+    return int(float(m.group(1)) * unit)
 
 
 def resolve_source(ref: ModelRef, *, experts: str, dense: str) -> tuple[Path, Path]:

@@ -17,8 +17,9 @@ from typing import Any
 from dsv4cli.errors import RegistryError, UnknownModelError
 from dsv4cli.home import dsv4_home, models_dir
 from dsv4cli.hub.safe_paths import name_problem
-from quant.arch import ARCHES, HF_CLASS, V4, V41
-from quant.errors import CheckpointError
+from quant.archs import ARCHS, V4
+from quant.config import facts_of
+from quant.errors import CheckpointError, QuantError
 from quant.files import read_bounded
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "models.toml"
@@ -80,23 +81,9 @@ V4_DEFAULTS: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
-# V4.1 keys that have no V4 default (docs/formats.md §Engram); rows of the Engram tables come per model.
-V41_DEFAULTS: dict[str, Any] = {
-    "kv_source_layer_ids": [],
-    "index_source_layer_ids": [],
-    "candidate_source_layer_id": 0,
-    "candidate_topk_blocks": 2048,
-    "candidate_block_size": 8,
-    "engram_layer_ids": [],
-    "engram_num_embeddings": [],
-    "engram_max_ngram_size": 4,
-    "engram_vocab_size": 16000000,
-    "engram_n_heads": 8,
-    "engram_head_dim": 256,
-    "engram_pad_token_id": 2,
-    "weight_block_size": 128,
-}
-CONFIG_KEYS = set(V4_DEFAULTS) | set(V41_DEFAULTS) | {"compress_ratios"}
+# A family's own keys with no V4 default (`Arch.config_defaults`, e.g. V4.1's Engram facts).
+FAMILY_KEYS = set().union(*(a.config_defaults for a in ARCHS.values()))
+CONFIG_KEYS = set(V4_DEFAULTS) | FAMILY_KEYS | {"compress_ratios"}
 
 
 @dataclass(frozen=True)
@@ -129,8 +116,8 @@ class ModelSpec:
             raise RegistryError(f"{where}: revision must be a branch, tag or commit, got {self.revision!r}")
         if self.expert_dtype not in EXPERT_DTYPES:
             raise RegistryError(f"{where}: expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
-        if self.arch not in ARCHES:
-            raise RegistryError(f"{where}: arch must be one of {ARCHES}, got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise RegistryError(f"{where}: arch must be one of {tuple(ARCHS)}, got {self.arch!r}")
         bad = [r for r in self.gguf_repos if not _is_repo_id(r)]
         if bad:
             raise RegistryError(f"{where}: gguf_repos must be Hub repo ids like 'org/name', got {bad}")
@@ -139,13 +126,20 @@ class ModelSpec:
         unknown = set(self.config) - CONFIG_KEYS
         if unknown:
             raise RegistryError(f"{where}: unknown config keys {sorted(unknown)}")
+        if self.config:  # the config.json this entry writes or plans from gets config.json's own checks
+            try:
+                facts_of(self.hf_config())
+            except QuantError as e:
+                message = str(e).removeprefix("config.json: ")
+                raise RegistryError(f"{where}: config: {message}", hint="fix the entry's [config] values") from e
 
     @property
     def facts(self) -> dict[str, Any]:
         """Flat architecture facts: defaults overlaid with this entry's config."""
         merged = copy.deepcopy(V4_DEFAULTS)
-        if self.arch == V41:
-            merged.update(copy.deepcopy(V41_DEFAULTS))
+        arch = ARCHS[self.arch]
+        merged.update(copy.deepcopy(arch.config_defaults))
+        if arch.text_config:  # the nested layout names the rope scaling type `rope_type`
             merged["rope_scaling"]["rope_type"] = merged["rope_scaling"].pop("type")
         merged.update(copy.deepcopy(self.config))
         if "compress_ratios" not in merged:
@@ -163,23 +157,24 @@ class ModelSpec:
             "scale_fmt": "ue8m0",
             "weight_block_size": [block, block],
         }
-        if self.arch == V41:
+        arch = ARCHS[self.arch]
+        if arch.text_config:
             quant["expert_dtype"] = self.expert_dtype
             facts.pop("num_hash_layers")  # V4.1 has no hash-routed layers and no such key (docs/formats.md §Engram)
-            text = {"model_type": "deepseek_v41_text", **facts}
+            text = {"model_type": f"{arch.model_type}_text", **facts}
             root_ids = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "torch_dtype")}
             return {
-                "architectures": [HF_CLASS[V41]],
-                "model_type": "deepseek_v41",
+                "architectures": [arch.hf_class],
+                "model_type": arch.model_type,
                 "dtype": root_ids.pop("torch_dtype"),
                 **root_ids,
                 "pad_token_id": 2,
                 "quantization_config": quant,
                 "text_config": text,
             }
-        for key in V41_DEFAULTS:
+        for key in FAMILY_KEYS:
             facts.pop(key, None)
-        config: dict[str, Any] = {"architectures": [HF_CLASS[V4]], "model_type": "deepseek_v4"}
+        config: dict[str, Any] = {"architectures": [arch.hf_class], "model_type": arch.model_type}
         if self.expert_dtype == "fp4":
             config["expert_dtype"] = "fp4"
         config.update(facts)
@@ -231,6 +226,8 @@ def _read_entries(path: Path) -> dict[str, ModelSpec]:
         data = tomllib.loads(read_bounded(path, MAX_REGISTRY_BYTES).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RegistryError(f"{path}: not valid TOML ({e})", hint="fix the file or remove it") from e
+    except RecursionError as e:  # tomllib recurses per level of nested arrays or inline tables
+        raise RegistryError(f"{path}: not valid TOML (nested too deeply)", hint="fix the file or remove it") from e
     except CheckpointError as e:  # not a regular file, too large, unreadable: the message names the file
         raise RegistryError(str(e), hint="fix the file or remove it") from e
     unknown_top = set(data) - {"models"}

@@ -12,8 +12,9 @@ from typing import Any
 
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import tensor_class
+from quant.gguf_keys import BUDGET_KEY, CHAT_TEMPLATE, FIT_KEYS, IMATRIX_KEY, MIX_KEY, SUMMARY_KEY
+from quant.recipes import type_name
 
-TEMPLATE_KEY = "tokenizer.chat_template"
 DIMS = (
     "hidden_size",
     "num_hidden_layers",
@@ -25,27 +26,25 @@ DIMS = (
 )
 
 
-def _type_name(kind: int) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(kind).name
-    except ValueError:
-        return str(kind)
-
-
 def _header_extras(path: Path) -> dict[str, Any]:
     """The chat template's presence and the expert error summary, from a local first shard."""
-    from quant.convert import SUMMARY_KEY
     from quant.gguf_header import read_gguf_header
 
-    wanted = {TEMPLATE_KEY, SUMMARY_KEY}
+    wanted = {CHAT_TEMPLATE, SUMMARY_KEY, *FIT_KEYS}
     fields = read_gguf_header(path, keep=wanted.__contains__).fields
-    try:
-        summary = json.loads(str(fields[SUMMARY_KEY]).strip()) if SUMMARY_KEY in fields else None
-    except ValueError:
-        summary = None
-    return {"chat_template": TEMPLATE_KEY in fields, "expert_error_summary": summary}
+
+    def parsed(key: str) -> Any:
+        try:
+            return json.loads(str(fields[key]).strip()) if key in fields else None
+        except ValueError:
+            return None
+
+    fitted = {"budget": parsed(BUDGET_KEY), "mix": parsed(MIX_KEY), "imatrix": parsed(IMATRIX_KEY)}
+    return {
+        "chat_template": CHAT_TEMPLATE in fields,
+        "expert_error_summary": parsed(SUMMARY_KEY),
+        "fit": fitted if any(v is not None for v in fitted.values()) else None,
+    }
 
 
 def _pulled_from(path: Path) -> str | None:
@@ -69,9 +68,11 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         row = classes[tensor_class(t.name, src.dims.n_layer)]
         row["tensors"] += 1
         row["bytes"] += t.nbytes
-        row["types"][_type_name(t.ggml_type)] += t.nbytes
+        row["types"][type_name(t.ggml_type)] += t.nbytes
     local = src.kind == "gguf"
-    extras = _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None}
+    extras = (
+        _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None, "fit": None}
+    )
     return {
         "name": src.name,
         "kind": src.kind,

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from dsv4cli.errors import RegistryError
 from dsv4cli.models.registry import ModelSpec
 from dsv4cli.models.tiny_tokenizer import tokenizer_files
-from quant.arch import V41
+from quant.archs import deepseek41
 from quant.codecs import f32_to_bf16, quantize_fp4_e2m1, quantize_fp8_block
 from quant.safetensors import DTYPES, write_safetensors
 
+MAX_PARAMS = 1 << 28  # ~0.5 GB of BF16: the largest built-in test model is a few million
 SEED = 20260424  # the V4-Flash release date; any constant keeps the output stable
 PROJ_STD = 0.02
 GENERATION_CONFIG = {
@@ -204,11 +206,29 @@ def _hc_head(b: _Builder, p: str, s: _Shapes) -> None:
     b.f32(f"{p}hc_head_scale", (1,), std=0.02, mean=1.0)
 
 
+def _check_size(spec: ModelSpec, facts: dict[str, Any], s: _Shapes) -> None:
+    """Refuse a built-in entry whose dimensions would write more than MAX_PARAMS weights: the built-in models are
+    test models, and a models.toml entry with real (or absurd) dimensions must not fill memory and disk."""
+    layers = facts["num_hidden_layers"] + facts["num_nextn_predict_layers"]
+    attention = s.hidden * s.q_rank + s.q_rank * s.heads * s.head_dim + s.heads * s.head_dim * s.o_rank
+    attention += s.o_groups * s.o_rank * s.hidden + s.q_rank * s.index_heads * s.index_dim + s.hidden * s.head_dim
+    experts = (s.experts + s.shared) * 3 * s.hidden * s.inter
+    engram = sum(facts["engram_num_embeddings"]) * facts["engram_head_dim"] if spec.arch == deepseek41.ARCH.name else 0
+    total = 2 * s.vocab * s.hidden + layers * (attention + experts) + engram
+    if total > MAX_PARAMS:
+        raise RegistryError(
+            f"model {spec.name!r}: a built-in model of about {total:,} weights is too large to write "
+            f"(at most {MAX_PARAMS:,}: built-in models are small test models)",
+            hint="shrink the entry's [config] dimensions, or give it a Hub repo instead of builtin = true",
+        )
+
+
 def _shards(spec: ModelSpec) -> list[Tensors]:
     """Shard contents in release order: embed, one per layer, head/norm, MTP stages, then (V4.1) vision, Engram."""
     facts = {**spec.facts, "expert_dtype": spec.expert_dtype}
     s = _Shapes.of(facts)
-    v41 = spec.arch == V41
+    _check_size(spec, facts, s)
+    v41 = spec.arch == deepseek41.ARCH.name
     n_layers, ratios = facts["num_hidden_layers"], facts["compress_ratios"]
     shards: list[_Builder] = []
 

@@ -25,12 +25,7 @@ from dsv4cli.plan.speed import estimate_speed
 from dsv4cli.plan.verdict import disk_hints, verdict
 from dsv4cli.system import hardware, llama_lib
 from dsv4cli.units import GIB, gib
-from quant.arch import V41
-
-V41_WARNING = (
-    "deepseek41 (V4.1) does not load in the bundled llama.cpp; this plan is for a fork with Engram support "
-    "and its KV cache is a best guess"
-)
+from quant.archs import ARCHS
 
 
 def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
@@ -50,7 +45,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     machine = resolve_machine(inputs, (recipe["experts"], recipe["dense"]), threads_source=threads_source)
     groups = group_layers(src.tensors, n_layer)
     kv = kv_cache(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, kv_type=inputs.kv_type)
-    warnings = [V41_WARNING] if dims.arch == V41 else []
+    warnings = [w] if (w := ARCHS[dims.arch].plan_warning) else []
 
     # 1. Devices, RPC workers first as llama.cpp orders them: whole layers (weights + KV; with workers, experts
     #    too) from the top down, then whole expert layers while they fit.

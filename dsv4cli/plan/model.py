@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, KvCache
 from dsv4cli.engine.params import LoadParams
-from dsv4cli.plan.groups import tensor_class
+from dsv4cli.plan.groups import class_pattern, tensor_class
 from dsv4cli.plan.inputs import PlanInputs
 from dsv4cli.plan.source import ModelSource
 from dsv4cli.system import llama_lib
@@ -91,7 +91,7 @@ class Plan:
             patterns.append(rf"^blk\.({layers})\.ffn_(gate|up|down)_exps\.")
         engram = any(tensor_class(s.name, self.source.dims.n_layer) == "engram" for s in self.source.tensors)
         if gpu and engram:
-            patterns.append(r"\.engram_embd\.")
+            patterns.append(class_pattern("engram"))
         # Layer counts per GPU: llama.cpp normalizes them and gives GPU i the next share of the offloaded
         # layers, so whole counts reproduce this plan's blocks exactly (rounded fractions can shift a boundary).
         # The counts follow llama.cpp's device order, RPC workers first (src/llama.cpp puts them at the front).

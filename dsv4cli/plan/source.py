@@ -5,7 +5,6 @@ write for a checkpoint or registry model (estimated from config.json with the ch
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from dsv4cli.load.resolve import find_local_gguf, is_prequantized
 from dsv4cli.models.local import default_gguf_path
 from dsv4cli.models.ref import ModelRef, resolve_model
 from dsv4cli.plan.source_facts import ModelSource, source_from_header
+from quant.files import load_json_object
 
 if TYPE_CHECKING:
     from dsv4cli.plan.inputs import PlanInputs
@@ -61,10 +61,7 @@ def load_source(ref: ModelRef | str, inputs: PlanInputs) -> ModelSource:
             raise PlanError(
                 f"{ref.path}: no config.json here", hint="pass a checkpoint folder, a .gguf or a model name"
             )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise PlanError(f"{config_path}: not valid JSON ({e})") from e
+        config = load_json_object(config_path)  # size-capped; an array or deep nesting is one line
         return estimate_from_config(config, name=ref.path.name, experts=inputs.experts, dense=inputs.dense)
     spec = ref.spec
     if is_prequantized(ref):  # a pre-quantized GGUF: local, or its headers

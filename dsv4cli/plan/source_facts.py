@@ -10,30 +10,10 @@ from typing import Any
 
 from dsv4cli.engine.kvcache import ModelDims
 from dsv4cli.errors import PlanError
-from dsv4cli.gguf_io.read import SOURCE_KEY, GgufHeader, check_facts
-from quant.arch import ARCHES
+from dsv4cli.gguf_io.read import GgufHeader, check_facts
+from quant.archs import ARCHS
+from quant.gguf_keys import ARCHITECTURE, SOURCE_KEY, facts_keys
 
-# GGUF key suffix -> config.json name, so a GGUF and a config feed the same ModelDims.
-GGUF_FACTS = {
-    "context_length": "max_position_embeddings",
-    "embedding_length": "hidden_size",
-    "block_count": "num_hidden_layers",
-    "attention.head_count": "num_attention_heads",
-    "attention.key_length": "head_dim",
-    "attention.sliding_window": "sliding_window",
-    "attention.indexer.head_count": "index_n_heads",
-    "attention.indexer.key_length": "index_head_dim",
-    "attention.indexer.top_k": "index_topk",
-    "attention.compress_ratios": "compress_ratios",
-    "attention.kv_source_layer_ids": "kv_source_layer_ids",
-    "attention.index_source_layer_ids": "index_source_layer_ids",
-    "engram.head_count": "engram_n_heads",
-    "engram.max_ngram_size": "engram_max_ngram_size",
-    "hyper_connection.count": "hc_mult",
-    "expert_count": "n_routed_experts",
-    "expert_used_count": "num_experts_per_tok",
-    "nextn_predict_layers": "num_nextn_predict_layers",
-}
 REQUIRED_FACTS = ("hidden_size", "num_hidden_layers", "compress_ratios", "head_dim", "index_n_heads", "index_head_dim",
                   "index_topk", "sliding_window", "n_routed_experts", "num_experts_per_tok")  # fmt: skip
 
@@ -59,21 +39,22 @@ def source_from_header(header: GgufHeader, name: str) -> ModelSource:
     """A GGUF's tensors and architecture facts, wherever its header was read from (a file, the Hub)."""
     fields, tensors = header.fields, header.tensors
     path = header.files[0]
-    arch = fields.get("general.architecture")
-    if arch not in ARCHES:
+    arch = fields.get(ARCHITECTURE)
+    if not isinstance(arch, str) or arch not in ARCHS:  # a damaged header may hold any value
         raise PlanError(
             f"{path}: architecture {arch!r} is not DeepSeek V4",
-            hint="dsv4 plans deepseek4 and deepseek41 GGUFs",
+            hint=f"dsv4 plans {' and '.join(ARCHS)} GGUFs",
         )
-    prefix = f"{arch}."
-    facts = {cfg: fields[prefix + key] for key, cfg in GGUF_FACTS.items() if prefix + key in fields}
+    # The keys the GGUF was written with (`quant.gguf_keys`), read back under their config.json names.
+    keys = {cfg: key.of(arch) for cfg, key in facts_keys(ARCHS[arch].keys).items()}
+    facts = {cfg: fields[key] for cfg, key in keys.items() if key in fields}
     names = {t.name for t in tensors}
     embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     missing = [k for k in REQUIRED_FACTS if k not in facts]
     if missing or embd is None:
         raise PlanError(f"{path}: incomplete deepseek4 GGUF (missing {missing or ['token_embd.weight']})")
     facts["vocab_size"] = embd.ne[1] if len(embd.ne) == 2 else None
-    check_facts(facts, {cfg: prefix + key for key, cfg in GGUF_FACTS.items()} | {"vocab_size": embd.name}, path)
+    check_facts(facts, keys | {"vocab_size": embd.name}, path)
     nextn = int(facts.get("num_nextn_predict_layers") or 0)
     if (
         0 < nextn < facts["num_hidden_layers"]

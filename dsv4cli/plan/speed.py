@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from dsv4cli.engine.kvcache import CSA_RATIO, DEFAULT_KV_TYPE, HCA_RATIO, attention_flops
-from dsv4cli.plan.groups import tensor_class
+from dsv4cli.plan.groups import LOOKUP_CLASSES, tensor_class
 from dsv4cli.plan.machine import CPU_PREFILL_GFLOPS_PER_THREAD, GPU_TFLOPS, NODES_PER_LAYER, Machine
 from dsv4cli.plan.model import Plan, flash_attn
 
@@ -45,8 +45,8 @@ def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
         tier, cls = plan.placement[spec.name], tensor_class(spec.name, dims.n_layer)
         if tier == "skipped":
             continue
-        if cls == "engram":
-            rows = _engram_rows_per_token(plan.source.facts)
+        if cls in LOOKUP_CLASSES:
+            rows = LOOKUP_CLASSES[cls].rows_per_token(plan.source.facts)
             row_bytes = spec.nbytes // spec.ne[-1]
             read = rows * (max(row_bytes, PAGE) if tier == "disk" else row_bytes)
             decode[tier] += read
@@ -156,8 +156,3 @@ def _rotation_bytes(head_dim: int) -> int:
     while head_dim % (n * 2) == 0:
         n *= 2
     return n * n * 4
-
-
-def _engram_rows_per_token(facts: dict[str, Any]) -> int:
-    """Rows one Engram layer reads per token: one per head for each n-gram order 2..max (docs/formats.md §Engram)."""
-    return (int(facts.get("engram_max_ngram_size", 4)) - 1) * int(facts.get("engram_n_heads", 8))

@@ -24,6 +24,9 @@ from dsv4cli.server.records import remove_record, write_record
 from dsv4cli.toolchain.build import ServerBinary
 from quant.gguf_set import complete_split_set
 
+KEY_FILE_LIMIT = 64 << 10
+KEY_FILE_HINT = "pass a file holding the API keys, one per line, as llama-server's --api-key-file reads it"
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -68,19 +71,41 @@ class RunningServer:
 
 
 def check_access(opts: ServeOptions) -> None:
-    """Refuse to listen beyond this machine without a key: anyone on the network could use the model."""
-    if opts.api_key and opts.api_key_file:
-        raise UsageError("give --api-key or --api-key-file, not both")
-    if opts.api_key_file is not None and not opts.api_key_file.is_file():
+    """Refuse to listen beyond this machine without a key: anyone on the network could use the model. A key that
+    is empty or only whitespace (flag, environment or file) is refused, never taken as "no key"."""
+    if opts.api_key is not None and opts.api_key_file is not None:
+        raise UsageError("give --api-key (or DSV4_API_KEY) or --api-key-file, not both")
+    if opts.api_key is not None and not opts.api_key.strip():
         raise UsageError(
-            f"--api-key-file {opts.api_key_file}: no such file (or not a regular file)",
-            hint="pass a file holding the API keys, one per line, as llama-server's --api-key-file reads it",
+            "the API key from --api-key or DSV4_API_KEY is empty or only whitespace",
+            hint="give a real key, or neither (then serve listens on loopback only)",
         )
-    if not is_loopback(opts.host) and not (opts.api_key or opts.api_key_file):
+    if opts.api_key_file is not None:
+        check_key_file(opts.api_key_file)
+    if not is_loopback(opts.host) and opts.api_key is None and opts.api_key_file is None:
         raise UsageError(
             f"--host {opts.host} is reachable from other machines; refusing to serve without an API key",
             hint="pass --api-key KEY or --api-key-file FILE, or keep the default --host 127.0.0.1",
         )
+
+
+def check_key_file(path: Path) -> None:
+    """An --api-key-file must be a small regular file of keys, one per line, with no empty or blank line (which
+    llama-server could take as a key that matches a request carrying none)."""
+    from quant.errors import CheckpointError
+    from quant.files import read_bounded
+
+    if not path.is_file():
+        raise UsageError(f"--api-key-file {path}: no such file (or not a regular file)", hint=KEY_FILE_HINT)
+    try:
+        text = read_bounded(path, KEY_FILE_LIMIT).decode("utf-8")
+    except (CheckpointError, UnicodeDecodeError) as e:
+        raise UsageError(f"--api-key-file {path}: not a key file ({e})", hint=KEY_FILE_HINT) from e
+    lines = text.splitlines()
+    blank = next((n for n, line in enumerate(lines, 1) if not line.strip()), None)
+    if not lines or blank is not None:
+        where = f"line {blank} is empty or only whitespace" if blank else "it holds no key"
+        raise UsageError(f"--api-key-file {path}: {where}", hint=KEY_FILE_HINT)
 
 
 def server_argv(
@@ -166,7 +191,7 @@ def _launch(
     page: Path,
 ) -> tuple[ServerProcess, list[str]]:
     argv = server_argv(engine, prepared, opts, alias=alias, port=port, page=page)
-    env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key else {}  # not on the command line, where `ps` shows it
+    env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key is not None else {}  # not on llama-server's command line
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
     process = ServerProcess(argv, log=log, base_url=base_url, env=env)
     try:

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from dsv4cli.engine.stack import raise_stack_limit
 from dsv4cli.errors import Dsv4Error, UsageError
 from dsv4cli.toolchain.logs import log_tail
 
@@ -62,8 +63,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when dsv4 dies, even by SIGKILL."""
+def _child_setup() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when dsv4 dies, even by SIGKILL, and give it the stack
+    llama.cpp's tokenizer needs for long runs of letters (`dsv4cli.engine.stack`)."""
+    raise_stack_limit()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -72,20 +75,28 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """One llama-server child with its log file; `stop()` ends its whole process group."""
 
-    def __init__(self, argv: Sequence[str], *, log: Path, base_url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, log: Path, base_url: str, env: dict[str, str] | None = None, append: bool = False
+    ) -> None:
         self.log = log
         self.base_url = base_url
+        self.argv = list(argv)
+        self.env = env
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as f:
+        with log.open("ab" if append else "wb") as f:
             self.proc = subprocess.Popen(
-                list(argv),
+                self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup,
                 env={**os.environ, **(env or {})},
             )
+
+    def relaunch(self) -> ServerProcess:
+        """The same server started again (same command line and environment), logging after the old log."""
+        return ServerProcess(self.argv, log=self.log, base_url=self.base_url, env=self.env, append=True)
 
     @property
     def pid(self) -> int:

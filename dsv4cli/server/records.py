@@ -1,9 +1,10 @@
 """What each running `dsv4 serve` holds, so `dsv4 rm` can refuse to delete a model a server is using.
 
-While it runs, serve keeps `$DSV4_HOME/run/serve-<pid>.json` = {"pid", "files" (absolute GGUF paths, every shard),
-"url", "model"}, written under a temporary name and renamed, and removed when it stops. A serve killed outright
-leaves its record behind (its llama-server dies with it, see `process.py`): a record whose pid is no longer alive
-is stale, and readers skip it.
+While it runs, serve keeps `$DSV4_HOME/run/serve-<pid>.json` = {"pid", "started" (the process's start time),
+"files" (absolute GGUF paths, every shard), "url", "model"}, written under a temporary name and renamed, and
+removed when it stops. A serve killed outright leaves its record behind (its llama-server dies with it, see
+`process.py`): a record whose pid is no longer alive, or now belongs to another process (the pid was reused: its
+start time differs), is stale, and readers skip it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ def write_record(files: list[Path], *, url: str, model: str) -> Path:
     folder = run_dir()
     folder.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
-    record = {"pid": pid, "files": [str(Path(f).resolve()) for f in files], "url": url, "model": model}
+    started = psutil.Process(pid).create_time()
+    record = {
+        "pid": pid,
+        "started": started,
+        "files": [str(Path(f).resolve()) for f in files],
+        "url": url,
+        "model": model,
+    }
     path = folder / f"serve-{pid}.json"
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path
@@ -58,6 +66,15 @@ def running_servers() -> list[dict[str, Any]]:
         pid, files = record.get("pid"), record.get("files")
         if not isinstance(pid, int) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             continue
-        if path.stem == f"serve-{pid}" and psutil.pid_exists(pid):
+        started = record.get("started")
+        if path.stem == f"serve-{pid}" and pid > 0 and isinstance(started, float) and _started(pid) == started:
             alive.append(record)
     return alive
+
+
+def _started(pid: int) -> float | None:
+    """The start time of process `pid` (what `write_record` stored), None when there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None

@@ -99,6 +99,11 @@ def ggml() -> ctypes.CDLL:
     return _libs()[1]
 
 
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base as loaded by llama-cpp-python (tensors, op names, backend tensor reads)."""
+    return _libs()[2]
+
+
 def _cpu_device() -> int:
     device = ggml().ggml_backend_dev_by_type(_CPU_DEVICE)
     if not device:
