@@ -5,9 +5,10 @@ Models: the tiny model (its context limit raised to 64k) and a generated deepsee
 both converted by `dsv4 quantize`'s converter with the default recipe (MXFP4 experts, Q8_0 dense). `--models DIR`
 keeps them between runs. First the plan's machine terms are measured as `dsv4 plan --calibrate` does (RAM and disk
 bandwidth, llama.cpp's kernels on four small models; skipped with `--decode 0`). Then for each model and context a
-child process loads the file with llama-cpp-python (verbose, swa_full off, CPU, flash attention off as the CPU plan
-chooses), decodes as the calibration does (`calibrate.decode_seconds`: best chunk, CPU time on one thread), and the
-parent parses the buffer sizes llama.cpp logs:
+child process loads the file with llama-cpp-python (verbose, swa_full off, CPU, flash attention on as the plan
+chooses; `--no-flash-attn` plans and loads without it), decodes as the calibration does
+(`calibrate.decode_seconds`: best chunk, CPU time on one thread), and the parent parses the buffer sizes llama.cpp
+logs:
 
     model   = "CPU_Mapped model buffer size" (whole file, mmap) vs the plan's file bytes
     kv      = every "KV buffer size" + "DSV4 ... state buffer size" vs the plan's KV bytes
@@ -16,7 +17,8 @@ parent parses the buffer sizes llama.cpp logs:
 
 Goals: bytes within 5 % (an underestimate is an OOM), decode within +-25 %.
 
-    .venv/bin/python bench/plan.py [--models DIR] [--ctx 4096,32768] [--decode 0] [--gguf F.gguf] [--json]
+    .venv/bin/python bench/plan.py [--models DIR] [--ctx 4096,32768] [--decode 0] [--gguf F.gguf] [--no-flash-attn]
+                                   [--json]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ BUFFER_RE = {
 }
 
 
-def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
+def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int, flash_attn: bool) -> None:
     """Load (and optionally decode) in this process; the parent reads stderr."""
     from llama_cpp import Llama
 
@@ -48,14 +50,24 @@ def child(path: str, n_ctx: int, n_ubatch: int, n_decode: int) -> None:
     from dsv4cli.system.llama_lib import apply_to_llama_class
 
     apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
-    llm = Llama(path, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, swa_full=False, verbose=True, n_threads=THREADS)
+    llm = Llama(
+        path,
+        n_ctx=n_ctx,
+        n_batch=n_ubatch,
+        n_ubatch=n_ubatch,
+        swa_full=False,
+        verbose=True,
+        n_threads=THREADS,
+        flash_attn=flash_attn,
+    )
     if n_decode:
         print(f"DECODE_TOK_S {1 / decode_seconds(llm, threads=THREADS)}", file=sys.stderr)
 
 
-def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0) -> dict[str, float]:
+def reported(path: Path, n_ctx: int, n_ubatch: int, n_decode: int = 0, flash_attn: bool = True) -> dict[str, float]:
     """Buffer bytes (and decode tok/s) llama.cpp reports for this file, from a child process."""
     argv = [sys.executable, __file__, "--child", str(path), str(n_ctx), str(n_ubatch), str(n_decode)]
+    argv.append("1" if flash_attn else "0")
     proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=900)
     if proc.returncode:
         raise RuntimeError(f"llama.cpp failed on {path} (rc {proc.returncode}): {proc.stderr[-2000:]}")
@@ -83,17 +95,20 @@ def calibrate() -> None:
     )
 
 
-def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int) -> dict[str, float]:
+def compare(path: Path, n_ctx: int, n_ubatch: int, n_decode: int, flash_attn: bool = True) -> dict[str, float]:
     from dsv4cli.plan import PlanInputs, make_plan
 
-    plan = make_plan(str(path), PlanInputs(vram_gib=(), ram_gib=64, ctx=n_ctx, ubatch=n_ubatch, threads=THREADS))
-    got = reported(path, n_ctx, n_ubatch, n_decode)
+    inputs = PlanInputs(
+        vram_gib=(), ram_gib=64, ctx=n_ctx, ubatch=n_ubatch, threads=THREADS, flash_attn=flash_attn, untuned=True
+    )
+    plan = make_plan(str(path), inputs)
+    got = reported(path, n_ctx, n_ubatch, n_decode, flash_attn)
     planned = {
         "model": sum(s.nbytes for s in plan.source.tensors),
         "kv": plan.kv.total,
         "compute": plan.compute_host,
     }
-    row = {"file": path.name, "n_ctx": n_ctx, "n_ubatch": n_ubatch}
+    row = {"file": path.name, "n_ctx": n_ctx, "n_ubatch": n_ubatch, "flash_attn": flash_attn}
     for key, value in planned.items():
         row[f"{key}_planned"] = value
         row[f"{key}_reported"] = got[key]
@@ -118,7 +133,7 @@ def bench_models(folder: Path, given: list[Path]) -> list[Path]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, action="append", default=[], help="plan these files instead")
@@ -126,6 +141,7 @@ def main() -> None:
     parser.add_argument("--ctx", default="4096,32768")
     parser.add_argument("--ubatch", type=int, default=512)
     parser.add_argument("--decode", type=int, default=1, help="1: calibrate and check decode speed; 0: bytes only")
+    parser.add_argument("--no-flash-attn", action="store_true", help="plan and load with flash attention off")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
@@ -137,7 +153,7 @@ def main() -> None:
             calibrate()
         for path in files:
             for n_ctx in (int(c) for c in args.ctx.split(",")):
-                rows.append(compare(path, n_ctx, args.ubatch, args.decode))
+                rows.append(compare(path, n_ctx, args.ubatch, args.decode, not args.no_flash_attn))
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -39,7 +39,7 @@ import json, sys
 from llama_cpp import Llama
 from dsv4cli.system.llama_lib import apply_to_llama_class
 apply_to_llama_class()  # the repacking choice dsv4 makes (off on AMX CPUs)
-llm = Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
+llm = Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False, flash_attn=True)  # as dsv4 plans it
 prompt = sys.argv[2]
 if prompt.startswith("["):  # token segments, each evaluated by one llama_decode call
     for segment in json.loads(prompt):

@@ -79,7 +79,7 @@ def _llama_perplexity_by_hand(model: Path, base: Path) -> dict[str, float]:
     """llama-perplexity's own statistics block for `model` against the base logits file (run again when its
     output was cut short: the pinned llama.cpp's log thread can lose the tail on a busy machine)."""
     tool = installed_engine().tool("llama-perplexity")
-    argv = [str(tool), "-m", str(model), "-c", "128", "-b", "128", "-ub", "128", "-t", "2", "-fa", "off", "--no-repack"]
+    argv = [str(tool), "-m", str(model), "-c", "128", "-b", "128", "-ub", "128", "-t", "2", "-fa", "on", "--no-repack"]
     argv += ["--kl-divergence-base", str(base), "--kl-divergence"]
     for _ in range(5):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout

@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "quantize",
     "imatrix",
     "plan",
+    "tune",
     "chat",
     "serve",
     "eval",

@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsv4cli.cli.options import CpuOpt, CtxOpt, JsonOpt, PlanFileOpt, RamOpt, RpcOpt, VramOpt, one_of, placement
+from dsv4cli.cli.options import (
+    CpuOpt,
+    CtxOpt,
+    JsonOpt,
+    PlanFileOpt,
+    RamOpt,
+    RpcOpt,
+    UntunedOpt,
+    VramOpt,
+    one_of,
+    placement,
+)
 from dsv4cli.errors import UsageError
 from dsv4cli.load.engines import DEFAULT_ENGINE, ENGINES
 from dsv4cli.ui import err, note, out, print_json, printable
@@ -103,6 +114,7 @@ def register(app: typer.Typer) -> None:
         ram: RamOpt = None,
         cpu: CpuOpt = False,
         ctx: CtxOpt = None,
+        untuned: UntunedOpt = False,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 2048,
         temp: Annotated[float, typer.Option("--temp", min=0.0, max=2.0, help="Temperature; 0 = greedy.")] = 0.7,
         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
@@ -125,7 +137,7 @@ def register(app: typer.Typer) -> None:
                 hint=f"chat through llama-server with `dsv4 chat MODEL --engine server --rpc {rpc}`, or serve it "
                 f"across the workers with `dsv4 serve MODEL --rpc {rpc}` and chat through its API",
             )
-        where = placement(plan, vram, ram, ctx, cpu, rpc)
+        where = placement(plan, vram, ram, ctx, cpu, rpc, untuned=untuned)
         if prompt is None and not sys.stdin.isatty():
             prompt = _read_stdin_prompt()
             if not prompt.strip():

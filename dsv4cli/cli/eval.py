@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dsv4cli.cli.options import CpuOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, RpcOpt, VramOpt, placement
+from dsv4cli.cli.options import (
+    CpuOpt,
+    JsonOpt,
+    ModelArg,
+    PlanFileOpt,
+    RamOpt,
+    RpcOpt,
+    UntunedOpt,
+    VramOpt,
+    placement,
+)
 from dsv4cli.ui import err, note, out, print_json
 
 if TYPE_CHECKING:
@@ -43,6 +53,7 @@ def register(app: typer.Typer) -> None:
         ram: RamOpt = None,
         cpu: CpuOpt = False,
         rpc: RpcOpt = None,
+        untuned: UntunedOpt = False,
         json_output: JsonOpt = False,
     ) -> None:
         """Measure a model's KL divergence, top-1 agreement and perplexity against a reference, with llama.cpp's
@@ -55,7 +66,7 @@ def register(app: typer.Typer) -> None:
             text=text.expanduser() if text else None,
             ctx=ctx,
             chunks=chunks,
-            placement=placement(plan, vram, ram, None, cpu, rpc),
+            placement=placement(plan, vram, ram, None, cpu, rpc, untuned=untuned),
         )
         try:
             with _chunk_progress() as bar:

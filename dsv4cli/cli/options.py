@@ -129,7 +129,12 @@ ParallelOpt = Annotated[
     ),
 ]
 UbatchOpt = Annotated[
-    int, typer.Option("--ubatch", callback=_whole("--ubatch", 1, MAX_BATCH), help="Micro-batch size (compute buffer).")
+    int | None,
+    typer.Option(
+        "--ubatch",
+        callback=_whole("--ubatch", 1, MAX_BATCH),
+        help="Micro-batch size (compute buffer; default: tuned, else 512).",
+    ),
 ]
 MarginOpt = Annotated[
     float, typer.Option("--margin", callback=in_range("--margin", 0, MAX_GIB), help="GiB kept free on each GPU.")
@@ -156,15 +161,29 @@ DenseOpt = Annotated[
     ),
 ]
 KvTypeOpt = Annotated[
-    str,
-    typer.Option("--kv-type", callback=one_of("--kv-type", KV_TYPES), help=f"KV cache type: {', '.join(KV_TYPES)}."),
+    str | None,
+    typer.Option(
+        "--kv-type",
+        callback=one_of("--kv-type", KV_TYPES),
+        help=f"KV cache type: {', '.join(KV_TYPES)} (default: tuned, else f16).",
+    ),
 ]
 PlanFileOpt = Annotated[Path | None, typer.Option("--plan", help="Apply a plan written by `dsv4 plan -o`.")]
+UntunedOpt = Annotated[
+    bool, typer.Option("--untuned", help="Ignore the settings `dsv4 tune` measured here; use the default rules.")
+]
 CpuOpt = Annotated[bool, typer.Option("--cpu", help="Run on the CPU only, even where a GPU is found.")]
 
 
 def placement(
-    plan: Path | None, vram: str | None, ram: float | None, ctx: int | None, cpu: bool, rpc: str | None = None
+    plan: Path | None,
+    vram: str | None,
+    ram: float | None,
+    ctx: int | None,
+    cpu: bool,
+    rpc: str | None = None,
+    *,
+    untuned: bool = False,
 ) -> Placement:
     """The placement flags of the commands that load a model (chat, serve), checked the same way for both."""
     from dsv4cli.load.placement import Placement
@@ -177,7 +196,9 @@ def placement(
     if plan and rpc:
         raise UsageError("--plan already names its RPC workers; drop --rpc or the plan")
     endpoints = parse_endpoints(rpc) if rpc else ()
-    return Placement(plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu, rpc=endpoints)
+    return Placement(
+        plan_file=plan, vram_gib=gib_list(vram), ram_gib=ram, ctx=ctx, cpu=cpu, rpc=endpoints, untuned=untuned
+    )
 
 
 def _check_rpc(value: str | None) -> str | None:

@@ -24,12 +24,12 @@ from dsv4cli.cli.options import (
     RpcOpt,
     ThreadsOpt,
     UbatchOpt,
+    UntunedOpt,
     VramOpt,
     bandwidth_opt,
     gib_list,
     in_range,
 )
-from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.ui import err, out, print_json, printable
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -44,8 +44,12 @@ def plan(
     ram: RamOpt = None,
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Forbid weights memory-mapped from disk.")] = False,
     ctx: CtxOpt = None,
-    ubatch: UbatchOpt = 512,
-    kv_type: KvTypeOpt = DEFAULT_KV_TYPE,
+    ubatch: UbatchOpt = None,
+    kv_type: KvTypeOpt = None,
+    flash_attn: Annotated[
+        bool | None, typer.Option("--flash-attn/--no-flash-attn", help="Flash attention (default: tuned, else on).")
+    ] = None,
+    untuned: UntunedOpt = False,
     margin: MarginOpt = 1.0,
     experts: ExpertsOpt = DEFAULT_EXPERTS,
     dense: DenseOpt = DEFAULT_DENSE,
@@ -106,6 +110,8 @@ def plan(
         calibrate=calibrate,
         cpu_gbs=cpu_gbs,
         reserve_gib=reserve,
+        flash_attn=flash_attn,
+        untuned=untuned,
         rpc_bw=rpc_bw,
         rpc=parse_endpoints(rpc) if rpc else (),
     )
@@ -169,9 +175,8 @@ def _render(result: Plan) -> None:
     out.print(figures)
     for warning in result.warnings:
         err.print(printable(f"warning: {warning}"), markup=False)
-    if result.machine:
-        for note in result.machine.notes:
-            err.print(printable(f"note: {note}"), markup=False)
+    for note in [*(result.machine.notes if result.machine else ()), *result.tune_notes]:
+        err.print(printable(f"note: {note}"), markup=False)
     out.print(printable(result.verdict), markup=False)
     for hint in result.hints:
         out.print(printable(f"  to fit: {hint}"), markup=False)

@@ -20,6 +20,7 @@ from dsv4cli.cli.options import (
     PlanFileOpt,
     RamOpt,
     RpcOpt,
+    UntunedOpt,
     VramOpt,
     placement,
 )
@@ -76,6 +77,7 @@ def register(app: typer.Typer) -> None:
         ram: RamOpt = None,
         cpu: CpuOpt = False,
         ctx: CtxOpt = None,
+        untuned: UntunedOpt = False,
         engine_bin: Annotated[
             Path | None, typer.Option("--engine-bin", help="llama-server to run (default: `dsv4 engine build`'s).")
         ] = None,
@@ -88,7 +90,7 @@ def register(app: typer.Typer) -> None:
         from dsv4cli.server.supervise import supervise
         from dsv4cli.toolchain.build import find_engine
 
-        where = placement(plan, vram, ram, ctx, cpu, rpc)
+        where = placement(plan, vram, ram, ctx, cpu, rpc, untuned=untuned)
         opts = ServeOptions(
             host=host,
             port=port,
@@ -121,5 +123,6 @@ def register(app: typer.Typer) -> None:
 def _announce(server: RunningServer, *, keyed: bool) -> None:
     mtp = ", MTP drafting" if server.mtp else ""
     out.print(f"serving {server.alias} ({server.model.gguf.name}{mtp}) at {server.base_url}/v1", markup=False)
+    out.print(f"chat page: {server.base_url}/", markup=False)
     out.print(_snippet(server, keyed), markup=False)
     note(f"llama-server pid {server.process.pid}, log {server.process.log}; Ctrl-C to stop")

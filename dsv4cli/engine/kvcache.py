@@ -31,10 +31,15 @@ n_kv = raw window + CSA cells and n_t = n_ubatch tokens. Live at that point:
 
 This is within +3 % (never under) of llama.cpp 0.3.36's CPU compute buffer at n_ctx 1k–32k for the tiny model and
 a generated model at V4-Flash's widths (bench/plan.py checks it). The output stage needs logits + 2·stream, which
-binds only for a large vocab at a short context. With flash attention (GPUs, a quantized cache) there is no scores
-tensor; that case keeps a weighted sum calibrated against generated models (hidden 256–2048, worst 14 %):
+binds only for a large vocab at a short context. With flash attention (the default) there is no scores tensor;
+the peak is the larger of two stages, fitted to llama.cpp 0.3.36's CPU compute buffer (bench/plan.py) at n_ctx
+1k–32k and n_ubatch 128 and 512: the attention at wide heads (q as above) and the hyper-connection stage at narrow
+ones (K rows = n_kv · head_dim · 2):
 
-    compute_fa = 0.018·scores + 1.80·mask + 0.425·logits + 3.09·stream     (mask = n_t · n_kv · 4)
+    compute_fa = max(3.88·q + 1.01·mask, 3.92·stream + 1.46·mask + 2.16·K rows, logits + 2·stream)
+                                                                                    (mask = n_t · n_kv · 4)
+
+Within 0.2 % at V4-Flash's widths; on the tiny model from 9 % under to 7 % over (MiB-sized buffers).
 
 GPU backends allocate their own compute buffer per device; the same formula is used for them (unverified here: no
 GPU on the calibration machine).
@@ -67,8 +72,10 @@ class KvType:
 KV_TYPES = {"f16": KvType(1, 1, 2), "q8_0": KvType(8, 32, 34)}
 DEFAULT_KV_TYPE = "f16"  # llama.cpp's default cache type
 
-# Flash attention on: weights of (scores, mask, logits, stream); see the module docstring.
-COMPUTE_WEIGHTS_FA = (0.0179, 1.7981, 0.4249, 3.0885)
+# Flash attention on: weights of (q, mask) in the attention stage, (stream, mask, K rows) in the hyper-connection
+# stage; see the module docstring.
+COMPUTE_WEIGHTS_FA_ATTN = (3.88, 1.01)
+COMPUTE_WEIGHTS_FA_HC = (3.92, 1.46, 2.16)
 MASK_ROWS = 2.5  # f32 mask rows per KV cell live at the attention peak (see the module docstring)
 
 
@@ -195,12 +202,13 @@ def compute_buffer_bytes(dims: ModelDims, *, n_ctx: int, n_ubatch: int, flash_at
     mask = n_ubatch * n_kv * 4
     logits = n_ubatch * dims.vocab * 4
     stream = n_ubatch * dims.hc * dims.hidden * 4
+    q = n_ubatch * dims.n_head * dims.head_dim * 4
+    k_rows = n_kv * dims.head_dim * 2
     if flash_attn:
-        features = (scores, mask, logits, stream)
-        peak = sum(w * f for w, f in zip(COMPUTE_WEIGHTS_FA, features, strict=True))
+        (wq, wm), (ws, wm2, wk) = COMPUTE_WEIGHTS_FA_ATTN, COMPUTE_WEIGHTS_FA_HC
+        peak = max(wq * q + wm * mask, ws * stream + wm2 * mask + wk * k_rows)
     else:
-        q = n_ubatch * dims.n_head * dims.head_dim * 4
-        cells = MASK_ROWS * mask + n_kv * dims.head_dim * 2
+        cells = MASK_ROWS * mask + k_rows
         peak = scores + 2 * q + 2 * stream + n_ubatch * dims.hidden * 4 + cells
     return int(max(peak, logits + 2 * stream))
 

@@ -81,7 +81,7 @@ class LoadParams:
     tensor_split: tuple[float, ...] = ()  # share of the GPU layers per GPU (several GPUs only)
     use_mmap: bool = True
     use_mlock: bool = False
-    flash_attn: bool = False
+    flash_attn: bool = True  # the plans' default (measured faster on CPUs too); a quantized cache needs it
     kv_type: str = DEFAULT_KV_TYPE  # K and V alike: deepseek4 keeps one K-only cache (docs/formats.md §KV cache)
     n_threads: int = field(default_factory=cpu_threads)
     # Recurrent-state snapshots for rollback (docs/formats.md §KV cache). They reach back only inside the last
@@ -152,7 +152,7 @@ class LoadParams:
             tensor_split=get.split(),
             use_mmap=get.flag("use_mmap", True),
             use_mlock=get.flag("use_mlock", False),
-            flash_attn=get.flag("flash_attn", False),
+            flash_attn=get.flag("flash_attn", True),
             kv_type=kv_type,
             n_threads=threads,
             use_extra_bufts=get.flag("use_extra_bufts", None),

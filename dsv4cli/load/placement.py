@@ -24,10 +24,11 @@ class Placement:
     ctx: int | None = None
     cpu: bool = False  # no GPU even where one is found (`--cpu`)
     rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC workers (`--rpc`; the in-process engine refuses them)
+    untuned: bool = False  # ignore `dsv4 tune`'s cached settings (`--untuned`)
 
     def plan_inputs(self) -> PlanInputs:
         """The budgets as plan inputs, for a plan made now (no `--plan` file)."""
         from dsv4cli.plan.inputs import PlanInputs
 
         vram = () if self.cpu else self.vram_gib
-        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc)
+        return PlanInputs(vram_gib=vram, ram_gib=self.ram_gib, ctx=self.ctx, rpc=self.rpc, untuned=self.untuned)

@@ -41,10 +41,6 @@ class PreparedModel:
         return self.model_file.has_mtp
 
     @property
-    def chat_template(self) -> str | None:
-        return self.model_file.chat_template
-
-    @property
     def llama_args(self) -> list[str]:
         """llama-server flags from the plan, `-m` the file being loaded (even where a plan file names another)."""
         return self.params.cli_args(self.gguf)
@@ -84,7 +80,10 @@ def load_params(
 
     if placement.plan_file:
         return load_plan_params(placement.plan_file, model_file.source, note=note)
-    return make_plan(model_file.source, placement.plan_inputs()).load_params()
+    plan = make_plan(model_file.source, placement.plan_inputs())
+    for line in plan.tune_notes if note else ():
+        note(f"note: {line}")
+    return plan.load_params()
 
 
 def prepare_model(ref: ModelRef | Path | None, placement: Placement, *, note: Callable[[str], None]) -> PreparedModel:

@@ -79,7 +79,8 @@ def cache_key(*, experts: str, dense: str, threads: int) -> str:
 
     build = llama_lib.build_info()
     cpu = hashlib.sha256(f"{hardware.cpu_model()}|{' '.join(sorted(hardware.cpu_flags()))}".encode()).hexdigest()[:16]
-    return f"v2|cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
+    # v3: decoded with flash attention on, the plans' default since it measured faster on CPUs (v2 had it off)
+    return f"v3|cpu-{cpu}|llama-{build.version}-{build.ggml_commit}|{experts}/{dense}|t{threads}"
 
 
 def calibration(folder: Path, *, experts: str, dense: str, threads: int, remeasure: bool = False) -> Calibration:
@@ -228,5 +229,7 @@ def child(path: str, threads: int) -> None:
     from dsv4cli.system.llama_lib import apply_to_llama_class
 
     apply_to_llama_class()
-    llm = Llama(path, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False, swa_full=False)
+    llm = Llama(
+        path, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False, swa_full=False, flash_attn=True
+    )
     print(f"SECONDS_PER_TOKEN {decode_seconds(llm, threads=threads)}", flush=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE
 from dsv4cli.rpc.protocol import Endpoint
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
@@ -24,8 +23,8 @@ class PlanInputs:
     ram_gib: float | None = None
     no_disk: bool = False
     ctx: int | None = None  # None: DEFAULT_CTX capped at the model's context length
-    ubatch: int = DEFAULT_UBATCH
-    kv_type: str = DEFAULT_KV_TYPE
+    ubatch: int | None = None  # None: tuned, else DEFAULT_UBATCH (dsv4cli.plan.tuning, like the settings below)
+    kv_type: str | None = None  # None: tuned, else DEFAULT_KV_TYPE
     margin_gib: float = DEFAULT_MARGIN_GIB
     experts: str = DEFAULT_EXPERTS
     dense: str = DEFAULT_DENSE
@@ -40,3 +39,8 @@ class PlanInputs:
     calibrate: bool = False  # time llama.cpp's kernels here again (dsv4cli.plan.calibrate)
     cpu_gbs: float | None = None  # GEMV GB/s per thread, given (another machine): no calibration
     reserve_gib: float | None = None  # host RAM kept for the OS; None: max(2 GiB, 10 % of RAM)
+    flash_attn: bool | None = None  # None: tuned, else on
+    repack: bool | None = None  # weight repacking; None: tuned, else llama_lib.use_extra_bufts()
+    mmap: bool | None = None  # memory-map even when everything fits; None: tuned, else only when streaming
+    gpu_expert_layers: int | None = None  # at most this many layers' experts in VRAM; None: tuned, else all that fit
+    untuned: bool = False  # ignore `dsv4 tune`'s cached result (`--untuned`)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsv4cli.engine.kvcache import DEFAULT_KV_TYPE, compute_buffer_bytes, kv_cache
+from dsv4cli.engine.kvcache import compute_buffer_bytes, kv_cache
 from dsv4cli.errors import PlanError, UsageError
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.plan.groups import group_layers, layer_of, tensor_class
@@ -22,6 +22,7 @@ from dsv4cli.plan.placement import (
 )
 from dsv4cli.plan.source import ModelSource, load_source
 from dsv4cli.plan.speed import estimate_speed
+from dsv4cli.plan.tuning import apply_tuned
 from dsv4cli.plan.verdict import disk_hints, verdict
 from dsv4cli.system import hardware, llama_lib
 from dsv4cli.units import GIB, gib
@@ -32,24 +33,21 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     """Place every tensor and estimate speed; raises PlanError when the model cannot run within the budgets."""
     src = source if isinstance(source, ModelSource) else load_source(source, inputs)
     dims, n_layer = src.dims, src.dims.n_layer
-    threads_source = "flag" if inputs.threads is not None else "default: physical cores"
     ctx_source = "flag" if inputs.ctx is not None else "default"
     reserve_source = "flag" if inputs.reserve_gib is not None else "default: max(2 GiB, 10 % of RAM)"
-    inputs = dataclasses.replace(
-        inputs,
-        ctx=min(DEFAULT_CTX, dims.context_length) if inputs.ctx is None else inputs.ctx,
-        threads=hardware.cpu_threads() if inputs.threads is None else inputs.threads,
-    )
+    local_gpus, vram_source = gpu_tiers(inputs)
+    inputs, sources, tune_notes = apply_tuned(src, inputs, local_gpus)
+    if inputs.ctx is None:
+        inputs = dataclasses.replace(inputs, ctx=min(DEFAULT_CTX, dims.context_length))
     check_inputs(inputs, dims)
     recipe = src.recipe or {"experts": inputs.experts, "dense": inputs.dense}
-    machine = resolve_machine(inputs, (recipe["experts"], recipe["dense"]), threads_source=threads_source)
+    machine = resolve_machine(inputs, (recipe["experts"], recipe["dense"]), threads_source=sources["threads"])
     groups = group_layers(src.tensors, n_layer)
     kv = kv_cache(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, kv_type=inputs.kv_type)
     warnings = [w] if (w := ARCHS[dims.arch].plan_warning) else []
 
     # 1. Devices, RPC workers first as llama.cpp orders them: whole layers (weights + KV; with workers, experts
-    #    too) from the top down, then whole expert layers while they fit.
-    local_gpus, vram_source = gpu_tiers(inputs)
+    #    too) from the top down, then whole expert layers while they fit (at most `gpu_expert_layers`).
     devices = [*rpc_tiers(inputs), *local_gpus]
     compute_gpu = compute_buffer_bytes(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, flash_attn=True)
     # A worker computes on its own backend, a CPU one as the host does (the calibrated CPU buffer), plus the
@@ -67,7 +65,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         warnings.append(warning)
     layer_tier = {layer: devices[gi].name for gi, layers in enumerate(gpu_layers) for layer in layers}
     used_devices = [g for g, layers in zip(devices, gpu_layers, strict=True) if layers]
-    gpu_experts = fill_gpus(devices, layer_tier, groups, kv, computes, n_layer)
+    gpu_experts = fill_gpus(devices, layer_tier, groups, kv, computes, n_layer, limit=inputs.gpu_expert_layers)
 
     # 2. Host RAM: what must be resident (embedding, host layers, their KV, the compute buffer) or it fails.
     total_ram = int(inputs.ram_gib * GIB) if inputs.ram_gib is not None else hardware.total_ram()
@@ -117,6 +115,7 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
         ram_source="flag" if inputs.ram_gib is not None else "available",
         reserve=reserve,
         machine=machine,
+        tune_notes=tune_notes,
     )
     if disk.weights:
         plan.hints = disk_hints(plan, inputs.reserve_gib)
@@ -130,13 +129,19 @@ def make_plan(source: ModelSource | ModelRef | str, inputs: PlanInputs) -> Plan:
     plan.verdict = verdict(plan)
     used_gpus = [d for d in used_devices if d.kind == "gpu"]
     gpu_bw = [(t.name, t.bandwidth_gbs, "flag" if inputs.vram_bw else "assumed") for t in used_gpus]
-    fa = flash_attn(inputs, gpu=bool(used_devices))
+    params = plan.load_params()
+    fa_source = sources["flash_attn"] if params.flash_attn == inputs.flash_attn else "needed by the quantized cache"
     context = {
         "ctx": Figure(inputs.ctx, "tokens", ctx_source),
-        "kv_type": Figure(inputs.kv_type, "", "flag" if inputs.kv_type != DEFAULT_KV_TYPE else "default"),
-        "flash_attn": Figure(fa, "", "default: on with a GPU or a quantized cache, else off"),
+        "kv_type": Figure(inputs.kv_type, "", sources["kv_type"]),
+        "flash_attn": Figure(params.flash_attn, "", fa_source),
+        "ubatch": Figure(params.n_ubatch, "tokens", sources["ubatch"]),
+        "repack": Figure(params.repack(), "", sources["repack"]),
+        "mmap": Figure(params.use_mmap, "", sources["mmap"] if not params.use_mmap or inputs.mmap else "needed"),
         "ram_reserve": Figure(round(reserve / GIB, 1), "GiB", reserve_source),
     }
+    if used_devices:
+        context["gpu_expert_layers"] = Figure(n_layer - len(plan.cpu_expert_layers), "", sources["gpu_expert_layers"])
     plan.assumptions = assumptions(machine, gpus=gpu_bw, context=context)
     return plan
 
@@ -163,6 +168,5 @@ def _host_compute(src: ModelSource, inputs: PlanInputs, *, gpu: bool) -> int:
     """
     dims = src.dims
     if not gpu:
-        fa = flash_attn(inputs, gpu=False)
-        return compute_buffer_bytes(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, flash_attn=fa)
+        return compute_buffer_bytes(dims, n_ctx=inputs.ctx, n_ubatch=inputs.ubatch, flash_attn=flash_attn(inputs))
     return inputs.ubatch * dims.hc * dims.hidden * 4 * 2 + inputs.ubatch * dims.vocab * 4

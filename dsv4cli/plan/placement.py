@@ -137,10 +137,17 @@ def _assign_layers(
 
 
 def fill_gpus(
-    gpus: list[Tier], layer_tier: dict[int, str], groups: Layers, kv: KvCache, compute: list[int], n_layer: int
+    gpus: list[Tier],
+    layer_tier: dict[int, str],
+    groups: Layers,
+    kv: KvCache,
+    compute: list[int],
+    n_layer: int,
+    *,
+    limit: int | None = None,
 ) -> set[int]:
     """Charge the offloaded layers to their GPUs, then add whole expert layers from the top while they fit
-    (on each GPU: a full GPU does not stop the others)."""
+    (on each GPU: a full GPU does not stop the others), at most `limit` of them (a tuned count)."""
     by_name = {g.name: g for g in gpus}
     for g, c in zip(gpus, compute, strict=True):
         g.compute = c if g.name in layer_tier.values() else 0
@@ -151,7 +158,7 @@ def fill_gpus(
     full: set[str] = set()
     for layer in sorted((layer for layer in layer_tier if layer < n_layer), reverse=True):
         tier = by_name[layer_tier[layer]]
-        if tier.name in full or groups.experts[layer] > tier.free:
+        if tier.name in full or groups.experts[layer] > tier.free or len(gpu_experts) == limit:
             full.add(tier.name)
             continue
         tier.weights += groups.experts[layer]

@@ -52,7 +52,8 @@ SCHEMA = """\
   "assumptions": {name: {"value": number | str | bool, "unit": str,
                          "source": "measured" | "flag" | "default..." | "assumed" | "detected" | ...}}
       names: threads, ram_bw, disk_bw, cpu_dense_gemv, cpu_expert_gemv, cpu_layer_cost, ctx, kv_type,
-             flash_attn, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
+             flash_attn, ubatch, repack, mmap, ram_reserve; with GPUs also pcie_bw, gpu_node_cost, gpuN_bw,
+             gpu_expert_layers (the load settings' source is "flag", "tuned" (`dsv4 tune`) or "default: ..."),
   "model": {"name": str, "files": [file name] (empty for an estimate), "file_bytes": int | null,
             "tensor_bytes": int, "tensor_table_sha256": str (names, types and shapes of every placed tensor)}
       (`dsv4 chat --plan` refuses a GGUF whose tensor table differs: check_plan_model),

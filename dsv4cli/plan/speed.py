@@ -94,7 +94,7 @@ def estimate_speed(plan: Plan, machine: Machine) -> dict[str, Any]:
     total += decode_s["cpu_compute"] if streamed else max(decode_s.get("ram", 0.0), decode_s["cpu_compute"])
 
     # A full cache: its bytes from the KV tier, and attention over every cell (FLOPs at the prefill rate).
-    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs, gpu=plan.n_gpu_layers > 0))
+    attention = attention_flops(dims, plan.kv, flash_attn=flash_attn(inputs))
     host_attention = sum(attention[:host_layers])
     cpu_flops = CPU_PREFILL_GFLOPS_PER_THREAD * 1e9 * machine.threads.value
     first_kv = next((t.name for t in plan.tiers if t.kv), "ram")
