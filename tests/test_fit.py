@@ -127,3 +127,29 @@ def test_fit_writes_the_largest_quant_that_plans_as_fitting(python: str, tiny_ch
     for ram, words in (("0.02", "even the smallest mix"), ("0.05", "lossless quant (9.18 MiB) already fits")):
         res = _dsv4(tmp_path, "quantize", str(tiny_checkpoint), "--fit", "--ram", ram, *MACHINE)
         assert res.returncode != 0 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plan_budgets_read_back_and_damaged_plans_are_one_line(tmp_path: Path) -> None:
+    from dsv4cli.errors import PlanError
+    from dsv4cli.plan import GIB
+    from dsv4cli.plan.schema import plan_budgets
+
+    tiers = [{"kind": "gpu", "budget_bytes": 24 * GIB}, {"kind": "ram", "budget_bytes": 56 * GIB}]
+    inputs = {"no_disk": False, "ctx": 4096, "n_ubatch": 512, "kv_type": "f16", "margin_bytes": GIB}
+    data = {
+        "schema": "dsv4.plan/1",
+        "tiers": tiers,
+        "reserve_bytes": 8 * GIB,
+        "llama": {"n_threads": 8},
+        "inputs": inputs,
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    got = plan_budgets(path)
+    assert (got.vram_gib, got.ram_gib, got.reserve_gib, got.ctx, got.threads) == ((24.0,), 64.0, 8.0, 4096, 8)
+    path.write_text(json.dumps({**data, "tiers": [{"kind": "ram", "budget_bytes": "lots"}]}))
+    with pytest.raises(PlanError, match=r"plan\.json: damaged plan"):
+        plan_budgets(path)
+    path.write_text(json.dumps({**data, "tiers": [*tiers, {"kind": "rpc", "budget_bytes": GIB}]}))
+    with pytest.raises(PlanError, match="RPC workers"):
+        plan_budgets(path)
