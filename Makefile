@@ -12,7 +12,7 @@ GPU_CMAKE_rocm := -DGGML_HIP=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 GPU_CMAKE_metal := -DGGML_METAL=on
 
-.PHONY: setup engine demo test test-fast lint bench
+.PHONY: setup engine demo test test-fast lint bench browser
 
 setup: $(VENV)/.installed engine
 ifneq ($(GPU),)
@@ -53,7 +53,12 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+# Debian's Chromium for the chat page's browser test (tests/test_serve_webui.py skips, saying why, without it).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "make browser: could not install chromium with apt; the browser test will skip"
+
+test: lint browser
 	$(PY) -m pytest
 
 # The fast tier for while you work (under 90 s): no llama.cpp model loads, fuzzing, servers or engine builds

@@ -21,16 +21,13 @@ import numpy as np
 from quant.imatrix import Imatrix
 from quant.mapping import TensorPlan, fit_type, nbytes_of
 from quant.quantizers import dequantize, quantize
-from quant.recipes import RECIPES
+from quant.recipes import DENSE, EXPERTS, RECIPES
 from quant.source import SourceTensors
 
 SAMPLE_ROWS = 64
 SAMPLE_EXPERTS = 4
-EXPERT_TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "q2_k", "iq3_xxs", "iq3_s", "q3_k", "iq4_xs", "q4_k", "mxfp4", "q5_k",
-                "q6_k")  # fmt: skip
-DENSE_TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "q2_k", "iq3_xxs", "iq3_s", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k",
-               "q8_0")  # fmt: skip
-ROOT_TYPES = ("q4_k", "q5_k", "q6_k", "q8_0", "bf16")  # embeddings and output: no i-quants (no imatrix rows)
+ROOT_MIN_BITS = 4.5  # embeddings and output: nothing under Q4_K, and no i-quants (no imatrix rows for them)
+DENSE_MAX_BITS = 8.5  # BF16 is the lossless reference, not a fitted choice
 
 
 @dataclass
@@ -43,9 +40,15 @@ class Option:
 
 
 def candidates(group: str, *, imatrix: bool) -> tuple[str, ...]:
-    """The recipes a group may take; the i-quants only with an importance matrix."""
-    names = EXPERT_TYPES if group.startswith("experts.") else ROOT_TYPES if group in ("embeddings", "output") else (
-        DENSE_TYPES)  # fmt: skip
+    """The registered recipes a group may take, smallest first; the i-quants only with an importance matrix."""
+    if group.startswith("experts."):
+        fits = [r for r in RECIPES.values() if EXPERTS in r.roles]
+    elif group in ("embeddings", "output"):
+        fits = [r for r in RECIPES.values() if DENSE in r.roles and not r.needs_imatrix]
+        fits = [r for r in fits if r.bits_per_weight >= ROOT_MIN_BITS]
+    else:
+        fits = [r for r in RECIPES.values() if DENSE in r.roles and r.bits_per_weight <= DENSE_MAX_BITS]
+    names = [r.name for r in sorted(fits, key=lambda r: r.bits_per_weight)]
     return tuple(n for n in names if imatrix or not RECIPES[n].needs_imatrix)
 
 

@@ -40,7 +40,7 @@ def test_template_non_thinking_and_history() -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "<think>ponder</think>Hello"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "ponder"},
         {"role": "user", "content": "Again"},
     ]
     assert render(messages) == (

@@ -121,5 +121,6 @@ def register(app: typer.Typer) -> None:
 def _announce(server: RunningServer, *, keyed: bool) -> None:
     mtp = ", MTP drafting" if server.mtp else ""
     out.print(f"serving {server.alias} ({server.model.gguf.name}{mtp}) at {server.base_url}/v1", markup=False)
+    out.print(f"chat page: {server.base_url}/", markup=False)
     out.print(_snippet(server, keyed), markup=False)
     note(f"llama-server pid {server.process.pid}, log {server.process.log}; Ctrl-C to stop")

@@ -29,10 +29,6 @@ class ModelFile:
         """The file carries a nextn (multi-token prediction) block llama.cpp can draft with."""
         return self.info.mtp_layers > 0
 
-    @property
-    def chat_template(self) -> str | None:
-        return self.info.chat_template
-
 
 def open_model_file(path: Path) -> ModelFile:
     """Read and check the header of `path` (RuntimeLoadError naming the key or tensor llama.cpp would abort on)."""

@@ -41,10 +41,6 @@ class PreparedModel:
         return self.model_file.has_mtp
 
     @property
-    def chat_template(self) -> str | None:
-        return self.model_file.chat_template
-
-    @property
     def llama_args(self) -> list[str]:
         """llama-server flags from the plan, `-m` the file being loaded (even where a plan file names another)."""
         return self.params.cli_args(self.gguf)

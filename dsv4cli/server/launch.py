@@ -1,9 +1,9 @@
 """`dsv4 serve`'s work: llama-server's command line from the plan, the safety checks, and the launch.
 
 What llama-server lacks and dsv4 adds: the model reference and placement (`dsv4cli.load.prepare_model`, the same
-loading path as `dsv4 chat`), the engine build,
-a port and key check before anything starts, the V4 tool-call template when the GGUF's own has none, MTP
-drafting when the file carries the nextn block, and a lifecycle that leaves no process behind.
+loading path as `dsv4 chat`), the engine build, a port and key check before anything starts, the DeepSeek V4 chat
+template (byte-equal to DeepSeek's encoder, the one `quantize` embeds) whatever the GGUF carries, a chat page at `/`,
+MTP drafting when the file carries the nextn block, and a lifecycle that leaves no process behind.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from dsv4cli.load.placement import Placement
 from dsv4cli.load.prepared import PreparedModel, prepare_model
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.rpc.health import check_workers
+from dsv4cli.server.page import placement_summary, remove_page, write_page
 from dsv4cli.server.process import ServerError, ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.server.records import remove_record, write_record
-from dsv4cli.toolchain.build import ServerBinary, tool_template
+from dsv4cli.toolchain.build import ServerBinary
 from quant.gguf_set import complete_split_set
 
-# The marker of a template that renders OpenAI `tools` and parses V4 tool calls (llama.cpp common/chat.cpp
-# picks its DeepSeek V3.2/V4 handler on it).
-TOOL_TEMPLATE_MARKER = "dsml_token"
 KEY_FILE_LIMIT = 64 << 10
 KEY_FILE_HINT = "pass a file holding the API keys, one per line, as llama-server's --api-key-file reads it"
 
@@ -52,11 +50,13 @@ class RunningServer:
     argv: list[str]
     record: Path  # what `dsv4 rm` reads to keep this model (`records.py`)
     mtp: bool  # started with MTP drafting
+    page: Path  # the chat page's folder (`page.py`)
 
     def stop(self) -> None:
         """Stop llama-server, then drop the record: the files are free once no process maps them."""
         self.process.stop()
         remove_record(self.record)
+        remove_page(self.page)
 
     def info(self) -> dict[str, object]:
         """What scripts need: where to connect and which process to watch."""
@@ -108,14 +108,19 @@ def check_key_file(path: Path) -> None:
         raise UsageError(f"--api-key-file {path}: {where}", hint=KEY_FILE_HINT)
 
 
-def server_argv(engine: ServerBinary, model: PreparedModel, opts: ServeOptions, *, alias: str, port: int) -> list[str]:
+def server_argv(
+    engine: ServerBinary, model: PreparedModel, opts: ServeOptions, *, alias: str, port: int, page: Path | None = None
+) -> list[str]:
     """The full llama-server command line: the plan's placement, then serving, chat and drafting flags."""
+    from quant.tokenizer import TEMPLATE_PATH  # here: quant.tokenizer loads gguf and numpy, which --help must not
+
     argv = [str(engine.server), *model.llama_args, "--host", opts.host, "--port", str(port), "--alias", alias]
+    if page is not None:
+        argv += ["--path", str(page)]  # the chat page at `/`
     argv += ["--jinja", "--reasoning-format", "deepseek", "--reasoning", "on" if opts.think else "off"]
-    if TOOL_TEMPLATE_MARKER not in (model.chat_template or ""):
-        template = tool_template()
-        if template is not None:
-            argv += ["--chat-template-file", str(template)]
+    # llama.cpp's own V4 template keeps past reasoning where DeepSeek's encoder drops it, and GGUFs made elsewhere
+    # carry that one; ours matches the encoder (it also names `dsml_token`, which picks llama.cpp's V4 parser).
+    argv += ["--chat-template-file", str(TEMPLATE_PATH)]
     if opts.mtp and model.has_mtp:
         argv += ["--spec-type", "draft-mtp"]
     if opts.parallel is not None:
@@ -153,29 +158,39 @@ def serve_prepared(
     base_url = f"http://{url_host}:{port}"
     record = write_record(complete_split_set(prepared.gguf), url=f"{base_url}/v1", model=alias)
     mtp = opts.mtp and prepared.has_mtp
+    info = {"model": alias, "gguf": prepared.gguf.name, "placement": placement_summary(prepared.llama_args)}
+    page = write_page(port, {**info, "mtp": mtp})
+    launch = {"port": port, "base_url": base_url, "alias": alias, "page": page}
     try:
         try:
-            process, argv = _launch(engine, prepared, opts, port=port, base_url=base_url, alias=alias)
+            process, argv = _launch(engine, prepared, opts, **launch)
         except ServerError as e:
             if not mtp:
                 raise
             note(f"llama-server did not start with MTP drafting ({e}); starting it without (--no-mtp skips this try)")
             mtp = False
-            process, argv = _launch(
-                engine, prepared, replace(opts, mtp=False), port=port, base_url=base_url, alias=alias
-            )
+            write_page(port, {**info, "mtp": False})
+            process, argv = _launch(engine, prepared, replace(opts, mtp=False), **launch)
     except BaseException:
         remove_record(record)
+        remove_page(page)
         raise
     return RunningServer(
-        process=process, model=prepared, alias=alias, base_url=base_url, argv=argv, record=record, mtp=mtp
+        process=process, model=prepared, alias=alias, base_url=base_url, argv=argv, record=record, mtp=mtp, page=page
     )
 
 
 def _launch(
-    engine: ServerBinary, prepared: PreparedModel, opts: ServeOptions, *, alias: str, port: int, base_url: str
+    engine: ServerBinary,
+    prepared: PreparedModel,
+    opts: ServeOptions,
+    *,
+    alias: str,
+    port: int,
+    base_url: str,
+    page: Path,
 ) -> tuple[ServerProcess, list[str]]:
-    argv = server_argv(engine, prepared, opts, alias=alias, port=port)
+    argv = server_argv(engine, prepared, opts, alias=alias, port=port, page=page)
     env = {"LLAMA_API_KEY": opts.api_key} if opts.api_key is not None else {}  # not on llama-server's command line
     log = dsv4_home() / "logs" / f"llama-server-{port}.log"
     process = ServerProcess(argv, log=log, base_url=base_url, env=env)

@@ -34,7 +34,6 @@ from dsv4cli.toolchain.logs import log_tail
 PACKAGE = "llama-cpp-python"
 TARGETS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-perplexity")
 SERVER = "llama-server"
-V4_TEMPLATE = "deepseek-ai-DeepSeek-V4.jinja"
 
 # Static binaries (no rpath into the build tree) so the finished folder can be moved into place; no network at
 # build time (no curl, no OpenSSL, no prebuilt web UI download); RPC on for the split-machine tools.
@@ -155,13 +154,6 @@ def find_engine(engine_bin: Path | None = None, gpu: str | None = None) -> Serve
             hint="run `dsv4 engine build` (about 6 minutes on 2 cores) or pass --engine-bin PATH",
         )
     return engine
-
-
-def tool_template() -> Path | None:
-    """llama.cpp's own DeepSeek V4 template (tools in, DSML tool calls out), from the unpacked engine source."""
-    source = engine_cache() / "src" / f"llama_cpp_python-{llama_cpp_python_version()}" / "vendor" / "llama.cpp"
-    path = source / "models" / "templates" / V4_TEMPLATE
-    return path if path.is_file() else None
 
 
 def _run_checked(cmd: list[str], log: Path, what: str) -> None:
