@@ -23,16 +23,16 @@ from bench_models import REAL_CONFIG
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def convert(folder: Path, experts: str, dense: str) -> Path:
-    """The real-width checkpoint converted with one recipe (kept in `folder` once written)."""
+def convert(folder: Path, experts: str, dense: str, *, name: str = "bench-real", config: dict = REAL_CONFIG) -> Path:
+    """The generated checkpoint `name` (`config`) converted with one recipe (kept in `folder` once written)."""
     from dsv4cli.models.registry import ModelSpec
     from dsv4cli.models.tiny import write_tiny_checkpoint
     from quant.convert import QuantOptions, quantize_checkpoint
 
-    checkpoint = folder / "bench-real"
+    checkpoint = folder / name
     if not (checkpoint / "config.json").is_file():
-        write_tiny_checkpoint(ModelSpec(name="bench-real", builtin=True, config=REAL_CONFIG), checkpoint)
-    out = folder / f"bench-real-{experts}-{dense}.gguf"
+        write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), checkpoint)
+    out = folder / f"{name}-{experts}-{dense}.gguf"
     if not out.is_file():
         quantize_checkpoint(checkpoint, out, QuantOptions(experts=experts, dense=dense))
     return out

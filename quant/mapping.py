@@ -209,10 +209,15 @@ def plan_tensors(
 
 
 def gguf_tensor_specs(
-    config: dict[str, Any], *, experts: str = "mxfp4", dense: str = "q8_0", mtp: bool = False
+    config: dict[str, Any],
+    *,
+    experts: str = "mxfp4",
+    dense: str = "q8_0",
+    mtp: bool = False,
+    mix: dict[str, str] | None = None,
 ) -> list[TensorSpec]:
-    """The exact GGUF tensor list `dsv4 quantize` writes for this config.json (V4 and V4.1)."""
-    return [p.spec for p in plan_tensors(config, experts=experts, dense=dense, mtp=mtp)]
+    """The exact GGUF tensor list `dsv4 quantize` writes for this config.json (V4 and V4.1), a fitted `mix` too."""
+    return [p.spec for p in plan_tensors(config, experts=experts, dense=dense, mtp=mtp, mix=mix)]
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------

@@ -84,3 +84,72 @@ def test_fitted_quants_stay_under_budget_load_and_show(
     assert set(shown["fit"]["mix"]) == {"attention", "shared", "embeddings", "output"} | {
         f"experts.{n}" for n in range(4)
     }
+
+
+# The tiny model on a machine of MACHINE: no layer fits 1 MiB of VRAM next to the compute buffer (CPU only), and
+# host RAM holds the resident part (embedding, KV, compute buffer: about 12 MiB at 256 tokens) and the experts of
+# a mix between the smallest (5.7 MiB) and the lossless (9.2 MiB) quant, within a default reserve of half the RAM.
+MACHINE = ("--vram", "0.001", "--ctx", "256")
+
+
+@pytest.mark.slow
+def test_fit_writes_the_largest_quant_that_plans_as_fitting(python: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    def fitted(ram: str, *extra: str) -> int:
+        res = _dsv4(tmp_path, "quantize", str(tiny_checkpoint), "--fit", "--ram", ram, *MACHINE, *extra)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["budget"] if "--json" in extra else 0
+
+    def verdict(model: str, *flags: str) -> str:
+        res = _dsv4(tmp_path, "plan", model, *flags, *MACHINE)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1] if "fits:" in res.stdout else res.stdout
+
+    small, large = fitted("0.038", "--dry-run", "--json"), fitted("0.04", "--dry-run", "--json")
+    assert 6_014_655 < small < large < 9_600_000  # between the smallest mix and the lossless size, growing with RAM
+    out = tmp_path / "fit.gguf"
+    fitted("0.04", "-o", str(out))
+    shown = json.loads(_dsv4(tmp_path, "show", str(out), "--json").stdout)
+    assert out.stat().st_size <= large and shown["fit"]["budget"] == large
+    assert verdict(str(out), "--ram", "0.04").startswith("fits:")
+    assert not verdict(str(tiny_checkpoint), "--ram", "0.04").startswith("fits:")  # the lossless quant streams
+    assert load_in_llama(python, out)["plain"] > 0
+    # a bigger quant than the one chosen does not fit: the choice is the largest (to the bisection's bracket)
+    res = _dsv4(
+        tmp_path, "quantize", str(tiny_checkpoint), "--size", str(large + 40_000), "-o", str(tmp_path / "b.gguf")
+    )
+    assert res.returncode == 0, res.stderr
+    assert not verdict(str(tmp_path / "b.gguf"), "--ram", "0.04").startswith("fits:")
+    # the same machine from a plan file
+    plan = tmp_path / "plan.json"
+    assert _dsv4(tmp_path, "plan", str(tiny_checkpoint), "--ram", "0.04", *MACHINE, "-o", str(plan)).returncode == 0
+    res = _dsv4(tmp_path, "quantize", str(tiny_checkpoint), "--fit", "--plan", str(plan), "--dry-run", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["budget"] == large, res.stderr
+    for ram, words in (("0.02", "even the smallest mix"), ("0.05", "lossless quant (9.18 MiB) already fits")):
+        res = _dsv4(tmp_path, "quantize", str(tiny_checkpoint), "--fit", "--ram", ram, *MACHINE)
+        assert res.returncode != 0 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plan_budgets_read_back_and_damaged_plans_are_one_line(tmp_path: Path) -> None:
+    from dsv4cli.errors import PlanError
+    from dsv4cli.plan import GIB
+    from dsv4cli.plan.schema import plan_budgets
+
+    tiers = [{"kind": "gpu", "budget_bytes": 24 * GIB}, {"kind": "ram", "budget_bytes": 56 * GIB}]
+    inputs = {"no_disk": False, "ctx": 4096, "n_ubatch": 512, "kv_type": "f16", "margin_bytes": GIB}
+    data = {
+        "schema": "dsv4.plan/1",
+        "tiers": tiers,
+        "reserve_bytes": 8 * GIB,
+        "llama": {"n_threads": 8},
+        "inputs": inputs,
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    got = plan_budgets(path)
+    assert (got.vram_gib, got.ram_gib, got.reserve_gib, got.ctx, got.threads) == ((24.0,), 64.0, 8.0, 4096, 8)
+    path.write_text(json.dumps({**data, "tiers": [{"kind": "ram", "budget_bytes": "lots"}]}))
+    with pytest.raises(PlanError, match=r"plan\.json: damaged plan"):
+        plan_budgets(path)
+    path.write_text(json.dumps({**data, "tiers": [*tiers, {"kind": "rpc", "budget_bytes": GIB}]}))
+    with pytest.raises(PlanError, match="RPC workers"):
+        plan_budgets(path)

@@ -12,11 +12,14 @@ import psutil
 import pytest
 
 from dsv4cli.errors import PlanError
+from dsv4cli.models.registry import get_model
 from dsv4cli.plan import GIB, PlanInputs, check_plan_model, load_plan, make_plan
 from dsv4cli.plan.calibrate import cache_key, solve
+from dsv4cli.plan.source import estimate_from_config
 from dsv4cli.plan.verdict import recipe_bytes
 from dsv4cli.system import hardware
-from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
+from quant.fit_groups import fit_group
+from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES, RECIPES
 
 
 def _plan_json(dsv4, *args: str) -> dict:
@@ -103,6 +106,17 @@ def test_disk_streaming_verdict_and_hints_name_real_options(dsv4) -> None:
     # the recipe it names exists and is really smaller: plan it and compare file bytes
     experts, dense = recipe_hint.split("--experts ")[1].split()[0], recipe_hint.split("--dense ")[1].split()[0]
     assert experts in EXPERT_RECIPES and dense in DENSE_RECIPES
+    assert not RECIPES[experts].needs_imatrix and not RECIPES[dense].needs_imatrix  # runs without `dsv4 imatrix`
+    # the fitted quant for these budgets, named while its smallest mix (i-quants) would hold every weight
+    assert "`dsv4 quantize deepseek-v4-flash --fit --vram 24 --ram 64` writes" in plan["hints"][2]
+    # ... and that smallest mix (the i-quants, Q4_K embeddings and head) does fit: plan its exact tensor list
+    config = get_model("deepseek-v4-flash").hf_config()
+    groups = {fit_group(name) for name in plan["tensors"]} - {None}
+    mix = {g: "q4_k" if g in ("embeddings", "output") else "iq2_xxs" for g in groups}
+    smallest = estimate_from_config(config, name="smallest", experts="mxfp4", dense="q8_0", mix=mix)
+    assert make_plan(smallest, PlanInputs(vram_gib=(24.0,), ram_gib=64)).verdict.startswith("fits:")
+    tight = _plan_json(dsv4, "deepseek-v4-flash", "--vram", "24", "--ram", "32")
+    assert not any("--fit" in hint for hint in tight["hints"])
     smaller = _plan_json(
         dsv4, "deepseek-v4-flash", "--vram", "24", "--ram", "64", "--experts", experts, "--dense", dense
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dsv4cli.cli.options import DenseOpt, ExpertsOpt, JsonOpt, ModelArg
+from dsv4cli.cli.options import CtxOpt, DenseOpt, ExpertsOpt, JsonOpt, ModelArg, PlanFileOpt, RamOpt, VramOpt
 from dsv4cli.ui import byte_progress, err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
@@ -17,6 +17,8 @@ Examples:
   dsv4 quantize tiny                                  # default recipe: MXFP4 experts, Q8_0 dense
   dsv4 quantize deepseek-v4-flash --split-max-size 50G
   dsv4 quantize ./DeepSeek-V4-Flash-Base --experts q4_k -o flash-base.gguf
+  dsv4 quantize deepseek-v4-flash --size 90G --dry-run   # the least-loss mix of types in 90 GB
+  dsv4 quantize deepseek-v4-flash --fit --vram 24 --ram 64   # the largest mix `dsv4 plan` says fits there
 """
 
 
@@ -44,8 +46,16 @@ def quantize(
     imatrix: Annotated[
         str | None, typer.Option("--imatrix", help="Importance matrix file from `dsv4 imatrix` (needed by iq*).")
     ] = None,
+    fit: Annotated[
+        bool,
+        typer.Option("--fit", help="Fit the largest mix that `dsv4 plan` says fits this machine (or --vram/--ram)."),
+    ] = False,
+    vram: VramOpt = None,
+    ram: RamOpt = None,
+    ctx: CtxOpt = None,
+    plan: PlanFileOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="With --size: print the allocation, write nothing.")
+        bool, typer.Option("--dry-run", help="With --size or --fit: print the allocation, write nothing.")
     ] = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -64,12 +74,19 @@ def quantize(
         split_max_size=parse_size(split_max_size, flag="--split-max-size") if split_max_size else 0,
         imatrix=str(resolve_imatrix(imatrix)) if imatrix else "",
     )
-    if size is not None:
-        options = _fitted(model, parse_size(size, flag="--size"), options, dry_run=dry_run, json_output=json_output)
+    machine = vram is not None or ram is not None or ctx is not None or plan is not None
+    if fit and size is not None:
+        raise UsageError("--fit chooses the size itself; drop --size or --fit")
+    if machine and not fit:
+        raise UsageError("--vram/--ram/--ctx/--plan describe the machine for --fit", hint="add --fit")
+    if size is not None or fit:
+        inputs = _machine(plan, vram, ram, ctx) if fit else None
+        budget = parse_size(size, flag="--size") if size is not None else None
+        options = _fitted(model, budget, inputs, options, dry_run=dry_run, json_output=json_output)
         if options is None:
             return
     elif dry_run:
-        raise UsageError("--dry-run: it prints a --size allocation", hint="add --size, e.g. --size 90G")
+        raise UsageError("--dry-run: it prints a --size or --fit allocation", hint="add --size, e.g. --size 90G")
     display = byte_progress(transient=True)
     task = display.add_task("quantize", total=None)
     with display:  # Ctrl-C keeps the finished tensors: the same command resumes after them
@@ -108,16 +125,37 @@ def quantize(
             )
 
 
-def _fitted(model: str, budget: int, options, *, dry_run: bool, json_output: bool):
-    """Measure and allocate for `--size`; prints the allocation; None after a dry run."""
-    from dsv4cli.models.fit import cached_imatrix, fit
+def _machine(plan: Path | None, vram: str | None, ram: float | None, ctx: int | None):
+    """The plan inputs --fit fits to: a plan file's machine, else the flags (unset ones: this machine's)."""
+    from dsv4cli.cli.options import placement
+    from dsv4cli.plan.schema import plan_budgets
+
+    where = placement(plan, vram, ram, ctx, cpu=False)
+    return plan_budgets(plan) if plan is not None else where.plan_inputs()
+
+
+def _fitted(model: str, budget: int | None, inputs, options, *, dry_run: bool, json_output: bool):
+    """Measure and allocate for `--size` (or, with plan `inputs`, `--fit`); prints the allocation; None after a dry
+    run."""
+    from dsv4cli.models.fit import cached_imatrix, fit_measured, measure_fit
+    from dsv4cli.models.fit_machine import fit_machine
     from dsv4cli.models.quantize import resolve_source
     from dsv4cli.models.ref import resolve_model
 
-    folder, _ = resolve_source(resolve_model(model), experts=options.experts, dense=options.dense)
+    ref = resolve_model(model)
+    folder, _ = resolve_source(ref, experts=options.experts, dense=options.dense)
     matrix = Path(options.imatrix) if options.imatrix else cached_imatrix(model)
     with err.status("measuring each tensor group's loss in every candidate type") as status:
-        result = fit(folder, budget, options, matrix, progress=lambda g: status.update(f"measuring {g}"))
+        measured = measure_fit(folder, options, matrix, progress=lambda g: status.update(f"measuring {g}"))
+    if budget is None:
+        with err.status("planning candidate sizes for this machine"):
+            chosen = fit_machine(measured, options, inputs, folder.name)
+        result, budget = chosen.fit, chosen.fit.budget
+        if not json_output:
+            err.print(f"fit: {human_bytes(budget)} ({budget} bytes) is the largest size that fits: "
+                      f"{chosen.plan.verdict}", markup=False)  # fmt: skip
+    else:
+        result = fit_measured(measured, budget, options)
     a = result.allocation
     if json_output and dry_run:
         print_json({"budget": budget, "bytes": a.nbytes, "lossless": result.lossless, "loss": a.loss,

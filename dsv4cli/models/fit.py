@@ -20,7 +20,7 @@ from quant.allocate import Allocation, allocate, size_range
 from quant.convert import QuantOptions
 from quant.fit_groups import fit_group
 from quant.imatrix import Imatrix, load_imatrix
-from quant.importance import measure
+from quant.importance import Option, measure
 from quant.mapping import facts_of, plan_tensors
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 from quant.safetensors import Checkpoint
@@ -56,9 +56,21 @@ def header_bytes(kv: list, names: list[str]) -> int:
     return 24 + kv_bytes + sum(TENSOR_INDEX + len(n) for n in names) + ALIGNMENT * (len(names) + 1)
 
 
-def fit(folder: Path, budget: int, base: QuantOptions, imatrix: Path | None,
-        progress: Callable[[str], None] | None = None) -> Fit:  # fmt: skip
-    """Measure, then allocate `budget` bytes over the fit groups of the checkpoint in `folder`."""
+@dataclass(frozen=True)
+class Measured:
+    """Every fit group's options, the bytes outside them (header, untouched tensors), the lossless total, and the
+    checkpoint's config.json (for the tensor list of a mix)."""
+
+    options: dict[str, list[Option]]
+    fixed: int
+    lossless: int
+    config: dict
+    imatrix: Path | None
+
+
+def measure_fit(folder: Path, base: QuantOptions, imatrix: Path | None,
+                progress: Callable[[str], None] | None = None) -> Measured:  # fmt: skip
+    """Measure every fit group's loss in each candidate type on the checkpoint in `folder`."""
     ckpt = Checkpoint(folder)
     try:
         facts = facts_of(ckpt.config)
@@ -77,20 +89,32 @@ def fit(folder: Path, budget: int, base: QuantOptions, imatrix: Path | None,
         fp4 = facts["expert_dtype"] == "fp4"
         options = measure(SourceTensors(ckpt, facts), plans, groups, matrix, fp4_lossless=fp4,
                           experts_per_token=int(facts["num_experts_per_tok"]), progress=progress)  # fmt: skip
+        return Measured(options, fixed, lossless, ckpt.config, imatrix)
     finally:
         ckpt.close()
-    smallest, _ = size_range(options, fixed)
-    if budget < smallest or budget >= lossless:
+
+
+def fit_measured(measured: Measured, budget: int, base: QuantOptions) -> Fit:
+    """The least-loss mix of at most `budget` bytes, with the converter options that write it."""
+    smallest, _ = size_range(measured.options, measured.fixed)
+    if budget < smallest or budget >= measured.lossless:
         raise UsageError(
             f"--size {human_bytes(budget)}: sizes from {human_bytes(smallest)} ({smallest} bytes) up to the lossless "
-            f"{human_bytes(lossless)} can be fitted",
+            f"{human_bytes(measured.lossless)} can be fitted",
             hint="above that, `dsv4 quantize` without --size writes the lossless quant",
         )
-    allocation = allocate(options, budget, fixed)
+    allocation = allocate(measured.options, budget, measured.fixed)
+    imatrix = measured.imatrix
     chosen = replace(
         base, mix=tuple(sorted(allocation.mix.items())), budget=budget, imatrix=str(imatrix) if imatrix else ""
     )
-    return Fit(allocation, budget, lossless, imatrix, chosen)
+    return Fit(allocation, budget, measured.lossless, imatrix, chosen)
+
+
+def fit(folder: Path, budget: int, base: QuantOptions, imatrix: Path | None,
+        progress: Callable[[str], None] | None = None) -> Fit:  # fmt: skip
+    """Measure, then allocate `budget` bytes over the fit groups of the checkpoint in `folder`."""
+    return fit_measured(measure_fit(folder, base, imatrix, progress), budget, base)
 
 
 def cached_imatrix(model: str) -> Path | None:

@@ -14,6 +14,7 @@ from dsv4cli.errors import PlanError
 from dsv4cli.units import GIB
 
 if TYPE_CHECKING:
+    from dsv4cli.plan.inputs import PlanInputs
     from dsv4cli.plan.model import Plan
     from dsv4cli.plan.source import ModelSource
 
@@ -161,6 +162,36 @@ def load_plan(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != "dsv4.plan/1" or not isinstance(data.get("llama"), dict):
         raise PlanError(f"{path}: not a dsv4 plan (no schema dsv4.plan/1 and llama section)", hint=WRITE_HINT)
     return data
+
+
+def plan_budgets(path: Path) -> PlanInputs:
+    """The machine a plan file was made for, as plan inputs: each GPU tier's budget, host RAM (its budget plus the
+    reserve), the reserve, context, micro-batch, cache type, GPU margin and threads; for fitting a quant to that
+    machine (`dsv4 quantize --fit --plan FILE`). Plans with RPC workers are refused: their memory is probed live."""
+    from dsv4cli.plan.inputs import PlanInputs
+
+    data = load_plan(path)
+    try:
+        tiers, inputs, llama = data["tiers"], data["inputs"], data["llama"]
+        rpc = any(t["kind"] == "rpc" for t in tiers)
+        ram = next(t for t in tiers if t["kind"] == "ram")
+        reserve = int(data["reserve_bytes"])
+        budgets = PlanInputs(
+            vram_gib=tuple(int(t["budget_bytes"]) / GIB for t in tiers if t["kind"] == "gpu"),
+            ram_gib=(int(ram["budget_bytes"]) + reserve) / GIB,
+            reserve_gib=reserve / GIB,
+            no_disk=bool(inputs["no_disk"]),
+            ctx=int(inputs["ctx"]),
+            ubatch=int(inputs["n_ubatch"]),
+            kv_type=str(inputs["kv_type"]),
+            margin_gib=int(inputs["margin_bytes"]) / GIB,
+            threads=int(llama["n_threads"]),
+        )
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        raise PlanError(f"{path}: damaged plan (tiers, inputs or llama section: {e!r})", hint=WRITE_HINT) from e
+    if rpc:
+        raise PlanError(f"{path}: a plan with RPC workers cannot be fitted to", hint="pass --vram/--ram instead")
+    return budgets
 
 
 def tensor_table_digest(tensors: Sequence[Any], n_layer: int) -> str:

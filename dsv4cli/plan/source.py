@@ -26,8 +26,10 @@ def read_gguf(path: Path) -> ModelSource:
     return source_from_header(read_header(path), path.name)
 
 
-def estimate_from_config(config: dict[str, Any], *, name: str, experts: str, dense: str) -> ModelSource:
-    """The tensor list `dsv4 quantize` would write for this config.json, with the chosen recipe."""
+def estimate_from_config(
+    config: dict[str, Any], *, name: str, experts: str, dense: str, mix: dict[str, str] | None = None
+) -> ModelSource:
+    """The tensor list `dsv4 quantize` would write for this config.json, with the chosen recipe (and fitted mix)."""
     from quant.errors import QuantError
     from quant.mapping import facts_of, gguf_tensor_specs
     from quant.recipes import check_recipe
@@ -38,7 +40,7 @@ def estimate_from_config(config: dict[str, Any], *, name: str, experts: str, den
         raise UsageError(str(e)) from e
     try:
         facts = facts_of(config)
-        tensors = gguf_tensor_specs(config, experts=experts, dense=dense)
+        tensors = gguf_tensor_specs(config, experts=experts, dense=dense, mix=mix)
     except QuantError as e:
         raise PlanError(f"{name}: {e}", hint=getattr(e, "hint", None)) from e
     dims = ModelDims.from_facts(facts, arch=facts["arch"])

@@ -2,7 +2,9 @@
 
 "fits" means every weight is in RAM or VRAM. A plan that memory-maps weights from disk says so first, with its
 speed, and names only things that exist: the RAM it would need, a recipe whose real byte total (every tensor's
-size recomputed in that recipe's types) is smaller, more VRAM, or an RPC worker on a second machine.
+size recomputed in that recipe's types) is smaller and that quantizes without an importance matrix, the fitted
+quant (`dsv4 quantize --fit` with the same budgets: the least-loss mix of types that fits), more VRAM, or an RPC
+worker on a second machine.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from dsv4cli.plan.groups import tensor_class
+from dsv4cli.plan.inputs import DEFAULT_CTX
 from dsv4cli.plan.model import Plan
 from dsv4cli.units import GIB, gib, human_bytes
+from quant.fit_groups import fit_group
+from quant.importance import candidates
 from quant.mapping import fit_type, nbytes_of
-from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
+from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES, RECIPES
 
 
 def recipe_bytes(tensors: Sequence[Any], recipe: dict[str, str], n_layer: int) -> dict[tuple[str, str], int]:
@@ -48,14 +53,37 @@ def disk_hints(plan: Plan, reserve_gib: float | None) -> list[str]:
     if recipe.get("experts") in EXPERT_RECIPES and recipe.get("dense") in DENSE_RECIPES:
         sizes = recipe_bytes(plan.source.tensors, recipe, plan.source.dims.n_layer)
         now = sizes[(recipe["experts"], recipe["dense"])]
-        smaller = sorted((size, r) for r, size in sizes.items() if size < now)
+        plain = [(size, r) for r, size in sizes.items() if not any(RECIPES[name].needs_imatrix for name in r)]
+        smaller = sorted((size, r) for size, r in plain if size < now)
         if smaller:
             size, (experts, dense) = smaller[0]
             fits = "fits in RAM" if now - size >= spill else f"still streams {gib(spill - (now - size))}"
             hints.append(f"--experts {experts} --dense {dense} is {gib(now - size)} smaller ({fits})")
+        if now - smallest_mix_bytes(plan.source.tensors) >= spill:
+            hints.append(f"{fit_command(plan)} writes the largest mix of types that fits, with the least measured loss")
     hints.append("more VRAM takes experts off the host (--vram GiB per GPU, e.g. --vram 24,24)")
     hints.append("a second machine's memory: run `dsv4 worker` there and plan with --rpc HOST:PORT")
     return hints
+
+
+def smallest_mix_bytes(tensors: Sequence[Any]) -> int:
+    """Total tensor bytes of the smallest mix `dsv4 quantize --fit` can choose (with an importance matrix)."""
+    total = 0
+    for spec in tensors:
+        group = fit_group(spec.name)
+        types = [RECIPES[name].ggml_type for name in candidates(group, imatrix=True)] if group else []
+        total += min((nbytes_of(spec.ne, fit_type(t, spec.ne[0])) for t in types), default=spec.nbytes)
+    return total
+
+
+def fit_command(plan: Plan) -> str:
+    """`dsv4 quantize MODEL --fit` with the budgets this plan was made with (MODEL: the checkpoint when known)."""
+    src, inputs = plan.source, plan.inputs
+    model = src.checkpoint or (src.name if src.target is not None else "MODEL")
+    flags = [f"--vram {','.join(f'{v:g}' for v in inputs.vram_gib)}"] if inputs.vram_gib else []
+    flags += [f"--ram {inputs.ram_gib:g}"] if inputs.ram_gib is not None else []
+    flags += [f"--ctx {inputs.ctx}"] if inputs.ctx != min(DEFAULT_CTX, src.dims.context_length) else []
+    return " ".join(["`dsv4 quantize", model, "--fit", *flags]) + "`"
 
 
 def verdict(plan: Plan) -> str:

@@ -1,0 +1,101 @@
+"""Fitted quants against dsv4's fixed recipes at the same size, on a model at V4-Flash's real widths.
+
+A generated checkpoint at V4-Flash's hidden width (`bench_models.REAL_CONFIG`: rows of 4096) made small enough to
+convert eight times in minutes on two cores (CONFIG: 8 heads in 2 output groups, 4 experts top-2 of width 512;
+~230 M weights with the MTP block, under the built-in model cap). FP4 experts, FP8 dense; random
+weights, so its layers do not differ in how much they matter except through the activations the calibration text
+gives them (not made to differ on purpose: that needs a weight-scaling option in the generator). It is converted
+with each fixed recipe EXPERTS/DENSE, and with `dsv4 quantize --size B` where B is that recipe's file size; both
+with the same importance matrix (`dsv4 imatrix` of the lossless conversion) and both measured by `dsv4 eval`
+against the lossless reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per budget: sizes,
+KLD mean and top-1 agreement of each. The comparison with llama.cpp's `llama-quantize` mixes that issue 22 asks
+for needs `llama-quantize` in the engine build, which it does not have yet.
+
+    .venv/bin/python bench/fit.py [--models DIR] [--recipes q2_k/q4_k,q3_k/q4_k] [--ctx 128] [--chunks 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_models import REAL_CONFIG
+from eval import convert, print_note
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NAME = "bench-fit"
+CONFIG = {**REAL_CONFIG, "num_attention_heads": 8, "index_n_heads": 8, "o_groups": 2, "n_routed_experts": 4,
+          "num_experts_per_tok": 2, "moe_intermediate_size": 512}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
+    parser.add_argument("--recipes", default="q2_k/q4_k,q3_k/q4_k,q4_0/q4_k", help="fixed EXPERTS/DENSE,...")
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.models or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("DSV4_HOME", str(folder / "home"))
+        rows = run(folder, args.recipes.split(","), args.ctx, args.chunks)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    head = f"{'fixed recipe':<14}{'MiB':>8}{'KLD mean':>11}{'top-1':>8}  |"
+    print(head + f"{'fitted MiB':>11}{'KLD mean':>11}{'top-1':>8}")
+    for r in rows:
+        f, d = r["fixed"], r["fitted"]
+        print(
+            f"{r['recipe']:<14}{f['bytes'] / 2**20:>8.1f}{f['kld_mean']:>11.5f}{f['top1']:>8.1%}  |"
+            f"{d['bytes'] / 2**20:>11.1f}{d['kld_mean']:>11.5f}{d['top1']:>8.1%}"
+        )
+
+
+def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
+    """Per fixed recipe: its file and the fitted one of at most its size, each evaluated."""
+    from dsv4cli.models.fit import fit_measured, measure_fit
+    from dsv4cli.models.imatrix import make_imatrix
+    from quant.convert import QuantOptions, quantize_checkpoint
+
+    convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG)  # eval's reference, converted here (same converter)
+    lossless = convert(folder, "mxfp4", "q8_0", name=NAME, config=CONFIG)
+    matrix, _, _ = make_imatrix(str(lossless), max_chunks=chunks)
+    checkpoint = folder / NAME
+    measured = measure_fit(checkpoint, QuantOptions(), matrix)
+    rows = []
+    for recipe in recipes:
+        experts, dense = recipe.split("/")
+        fixed = folder / f"{NAME}-{experts}-{dense}-imatrix.gguf"
+        if not fixed.is_file():
+            quantize_checkpoint(checkpoint, fixed, QuantOptions(experts=experts, dense=dense, imatrix=str(matrix)))
+        budget = fixed.stat().st_size
+        if budget >= measured.lossless:
+            print_note(f"{recipe}: {budget} bytes is not below the lossless {measured.lossless}; skipped")
+            continue
+        fitted = folder / f"{NAME}-fit-{budget}.gguf"
+        if not fitted.is_file():
+            quantize_checkpoint(checkpoint, fitted, fit_measured(measured, budget, QuantOptions()).options)
+        rows.append({"recipe": recipe, "fixed": evaluate(fixed, ctx, chunks), "fitted": evaluate(fitted, ctx, chunks)})
+    return rows
+
+
+def evaluate(model: Path, ctx: int, chunks: int) -> dict:
+    from dsv4cli.eval.run import EvalOptions, evaluate
+    from dsv4cli.load.placement import Placement
+    from dsv4cli.models.ref import ModelRef
+
+    options = EvalOptions(ctx=ctx, chunks=chunks, placement=Placement(cpu=True))
+    result = evaluate(ModelRef(str(model), "gguf", path=model), options, note=print_note, progress=lambda *_: None)
+    return {"bytes": model.stat().st_size, **result.to_json()}
+
+
+if __name__ == "__main__":
+    main()
