@@ -40,6 +40,6 @@ def make_gguf(folder: Path, name: str, config: dict) -> Path:
     out = folder / f"{name}.gguf"
     if out.is_file():
         return out
-    write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), folder / name)
+    write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), folder / name, max_params=None)
     quantize_checkpoint(folder / name, out, QuantOptions())
     return out

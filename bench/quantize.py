@@ -86,7 +86,7 @@ def main() -> None:
     if not (folder / "config.json").is_file():
         started = time.perf_counter()
         spec = ModelSpec(name="bench", builtin=True, expert_dtype="fp4", config=BENCH_CONFIG)
-        write_tiny_checkpoint(spec, folder)
+        write_tiny_checkpoint(spec, folder, max_params=None)
         print(f"generated checkpoint in {time.perf_counter() - started:.0f} s")
     shards = sorted(folder.glob("*.safetensors"))
     read_rates, quant_rates, peaks = [], [], []
