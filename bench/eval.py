@@ -31,7 +31,7 @@ def convert(folder: Path, experts: str, dense: str, *, name: str = "bench-real",
 
     checkpoint = folder / name
     if not (checkpoint / "config.json").is_file():
-        write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), checkpoint)
+        write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), checkpoint, max_params=None)
     out = folder / f"{name}-{experts}-{dense}.gguf"
     if not out.is_file():
         quantize_checkpoint(checkpoint, out, QuantOptions(experts=experts, dense=dense))
