@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from dsv4_encoding import BOS, EOS, encode, parse_completion, render_tool_calls
 from prompt_corpus import CASES, TOOLS, WEATHER, Case
+from tiny_server import tiny_server
 
 from dsv4cli.chat.prompt import PromptRenderer, ReasoningSplitter
 from dsv4cli.chat.template_sandbox import TemplateSandbox
-from dsv4cli.models.ref import resolve_model
 from quant.tokenizer import TEMPLATE_PATH
 
 IDS = [c.name for c in CASES]
@@ -129,17 +129,8 @@ def test_chat_splits_reasoning_as_deepseek_parses_it(thinking: bool, text: str) 
 
 @pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.load.placement import Placement
-    from dsv4cli.server.launch import ServeOptions, start_server
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("encoding-home")))
-        opts = ServeOptions(port=0, alias="tiny", health_timeout=120)
-        running = start_server(resolve_model(str(tiny_gguf)), Placement(ctx=4096), opts, engine, note=lambda _: None)
-        try:
-            yield running
-        finally:
-            running.stop()
+    with tiny_server(engine, tiny_gguf, tmp_path_factory.mktemp("encoding-home"), alias="tiny") as running:
+        yield running
 
 
 def _post(server, path: str, body: dict) -> dict:

@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from dsv4cli.models.ref import resolve_model
+from tiny_server import tiny_server
 
 openai = pytest.importorskip("openai")
 
@@ -37,17 +36,8 @@ WEATHER_TOOL = {
 
 @pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.load.placement import Placement
-    from dsv4cli.server.launch import ServeOptions, start_server
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("serve-home")))
-        opts = ServeOptions(port=0, api_key=KEY, alias=ALIAS, health_timeout=120)
-        running = start_server(resolve_model(str(tiny_gguf)), Placement(ctx=4096), opts, engine, note=lambda _: None)
-        try:
-            yield running
-        finally:
-            running.stop()
+    with tiny_server(engine, tiny_gguf, tmp_path_factory.mktemp("serve-home"), api_key=KEY, alias=ALIAS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

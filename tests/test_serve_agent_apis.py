@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 from dsv4_encoding import encode, render_tool_calls
-
-from dsv4cli.models.ref import resolve_model
+from tiny_server import tiny_server
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
@@ -45,17 +44,8 @@ DSML_CALL = render_tool_calls(
 
 
 def _serve(engine, tiny_gguf: Path, home: Path, *, think: bool) -> Iterator:
-    from dsv4cli.load.placement import Placement
-    from dsv4cli.server.launch import ServeOptions, start_server
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DSV4_HOME", str(home))
-        opts = ServeOptions(port=0, api_key=KEY, alias=ALIAS, think=think, health_timeout=120)
-        running = start_server(resolve_model(str(tiny_gguf)), Placement(ctx=4096), opts, engine, note=lambda _: None)
-        try:
-            yield running
-        finally:
-            running.stop()
+    with tiny_server(engine, tiny_gguf, home, api_key=KEY, alias=ALIAS, think=think) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

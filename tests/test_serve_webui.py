@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from dsv4cli.models.ref import resolve_model
+from tiny_server import tiny_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -34,17 +33,8 @@ MAX_TOKENS = 24  # the random tiny model rarely stops by itself; the browser's r
 
 @pytest.fixture(scope="module")
 def server(engine, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from dsv4cli.load.placement import Placement
-    from dsv4cli.server.launch import ServeOptions, start_server
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DSV4_HOME", str(tmp_path_factory.mktemp("webui-home")))
-        opts = ServeOptions(port=0, api_key=KEY, alias="tiny", health_timeout=120)
-        running = start_server(resolve_model(str(tiny_gguf)), Placement(ctx=4096), opts, engine, note=lambda _: None)
-        try:
-            yield running
-        finally:
-            running.stop()
+    with tiny_server(engine, tiny_gguf, tmp_path_factory.mktemp("webui-home"), api_key=KEY, alias="tiny") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -33,40 +33,19 @@ from dsv4cli.eval.exit_drain import drained_env
 ATTEMPTS = 5  # runs of the model before an incomplete output is an error
 _NUM = r"(-?[\d.]+|-?nan|-?inf)"
 _BASE_CHUNK = re.compile(r"\[(\d+)\]" + _NUM + ",")
-_KLD_ROW = re.compile(
-    r"^\s*(\d+)\s+"
-    + _NUM
-    + r" ± +"
-    + _NUM
-    + r"\s+"
-    + _NUM
-    + r" ± +"
-    + _NUM
-    + r"\s+"
-    + _NUM
-    + r" ± +"
-    + _NUM
-    + r"\s+"
-    + _NUM
-    + r" ± +"
-    + _NUM
-    + r" %\s+"
-    + _NUM
-    + r" ± +"
-    + _NUM
-    + r" %\s*$",
-    re.M,
-)
+_PAIR = _NUM + r" ± +" + _NUM  # a figure and its ±
+# One per-chunk row of the KLD table: chunk, PPL(Q), ln ratio, KLD, then Δp and same-top-p in percent.
+_KLD_ROW = re.compile(r"^\s*(\d+)\s+" + r"\s+".join([_PAIR] * 3 + [_PAIR + " %"] * 2) + r"\s*$", re.M)
 _STATS = {
-    "ppl": r"Mean PPL\(Q\)\s*: +" + _NUM + r" ± +" + _NUM,
-    "ppl_ref": r"Mean PPL\(base\)\s*: +" + _NUM + r" ± +" + _NUM,
-    "kld_mean": r"Mean +KLD: +" + _NUM + r" ± +" + _NUM,
+    "ppl": r"Mean PPL\(Q\)\s*: +" + _PAIR,
+    "ppl_ref": r"Mean PPL\(base\)\s*: +" + _PAIR,
+    "kld_mean": r"Mean +KLD: +" + _PAIR,
     "kld_max": r"Maximum KLD: +" + _NUM,
     "kld_p999": r"99\.9% +KLD: +" + _NUM,
     "kld_p99": r"99\.0% +KLD: +" + _NUM,
     "kld_median": r"Median +KLD: +" + _NUM,
-    "rms_dp": r"RMS Δp +: +" + _NUM + r" ± +" + _NUM + " %",
-    "top1": r"Same top p: +" + _NUM + r" ± +" + _NUM + " %",
+    "rms_dp": r"RMS Δp +: +" + _PAIR + " %",
+    "top1": r"Same top p: +" + _PAIR + " %",
 }
 
 
