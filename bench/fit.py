@@ -4,14 +4,17 @@ A generated checkpoint at V4-Flash's hidden width (`bench_models.REAL_CONFIG`: r
 convert eight times in minutes on two cores (CONFIG: 8 heads in 2 output groups, 4 experts top-2 of width 512;
 ~230 M weights with the MTP block, under the built-in model cap). FP4 experts, FP8 dense; random
 weights, so its layers do not differ in how much they matter except through the activations the calibration text
-gives them (not made to differ on purpose: that needs a weight-scaling option in the generator). It is converted
-with each fixed recipe EXPERTS/DENSE, and with `dsv4 quantize --size B` where B is that recipe's file size; both
-with the same importance matrix (`dsv4 imatrix` of the lossless conversion) and both measured by `dsv4 eval`
-against the lossless reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per budget: sizes,
-KLD mean and top-1 agreement of each. The comparison with llama.cpp's `llama-quantize` mixes that issue 22 asks
-for needs `llama-quantize` in the engine build, which it does not have yet.
+gives them (not made to differ on purpose: that needs a weight-scaling option in the generator). Each baseline is
+either llama.cpp's own `llama-quantize` (from `dsv4 engine build`) at one of its named mixes (`lq:Q2_K`), applied to
+the lossless conversion with BF16 dense tensors (`--allow-requantize` for its MXFP4 experts; without an imatrix,
+since llama-quantize's imatrix path stops at deepseek4's grouped output projection), or a fixed dsv4 recipe
+EXPERTS/DENSE (with the importance matrix). Against each: `dsv4 quantize --size B`, B the baseline's file size,
+with the importance matrix of `dsv4 imatrix` on the lossless conversion. Both are measured by `dsv4 eval` against
+the lossless reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per budget: sizes, KLD
+mean and top-1 agreement of each.
 
-    .venv/bin/python bench/fit.py [--models DIR] [--recipes q2_k/q4_k,q3_k/q4_k] [--ctx 128] [--chunks 4] [--json]
+    .venv/bin/python bench/fit.py [--models DIR] [--recipes lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS,q4_0/q4_k] [--ctx 128]
+                                  [--chunks 4] [--json]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +40,11 @@ CONFIG = {**REAL_CONFIG, "num_attention_heads": 8, "index_n_heads": 8, "o_groups
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
-    parser.add_argument("--recipes", default="q2_k/q4_k,q3_k/q4_k,q4_0/q4_k", help="fixed EXPERTS/DENSE,...")
+    parser.add_argument(
+        "--recipes",
+        default="lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS",
+        help="baselines: lq:MIX (llama-quantize's named mix) or a fixed dsv4 EXPERTS/DENSE, comma-separated",
+    )
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--json", action="store_true")
@@ -49,7 +57,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    head = f"{'fixed recipe':<14}{'MiB':>8}{'KLD mean':>11}{'top-1':>8}  |"
+    head = f"{'baseline':<14}{'MiB':>8}{'KLD mean':>11}{'top-1':>8}  |"
     print(head + f"{'fitted MiB':>11}{'KLD mean':>11}{'top-1':>8}")
     for r in rows:
         f, d = r["fixed"], r["fitted"]
@@ -65,17 +73,20 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
     from dsv4cli.models.imatrix import make_imatrix
     from quant.convert import QuantOptions, quantize_checkpoint
 
-    convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG)  # eval's reference, converted here (same converter)
+    reference = convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG)  # eval's reference, same converter
     lossless = convert(folder, "mxfp4", "q8_0", name=NAME, config=CONFIG)
     matrix, _, _ = make_imatrix(str(lossless), max_chunks=chunks)
     checkpoint = folder / NAME
     measured = measure_fit(checkpoint, QuantOptions(), matrix)
     rows = []
     for recipe in recipes:
-        experts, dense = recipe.split("/")
-        fixed = folder / f"{NAME}-{experts}-{dense}-imatrix.gguf"
-        if not fixed.is_file():
-            quantize_checkpoint(checkpoint, fixed, QuantOptions(experts=experts, dense=dense, imatrix=str(matrix)))
+        if recipe.startswith("lq:"):
+            fixed = llama_quantize(reference, folder / f"{NAME}-llama-quantize-{recipe[3:]}.gguf", recipe[3:])
+        else:
+            experts, dense = recipe.split("/")
+            fixed = folder / f"{NAME}-{experts}-{dense}-imatrix.gguf"
+            if not fixed.is_file():
+                quantize_checkpoint(checkpoint, fixed, QuantOptions(experts=experts, dense=dense, imatrix=str(matrix)))
         budget = fixed.stat().st_size
         if budget >= measured.lossless:
             print_note(f"{recipe}: {budget} bytes is not below the lossless {measured.lossless}; skipped")
@@ -85,6 +96,23 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
             quantize_checkpoint(checkpoint, fitted, fit_measured(measured, budget, QuantOptions()).options)
         rows.append({"recipe": recipe, "fixed": evaluate(fixed, ctx, chunks), "fitted": evaluate(fitted, ctx, chunks)})
     return rows
+
+
+def llama_quantize(source: Path, out: Path, mix: str) -> Path:
+    """`source` requantized by the engine build's llama-quantize to its named mix (kept once written)."""
+    from dsv4cli.toolchain.build import installed_engine
+
+    engine = installed_engine()
+    if engine is None or not engine.tool("llama-quantize").is_file():
+        sys.exit("bench/fit.py: lq: baselines need llama-quantize: run `dsv4 engine build`")
+    if not out.is_file():
+        partial = out.with_name(out.name + ".partial")
+        argv = [str(engine.tool("llama-quantize")), "--allow-requantize", str(source), str(partial), mix, "2"]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench/fit.py: llama-quantize {mix} failed: {done.stderr[-800:]}")
+        partial.replace(out)
+    return out
 
 
 def evaluate(model: Path, ctx: int, chunks: int) -> dict:

@@ -23,7 +23,7 @@ def build(
     ] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Build llama-server, ggml-rpc-server, llama-bench and llama-perplexity from the pinned llama.cpp (cached)."""
+    """Build llama-server and its tools (rpc-server, bench, perplexity, quantize) from the pinned llama.cpp (cached)."""
     from dsv4cli.toolchain.build import build_engine
 
     live = err.is_terminal or os.environ.get("DSV4_PROGRESS") == "1"

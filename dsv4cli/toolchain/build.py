@@ -32,7 +32,7 @@ from dsv4cli.system.hardware import cpu_flags
 from dsv4cli.toolchain.logs import log_tail
 
 PACKAGE = "llama-cpp-python"
-TARGETS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-perplexity")
+TARGETS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-perplexity", "llama-quantize")
 SERVER = "llama-server"
 
 # Static binaries (no rpath into the build tree) so the finished folder can be moved into place; no network at
