@@ -61,14 +61,13 @@ def main() -> None:
     print(head + f"{'fitted MiB':>11}{'KLD mean':>11}{'top-1':>8}")
     for r in rows:
         f, d = r["fixed"], r["fitted"]
-        print(
-            f"{r['recipe']:<14}{f['bytes'] / 2**20:>8.1f}{f['kld_mean']:>11.5f}{f['top1']:>8.1%}  |"
-            f"{d['bytes'] / 2**20:>11.1f}{d['kld_mean']:>11.5f}{d['top1']:>8.1%}"
-        )
+        fitted = f"{d['bytes'] / 2**20:>11.1f}{d['kld_mean']:>11.5f}{d['top1']:>8.1%}" if d else f"  {r['why']}"
+        print(f"{r['recipe']:<14}{f['bytes'] / 2**20:>8.1f}{f['kld_mean']:>11.5f}{f['top1']:>8.1%}  |{fitted}")
 
 
 def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
     """Per fixed recipe: its file and the fitted one of at most its size, each evaluated."""
+    from dsv4cli.errors import Dsv4Error
     from dsv4cli.models.fit import fit_measured, measure_fit
     from dsv4cli.models.imatrix import make_imatrix
     from quant.convert import QuantOptions, quantize_checkpoint
@@ -93,7 +92,12 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
             continue
         fitted = folder / f"{NAME}-fit-{budget}.gguf"
         if not fitted.is_file():
-            quantize_checkpoint(checkpoint, fitted, fit_measured(measured, budget, QuantOptions()).options)
+            try:
+                options = fit_measured(measured, budget, QuantOptions()).options
+            except Dsv4Error as e:  # below dsv4's smallest mix: the row says so
+                rows.append({"recipe": recipe, "fixed": evaluate(fixed, ctx, chunks), "fitted": None, "why": str(e)})
+                continue
+            quantize_checkpoint(checkpoint, fitted, options)
         rows.append({"recipe": recipe, "fixed": evaluate(fixed, ctx, chunks), "fitted": evaluate(fitted, ctx, chunks)})
     return rows
 
@@ -108,7 +112,7 @@ def llama_quantize(source: Path, out: Path, mix: str) -> Path:
     if not out.is_file():
         partial = out.with_name(out.name + ".partial")
         argv = [str(engine.tool("llama-quantize")), "--allow-requantize", str(source), str(partial), mix, "2"]
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace")
         if done.returncode != 0:
             sys.exit(f"bench/fit.py: llama-quantize {mix} failed: {done.stderr[-800:]}")
         partial.replace(out)

@@ -264,3 +264,15 @@ def _placement_flags(argv: list[str]) -> list[str]:
         elif arg != "--kl-divergence":
             kept.append(arg)
     return kept
+
+
+def test_a_quant_that_copied_the_lossless_keys_is_not_its_own_reference() -> None:
+    """llama-quantize keeps its input's dsv4.* keys and writes its own general.file_type (llama.h: MXFP4_MOE 38,
+    MOSTLY_Q2_K 10): a Q2_K made from the lossless file must not pass for the lossless reference (KLD 0)."""
+    from dsv4cli.eval.reference import is_lossless
+    from quant.gguf_keys import DENSE_KEY, EXPERTS_KEY, FILE_TYPE
+
+    lossless = {EXPERTS_KEY: "mxfp4", DENSE_KEY: "bf16", FILE_TYPE: 38}
+    assert is_lossless(lossless)
+    assert not is_lossless({**lossless, FILE_TYPE: 10})
+    assert not is_lossless({**lossless, DENSE_KEY: "q8_0"})

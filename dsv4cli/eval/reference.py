@@ -17,7 +17,7 @@ from pathlib import Path
 from dsv4cli.errors import UsageError
 from dsv4cli.gguf_io.read import read_header, recipe_of
 from dsv4cli.units import human_bytes
-from quant.gguf_keys import ARCHITECTURE, MERGES, SOURCE_KEY, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
+from quant.gguf_keys import ARCHITECTURE, FILE_TYPE, MERGES, SOURCE_KEY, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
 
 LOSSLESS = {"experts": "mxfp4", "dense": "bf16"}  # for FP4 releases; FP8 experts have no lossless dsv4 recipe
 TOKENIZER_KEYS = (TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS, MERGES)
@@ -62,6 +62,15 @@ def check_comparable(model: Path, ref: Path) -> Vocabulary:
     if a.tokenizer_sha256 != b.tokenizer_sha256:
         raise UsageError(f"cannot compare {model.name} with reference {ref.name}: the tokenizers differ", hint=hint)
     return a
+
+
+def is_lossless(fields: dict) -> bool:
+    """dsv4's lossless conversion as dsv4 wrote it: the recipe keys and the file type agree. llama-quantize copies
+    its input's dsv4.* keys into the quant it writes but sets its own general.file_type, so a Q2_K made from the
+    lossless file must not pass for it (or be taken as its own reference, KLD 0)."""
+    from quant.recipes import RECIPES
+
+    return recipe_of(fields) == LOSSLESS and fields.get(FILE_TYPE) == RECIPES[LOSSLESS["experts"]].ftype
 
 
 def default_reference(model: Path, *, note: Callable[[str], None]) -> Reference:
@@ -109,7 +118,7 @@ def _lossless(model: Path, folder: Path, *, note: Callable[[str], None]) -> Refe
     from quant.files import load_json_object
 
     what = f"the lossless conversion of {folder.name} (MXFP4 experts, BF16 dense)"
-    if recipe_of(read_header(model).fields) == LOSSLESS:
+    if is_lossless(read_header(model).fields):
         return Reference(model, model.name, f"{what} is the model itself: KLD is 0 by construction")
     try:
         facts = facts_of(load_json_object(folder / "config.json"))
@@ -125,7 +134,7 @@ def _lossless(model: Path, folder: Path, *, note: Callable[[str], None]) -> Refe
         )
     for candidate in _converted_ggufs(model.parent, gguf_dir()):
         found = read_header(candidate).fields
-        if found.get(SOURCE_KEY) == folder.name and recipe_of(found) == LOSSLESS:
+        if found.get(SOURCE_KEY) == folder.name and is_lossless(found):
             return Reference(candidate, candidate.name, f"{what}: {candidate}")
     out = model.parent / f"{folder.name}-{LOSSLESS['experts']}-{LOSSLESS['dense']}.gguf"
     note(f"making the reference: {what} -> {out}")
