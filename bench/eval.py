@@ -12,10 +12,12 @@ order of the recipes is what this shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench_models import REAL_CONFIG
@@ -38,21 +40,33 @@ def convert(folder: Path, experts: str, dense: str, *, name: str = "bench-real",
     return out
 
 
+def parse_args(doc: str | None, recipes: str, recipes_help: str) -> argparse.Namespace:
+    """The flags bench/eval.py and bench/fit.py share: where models are kept, which recipes, context and chunks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
+    parser.add_argument("--recipes", default=recipes, help=recipes_help)
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def models_folder(models: Path | None) -> Iterator[Path]:
+    """`--models`, or a temporary folder for this run; the dsv4 home (eval's caches) inside it unless one is set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = models or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("DSV4_HOME", str(folder / "home"))
+        yield folder
+
+
 def main() -> None:
     from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
     every = [f"{e}/{d}" for e in EXPERT_RECIPES for d in DENSE_RECIPES if (e, d) != ("mxfp4", "bf16")]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
-    parser.add_argument("--recipes", default=",".join(every), help="EXPERTS/DENSE,... (default: every recipe)")
-    parser.add_argument("--ctx", type=int, default=128)
-    parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.models or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("DSV4_HOME", str(folder / "home"))
+    args = parse_args(__doc__, ",".join(every), "EXPERTS/DENSE,... (default: every recipe)")
+    with models_folder(args.models) as folder:
         rows = [measure(folder, recipe, args.ctx, args.chunks) for recipe in args.recipes.split(",")]
     if args.json:
         print(json.dumps(rows, indent=2))

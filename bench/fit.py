@@ -19,16 +19,13 @@ mean and top-1 agreement of each.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench_models import REAL_CONFIG
-from eval import convert, print_note
+from eval import convert, models_folder, parse_args, print_note
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,21 +35,12 @@ CONFIG = {**REAL_CONFIG, "num_attention_heads": 8, "index_n_heads": 8, "o_groups
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
-    parser.add_argument(
-        "--recipes",
-        default="lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS",
-        help="baselines: lq:MIX (llama-quantize's named mix) or a fixed dsv4 EXPERTS/DENSE, comma-separated",
+    args = parse_args(
+        __doc__,
+        "lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS",
+        "baselines: lq:MIX (llama-quantize's named mix) or a fixed dsv4 EXPERTS/DENSE, comma-separated",
     )
-    parser.add_argument("--ctx", type=int, default=128)
-    parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.models or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("DSV4_HOME", str(folder / "home"))
+    with models_folder(args.models) as folder:
         rows = run(folder, args.recipes.split(","), args.ctx, args.chunks)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pull_lock import hold_pull_lock
 
 from tests.conftest import GGUF_REPO, GGUF_TAG
 
@@ -122,20 +123,7 @@ def test_rm_refuses_a_model_a_running_server_holds(dsv4, home) -> None:
 @pytest.mark.slow
 def test_rm_waits_for_a_running_pull_of_the_folder(home) -> None:
     folder = home / "models" / "test-org--tiny-GGUF"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from dsv4cli.hub import safe_paths\n"
-            "with safe_paths.folder_lock(Path(sys.argv[1]), '.dsv4-pull.lock', what='pull', on_wait=print):\n"
-            "    print('locked', flush=True); sys.stdin.readline()",
-            str(folder),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "locked"
+    holder = hold_pull_lock(sys.executable, folder)
     rm = subprocess.Popen(
         [sys.executable, "-m", "dsv4cli", "rm", TAGGED, "--yes"], stderr=subprocess.PIPE, text=True, env=os.environ
     )

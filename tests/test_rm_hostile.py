@@ -7,11 +7,11 @@ The expectation is the disk itself: every file not belonging to the named model 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
+from pull_lock import hold_pull_lock
 
 
 def _manifest(folder: Path, files: dict[str, bytes]) -> None:
@@ -101,21 +101,8 @@ def test_a_download_in_progress_is_refused_at_once(dsv4, home: Path, python: str
     folder = home / "models" / "org--half"
     (folder / ".dsv4-partial").mkdir(parents=True)
     (folder / ".dsv4-partial" / "model.safetensors.part").write_bytes(b"x" * 10)
-    holder = subprocess.Popen(
-        [
-            python,
-            "-c",
-            "import sys; from pathlib import Path; from dsv4cli.hub import safe_paths\n"
-            "with safe_paths.folder_lock(Path(sys.argv[1]), '.dsv4-pull.lock', what='pull', on_wait=print):\n"
-            "    print('locked', flush=True); sys.stdin.readline()",
-            str(folder),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_pull_lock(python, folder)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         for target in ("org/half", str(folder), str(folder / ".dsv4-partial")):
             _refused(dsv4, target, "downloading into it now")
         assert (folder / ".dsv4-partial" / "model.safetensors.part").exists()
