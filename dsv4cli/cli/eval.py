@@ -21,6 +21,7 @@ from dsv4cli.cli.options import (
     VramOpt,
     placement,
 )
+from dsv4cli.eval.text import MIN_CTX
 from dsv4cli.ui import err, note, out, print_json
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         text: Annotated[
             Path | None, typer.Option("--text", help="UTF-8 text to score (default: the built-in mixed text).")
         ] = None,
-        ctx: Annotated[int, typer.Option("--ctx", min=16, max=131072, help="Tokens per scored chunk.")] = 512,
+        ctx: Annotated[int, typer.Option("--ctx", min=MIN_CTX, max=131072, help="Tokens per scored chunk.")] = 512,
         chunks: Annotated[
             int | None, typer.Option("--chunks", min=1, help="Score at most this many chunks (default: all).")
         ] = None,

@@ -89,6 +89,9 @@ def evaluate(
         placement = Placement(**{**placement.__dict__, "ctx": options.ctx})
     prepared = prepare(model, placement, note=note)
     gguf = prepared.gguf
+    text = load_text(options.text)  # a text too short is refused before a reference is made or loaded
+    tokens = count_tokens(gguf, text.text)  # the reference must share this tokenizer (check_comparable)
+    chunks = chunks_for(tokens, options.ctx, options.chunks, text)
     if options.ref is None:
         reference = default_reference(gguf, note=note)
         ref_prepared = prepare(file_ref(reference.gguf), placement, note=note)
@@ -97,9 +100,6 @@ def evaluate(
         reference = Reference(ref_prepared.gguf, options.ref.text, f"{options.ref.text} (--ref)")
     vocab = check_comparable(gguf, reference.gguf)
     note(f"reference: {reference.why}")
-    text = load_text(options.text)
-    tokens = count_tokens(reference.gguf, text.text)
-    chunks = chunks_for(tokens, options.ctx, options.chunks, text)
     logs = dsv4_home() / "logs"
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     ref_files = tuple(sorted(reference.gguf.parent.glob(_shards_glob(reference.gguf)))) or (reference.gguf,)

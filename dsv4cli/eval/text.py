@@ -10,6 +10,7 @@ from dsv4cli.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
 BUILTIN = "mixed-v1"  # English prose, code, LaTeX mathematics and Chinese: data/README.md
+MIN_CTX = 16  # the smallest --ctx eval accepts
 MAX_TEXT_BYTES = 64 << 20  # llama-perplexity holds the text and its tokens in memory
 
 
@@ -50,6 +51,8 @@ def chunks_for(tokens: int, ctx: int, wanted: int | None, text: EvalText) -> int
         raise UsageError(
             f"the evaluation text ({text.name}) is {tokens} tokens for this model; --ctx {ctx} needs at least "
             f"{2 * ctx}",
-            hint=f"lower --ctx (at most {tokens // 2}) or give a longer --text",
+            hint=f"lower --ctx (at most {tokens // 2}) or give a longer --text"
+            if tokens // 2 >= MIN_CTX
+            else f"give a longer --text (at least {2 * MIN_CTX} tokens, with --ctx {MIN_CTX})",
         )
     return min(tokens // ctx, wanted) if wanted else tokens // ctx
