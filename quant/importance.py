@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quant.fit_groups import KEEP, group_kind
 from quant.imatrix import Imatrix
 from quant.mapping import TensorPlan, fit_type, nbytes_of
 from quant.quantizers import dequantize, quantize
-from quant.recipes import DENSE, EXPERTS, RECIPES
+from quant.recipes import BY_TYPE, DENSE, EXPERTS, RECIPES
 from quant.source import SourceTensors
 
 SAMPLE_ROWS = 64
@@ -41,9 +42,10 @@ class Option:
 
 def candidates(group: str, *, imatrix: bool) -> tuple[str, ...]:
     """The registered recipes a group may take, smallest first; the i-quants only with an importance matrix."""
-    if group.startswith("experts."):
+    kind = group_kind(group)
+    if kind == "experts":
         fits = [r for r in RECIPES.values() if EXPERTS in r.roles]
-    elif group in ("embeddings", "output"):
+    elif kind in ("embeddings", "output"):
         fits = [r for r in RECIPES.values() if DENSE in r.roles and not r.needs_imatrix]
         fits = [r for r in fits if r.bits_per_weight >= ROOT_MIN_BITS]
     else:
@@ -76,7 +78,7 @@ def measure(
     experts_per_token: int,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[Option]]:
-    """Every group's options (size and measured loss for each candidate recipe)."""
+    """Every group's options (size and measured loss for each candidate recipe, and keeping the lossless types)."""
     out: dict[str, list[Option]] = {}
     for group, members in groups.items():
         if progress:
@@ -84,6 +86,7 @@ def measure(
         names = candidates(group, imatrix=imatrix is not None)
         losses = dict.fromkeys(names, 0.0)
         sizes = dict.fromkeys(names, 0)
+        kept = Option(KEEP, 0, 0.0)
         for plan in members:
             for name in names:
                 sizes[name] += nbytes_of(plan.spec.ne, fit_type(RECIPES[name].ggml_type, plan.spec.ne[0]))
@@ -91,7 +94,13 @@ def measure(
             found = _tensor_losses(source, plan, names, importance, imatrix, fp4_lossless, experts_per_token)
             for name, loss in found.items():
                 losses[name] += loss
-        out[group] = [Option(n, sizes[n], losses[n]) for n in names]
+            as_laid_out = BY_TYPE.get(plan.spec.ggml_type)  # Q8_0 or MXFP4: a candidate; BF16 and F32 lose nothing
+            loss = found.get(as_laid_out.name, 0.0) if as_laid_out is not None else 0.0
+            kept = Option(KEEP, kept.nbytes + plan.spec.nbytes, kept.loss + loss)
+        options = [Option(n, sizes[n], losses[n]) for n in names]
+        # keeping the lossless types is an option where it is larger than every candidate (BF16 or F32 tensors:
+        # compressors, hyper-connection mixers, embeddings, head), so budgets up to the lossless size can fill
+        out[group] = options + ([kept] if kept.nbytes > max(o.nbytes for o in options) else [])
     return out
 
 

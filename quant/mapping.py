@@ -20,7 +20,7 @@ from quant.archs import ARCHS
 from quant.archs.base import BF16, CONCAT, DENSE, EXPERTS, F32, I32, Dims, Row, block_dims
 from quant.config import facts_of
 from quant.errors import CheckpointError, UnsupportedError
-from quant.fit_groups import fit_group
+from quant.fit_groups import KEEP, fit_group
 from quant.gguf_keys import BOOL, FLOAT32, FLOAT32_ARRAY, INT32_ARRAY, STRING, UINT32
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES, RECIPES, check_recipe, fallback_type
 
@@ -166,7 +166,7 @@ class _Builder:
         else:
             wanted, kind = (self.experts if row.stored == EXPERTS else self.dense), _KIND[row.stored]
         group = fit_group(name)
-        if group in self.mix:
+        if self.mix.get(group, KEEP) != KEEP:
             wanted = RECIPES[self.mix[group]].ggml_type
         sources: list[str] = []
         for source in row.sources:
