@@ -25,15 +25,25 @@ from bench_models import REAL_CONFIG
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def convert(folder: Path, experts: str, dense: str, *, name: str = "bench-real", config: dict = REAL_CONFIG) -> Path:
-    """The generated checkpoint `name` (`config`) converted with one recipe (kept in `folder` once written)."""
+def convert(
+    folder: Path,
+    experts: str,
+    dense: str,
+    *,
+    name: str = "bench-real",
+    config: dict = REAL_CONFIG,
+    layer_gains: tuple[float, ...] = (),
+) -> Path:
+    """The generated checkpoint `name` (`config`, `layer_gains`) converted with one recipe (kept in `folder` once
+    written)."""
     from dsv4cli.models.registry import ModelSpec
     from dsv4cli.models.tiny import write_tiny_checkpoint
     from quant.convert import QuantOptions, quantize_checkpoint
 
     checkpoint = folder / name
     if not (checkpoint / "config.json").is_file():
-        write_tiny_checkpoint(ModelSpec(name=name, builtin=True, config=config), checkpoint, max_params=None)
+        spec = ModelSpec(name=name, builtin=True, config=config)
+        write_tiny_checkpoint(spec, checkpoint, max_params=None, layer_gains=layer_gains)
     out = folder / f"{name}-{experts}-{dense}.gguf"
     if not out.is_file():
         quantize_checkpoint(checkpoint, out, QuantOptions(experts=experts, dense=dense))

@@ -29,7 +29,8 @@ from eval import convert, models_folder, parse_args, print_note
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-NAME = "bench-fit"
+NAME = "bench-fit-gains"
+LAYER_GAINS = (4.0, 1.0, 0.25)  # what each layer writes into the residual stream, times the generator's default
 CONFIG = {**REAL_CONFIG, "num_attention_heads": 8, "index_n_heads": 8, "o_groups": 2, "n_routed_experts": 4,
           "num_experts_per_tok": 2, "moe_intermediate_size": 512}  # fmt: skip
 
@@ -60,8 +61,9 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
     from dsv4cli.models.imatrix import make_imatrix
     from quant.convert import QuantOptions, quantize_checkpoint
 
-    reference = convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG)  # eval's reference, same converter
-    lossless = convert(folder, "mxfp4", "q8_0", name=NAME, config=CONFIG)
+    # eval's reference and the lossless quant, by the same converter
+    reference = convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG, layer_gains=LAYER_GAINS)
+    lossless = convert(folder, "mxfp4", "q8_0", name=NAME, config=CONFIG, layer_gains=LAYER_GAINS)
     matrix, _, _ = make_imatrix(str(lossless), max_chunks=chunks)
     checkpoint = folder / NAME
     measured = measure_fit(checkpoint, QuantOptions(), matrix)

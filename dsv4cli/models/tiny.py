@@ -109,13 +109,15 @@ class _Builder:
     def f32(self, name: str, shape: tuple[int, ...], *, std: float = PROJ_STD, mean: float = 0.0) -> None:
         self.tensors[name] = ("F32", _normal(name, shape, std=std, mean=mean))
 
-    def fp8(self, stem: str, shape: tuple[int, int], *, block: int | tuple[int, int] | None = None) -> None:
-        weight, scale = quantize_fp8_block(_normal(stem, shape, std=PROJ_STD), self.block if block is None else block)
+    def fp8(
+        self, stem: str, shape: tuple[int, int], *, block: int | tuple[int, int] | None = None, std: float = PROJ_STD
+    ) -> None:
+        weight, scale = quantize_fp8_block(_normal(stem, shape, std=std), self.block if block is None else block)
         self.tensors[f"{stem}.weight"] = ("F8_E4M3", weight)
         self.tensors[f"{stem}.scale"] = ("F8_E8M0", scale)
 
-    def fp4(self, stem: str, shape: tuple[int, int]) -> None:
-        packed, scale = quantize_fp4_e2m1(_normal(stem, shape, std=PROJ_STD))
+    def fp4(self, stem: str, shape: tuple[int, int], *, std: float = PROJ_STD) -> None:
+        packed, scale = quantize_fp4_e2m1(_normal(stem, shape, std=std))
         self.tensors[f"{stem}.weight"] = ("I8", packed)
         self.tensors[f"{stem}.scale"] = ("F8_E8M0", scale)
 
@@ -125,8 +127,12 @@ class _Builder:
         self.tensors[name] = ("I64", order[:, :top_k].astype(np.int64))
 
 
-def _block(b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int, ratio: int, v41: bool) -> None:
-    """One transformer block (main layer or MTP stage) with prefix `p` (docs/formats.md §Checkpoint layout)."""
+def _block(
+    b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int, ratio: int, v41: bool, gain: float = 1.0
+) -> None:
+    """One transformer block (main layer or MTP stage) with prefix `p` (docs/formats.md §Checkpoint layout); `gain`
+    scales the projections that write into the residual stream (attention output, shared and routed down)."""
+    out_std = PROJ_STD * gain
     b.norm(f"{p}attn_norm.weight", s.hidden)
     b.norm(f"{p}ffn_norm.weight", s.hidden)
     b.f32(f"{p}attn.attn_sink", (s.heads,))
@@ -136,7 +142,7 @@ def _block(b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int
     b.fp8(f"{p}attn.wq_b", (s.heads * s.head_dim, s.q_rank))
     b.fp8(f"{p}attn.wkv", (s.head_dim, s.hidden))
     b.fp8(f"{p}attn.wo_a", (s.o_groups * s.o_rank, s.heads * s.head_dim // s.o_groups))
-    b.fp8(f"{p}attn.wo_b", (s.hidden, s.o_groups * s.o_rank))
+    b.fp8(f"{p}attn.wo_b", (s.hidden, s.o_groups * s.o_rank), std=out_std)
     for sub in ("attn", "ffn"):
         b.f32(f"{p}hc_{sub}_fn", (s.mix, s.hc * s.hidden))
         b.f32(f"{p}hc_{sub}_base", (s.mix,), std=0.1)
@@ -148,12 +154,12 @@ def _block(b: _Builder, p: str, s: _Shapes, facts: dict[str, Any], *, layer: int
         b.f32(f"{p}ffn.gate.bias", (s.experts,), std=0.0)
     shared = s.inter * s.shared
     b.fp8(f"{p}ffn.shared_experts.w1", (shared, s.hidden))
-    b.fp8(f"{p}ffn.shared_experts.w2", (s.hidden, shared))
+    b.fp8(f"{p}ffn.shared_experts.w2", (s.hidden, shared), std=out_std)
     b.fp8(f"{p}ffn.shared_experts.w3", (shared, s.hidden))
     expert = b.fp4 if facts["expert_dtype"] == "fp4" else b.fp8
     for e in range(s.experts):
         expert(f"{p}ffn.experts.{e}.w1", (s.inter, s.hidden))
-        expert(f"{p}ffn.experts.{e}.w2", (s.hidden, s.inter))
+        expert(f"{p}ffn.experts.{e}.w2", (s.hidden, s.inter), std=out_std)
         expert(f"{p}ffn.experts.{e}.w3", (s.inter, s.hidden))
     if v41:
         _v41_attention_extras(b, p, s, facts, layer=layer, ratio=ratio)
@@ -223,7 +229,7 @@ def _check_size(spec: ModelSpec, facts: dict[str, Any], s: _Shapes, max_params: 
         )
 
 
-def _shards(spec: ModelSpec, max_params: int | None) -> list[Tensors]:
+def _shards(spec: ModelSpec, max_params: int | None, gains: tuple[float, ...]) -> list[Tensors]:
     """Shard contents in release order: embed, one per layer, head/norm, MTP stages, then (V4.1) vision, Engram."""
     facts = {**spec.facts, "expert_dtype": spec.expert_dtype}
     s = _Shapes.of(facts)
@@ -239,7 +245,8 @@ def _shards(spec: ModelSpec, max_params: int | None) -> list[Tensors]:
 
     new_shard().bf16("embed.weight", (s.vocab, s.hidden))
     for layer in range(n_layers):
-        _block(new_shard(), f"layers.{layer}.", s, facts, layer=layer, ratio=ratios[layer], v41=v41)
+        gain = gains[layer] if layer < len(gains) else 1.0
+        _block(new_shard(), f"layers.{layer}.", s, facts, layer=layer, ratio=ratios[layer], v41=v41, gain=gain)
     head = new_shard()
     head.bf16("head.weight", (s.vocab, s.hidden))
     head.norm("norm.weight", s.hidden)
@@ -268,18 +275,21 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tiny_checkpoint(spec: ModelSpec, folder: Path, *, max_params: int | None = MAX_PARAMS) -> None:
+def write_tiny_checkpoint(
+    spec: ModelSpec, folder: Path, *, max_params: int | None = MAX_PARAMS, layer_gains: tuple[float, ...] = ()
+) -> None:
     """Write `spec`'s checkpoint into `folder` (replacing it); nothing appears under `folder` until complete.
 
     `max_params` guards registry entries (a models.toml entry must not fill memory and disk); the benchmarks pass
-    None to generate models at V4-Flash's real widths on purpose."""
+    None to generate models at V4-Flash's real widths on purpose. `layer_gains[N]` scales what layer N writes into
+    the residual stream (default 1), so that layers differ in how much they matter (bench/fit.py)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_files(spec, staging, max_params)
+        _write_files(spec, staging, max_params, layer_gains)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -293,8 +303,8 @@ def write_tiny_checkpoint(spec: ModelSpec, folder: Path, *, max_params: int | No
         staging.rename(folder)
 
 
-def _write_files(spec: ModelSpec, staging: Path, max_params: int | None) -> None:
-    shards = _shards(spec, max_params)
+def _write_files(spec: ModelSpec, staging: Path, max_params: int | None, gains: tuple[float, ...]) -> None:
+    shards = _shards(spec, max_params, gains)
     weight_map: dict[str, str] = {}
     total = 0
     for number, tensors in enumerate(shards, start=1):
