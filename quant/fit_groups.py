@@ -36,3 +36,27 @@ def fit_group(name: str) -> str | None:
 def group_kind(group: str) -> str:
     """ "experts" for "experts.7": the kind of tensor a group holds, which decides the types it may take."""
     return group.split(".")[0]
+
+
+_ATTENTION_INPUT = re.compile(
+    r"attn_(q_a|q_b|kv|output_a)|indexer\.(attn_q_b|proj)|(attn|indexer)_compressor_(kv|gate)"
+)
+_FFN_INPUT = re.compile(r"ffn_(gate|up)_(exps|shexp)")
+ATTENTION_OUT, FFN_OUT = "attn_output_b", ("ffn_down_shexp", "ffn_down_exps")  # what a layer adds to the stream
+
+
+def writer_of(name: str) -> str:
+    """The projection that carries tensor `name`'s error into the residual stream (`quant.importance` states every
+    loss in the stream's unit): the attention output for the attention's inputs, compressors and indexer; the down
+    projection for the gate and up of the routed and shared experts; `name` itself for those writers and for the
+    tensors outside a block path (hyper-connection mixers, embeddings, head)."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return name
+    layer, rest = m.group(1), m.group(2)
+    if _ATTENTION_INPUT.fullmatch(rest):
+        return f"blk.{layer}.{ATTENTION_OUT}.weight"
+    found = _FFN_INPUT.fullmatch(rest)
+    if found:
+        return f"blk.{layer}.{FFN_OUT[0] if found.group(2) == 'shexp' else FFN_OUT[1]}.weight"
+    return name
