@@ -1,5 +1,5 @@
-"""`dsv4 quantize --size`: size parsing, the allocation against exhaustive search, and fitted tiny quants that stay
-under budget, load and generate in llama.cpp, and record their mix."""
+"""`dsv4 quantize --size`: size parsing, the allocation against exhaustive search, layers that matter more getting
+more bits, and fitted tiny quants that stay under budget, load and generate in llama.cpp, and record their mix."""
 
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 
 from dsv4cli.errors import UsageError
+from dsv4cli.models.fit import fit_measured, measure_fit
 from dsv4cli.models.quantize import parse_size
-from quant.allocate import allocate
+from dsv4cli.models.registry import get_model
+from dsv4cli.models.tiny import write_tiny_checkpoint
+from quant.allocate import allocate, size_range
+from quant.convert import QuantOptions
+from quant.fit_groups import KEEP, fit_group, writer_of
 from quant.importance import Option
+from quant.mapping import gguf_tensor_specs
+from quant.recipes import RECIPES
 from tests.test_quant_gguf import load_in_llama
 
 
@@ -57,6 +64,28 @@ def _dsv4(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dsv4cli", *argv], capture_output=True, text=True, env=env, timeout=600
     )
+
+
+def test_fit_groups_hold_every_large_matrix_and_its_path_into_the_stream() -> None:
+    specs = gguf_tensor_specs(get_model("deepseek-v4-flash").hf_config())
+    total, outside = sum(s.nbytes for s in specs), [s for s in specs if fit_group(s.name) is None]
+    assert sum(s.nbytes for s in outside) < 1e-3 * total
+    assert all(s.ggml_type in (0, 26) or s.name.endswith("ffn_gate_inp.weight") for s in outside)  # F32, I32, routers
+    names = {s.name for s in specs}
+    assert all(writer_of(s.name) in names for s in specs if fit_group(s.name))
+
+
+def test_a_layer_that_writes_more_into_the_stream_gets_more_bits(tmp_path: Path) -> None:
+    # the tiny model, its layer 0 writing 8x and its layer 3 1/8x what the others write into the residual stream
+    write_tiny_checkpoint(get_model("tiny"), tmp_path / "tiny", layer_gains=(8.0, 1.0, 1.0, 0.125))
+    measured = measure_fit(tmp_path / "tiny", QuantOptions(), None)
+    smallest, _ = size_range(measured.options, measured.fixed)
+    for share in (0.2, 0.4, 0.6):
+        mix = fit_measured(measured, int(smallest + share * (measured.lossless - smallest)), QuantOptions()).options.mix
+        # "kept" (the lossless conversion's BF16/F32) is only offered where it is larger than every type
+        bits = {group: RECIPES[r].bits_per_weight if r != KEEP else np.inf for group, r in mix}
+        for kind in ("experts", "attention", "shared", "hyper"):
+            assert bits[f"{kind}.0"] > bits[f"{kind}.3"], (share, kind, mix)
 
 
 @pytest.mark.slow
