@@ -3,11 +3,12 @@
 Writes a ~2 GB checkpoint in the official layout (the tiny writer with bigger dimensions: one layer per shard,
 FP4 experts, FP8 dense, BF16 embeddings), then in the same run
   1. reads every shard file sequentially (the I/O baseline), and
-  2. converts it with the default recipe in a subprocess whose peak RSS is taken from the kernel.
+  2. converts it with the default recipe (or, with --fitted, measures and writes a `--size` mix halfway between
+     the smallest mix and lossless: K-quants through ggml) in a subprocess whose peak RSS is taken from the kernel.
 Page-cache state is the same for both (caches are dropped before each when running as root).
 Goals: quantize >= 0.6x the baseline's MB/s; peak RSS < 1.5 GB.
 
-Usage: python bench/quantize.py [--dir /tmp/dsv4-bench] [--keep]
+Usage: python bench/quantize.py [--dir /tmp/dsv4-bench] [--keep] [--fitted]
 """
 
 from __future__ import annotations
@@ -46,8 +47,15 @@ BENCH_CONFIG = {
 CONVERT = """
 import sys
 from pathlib import Path
+from dsv4cli.models.fit import fit_measured, measure_fit
+from quant.allocate import size_range
 from quant.convert import QuantOptions, quantize_checkpoint
-r = quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), QuantOptions())
+options = QuantOptions()
+if sys.argv[3] == "fitted":  # `quantize --size` halfway between the smallest mix and lossless: measure, then write
+    measured = measure_fit(Path(sys.argv[1]), options, None)
+    smallest, _ = size_range(measured.options, measured.fixed)
+    options = fit_measured(measured, (smallest + measured.lossless) // 2, options).options
+r = quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), options)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(r.source_bytes, r.seconds, int(hwm.split()[1]) * 1024)
 """
@@ -78,6 +86,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/dsv4-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint for another run")
     parser.add_argument("--repeat", type=int, default=3, help="measurements of each (medians are compared)")
+    parser.add_argument("--fitted", action="store_true", help="convert with --size (halfway to lossless) instead")
     args = parser.parse_args()
     from dsv4cli.models.registry import ModelSpec
     from dsv4cli.models.tiny import write_tiny_checkpoint
@@ -97,7 +106,8 @@ def main() -> None:
         read_rates.append(read_bytes / read_s / 1e6)
         out.unlink(missing_ok=True)
         drop_caches()
-        proc = subprocess.run([sys.executable, "-c", CONVERT, str(folder), str(out)], capture_output=True, text=True)
+        argv = [sys.executable, "-c", CONVERT, str(folder), str(out), "fitted" if args.fitted else "lossless"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(proc.stderr)
         # VmHWM of the converter's own address space: ru_maxrss of a child would include this (larger) parent's
@@ -116,6 +126,7 @@ def main() -> None:
         "ratio_goal": 0.6,
         "peak_rss_MB_max": round(max(peaks) / 1e6, 1),
         "peak_rss_goal_MB": 1500,
+        "conversion": "fitted (--size)" if args.fitted else "lossless",
         "gguf_bytes": out.stat().st_size,
         "load_average": os.getloadavg(),
     }

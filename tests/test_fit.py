@@ -21,9 +21,11 @@ from dsv4cli.models.tiny import write_tiny_checkpoint
 from quant.allocate import allocate, size_range
 from quant.convert import QuantOptions
 from quant.fit_groups import KEEP, fit_group, writer_of
+from quant.gguf_out import temp_dir_for
 from quant.importance import Option
 from quant.mapping import gguf_tensor_specs
 from quant.recipes import RECIPES
+from tests.test_quant_cli import run_quantize, run_until_writing
 from tests.test_quant_gguf import load_in_llama
 
 
@@ -113,6 +115,26 @@ def test_fitted_quants_stay_under_budget_load_and_show(
     compressed = {"compressors.2", "compressors.3"}  # the tiny model compresses layers 2 (ratio 4) and 3 (128)
     layers = {f"{kind}.{n}" for kind in ("experts", "attention", "shared", "hyper") for n in range(4)}
     assert set(shown["fit"]["mix"]) == layers | compressed | {"embeddings", "output"}
+
+
+@pytest.mark.slow
+def test_a_killed_fitted_run_resumes_to_a_byte_identical_file(
+    python: str, tiny_checkpoint: Path, tiny_imatrix: Path, tmp_path: Path
+) -> None:
+    extra = ("--size", "7M", "--imatrix", str(tiny_imatrix), "--split-max-size", "2M")
+    clean = tmp_path / "clean" / "m.gguf"
+    assert run_quantize(python, tiny_checkpoint, clean, *extra).returncode == 0
+    out = tmp_path / "resumed" / "m.gguf"
+    proc = run_until_writing(python, tiny_checkpoint, out, *extra, at_least=1 << 20)
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and temp_dir_for(out).exists()
+    resumed = run_quantize(python, tiny_checkpoint, out, *extra)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after" in resumed.stdout
+    clean_files, resumed_files = sorted(clean.parent.glob("*.gguf")), sorted(out.parent.glob("*.gguf"))
+    assert len(clean_files) == len(resumed_files) > 1
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(clean_files, resumed_files, strict=True))
 
 
 # The tiny model on a machine of MACHINE: no layer fits 1 MiB of VRAM next to the compute buffer (CPU only), and
