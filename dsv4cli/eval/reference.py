@@ -17,7 +17,7 @@ from pathlib import Path
 from dsv4cli.errors import UsageError
 from dsv4cli.gguf_io.read import read_header, recipe_of
 from dsv4cli.units import human_bytes
-from quant.gguf_keys import ARCHITECTURE, FILE_TYPE, MERGES, SOURCE_KEY, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
+from quant.gguf_keys import ARCHITECTURE, MERGES, SOURCE_KEY, TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS
 
 LOSSLESS = {"experts": "mxfp4", "dense": "bf16"}  # for FP4 releases; FP8 experts have no lossless dsv4 recipe
 TOKENIZER_KEYS = (TOKENIZER_MODEL, TOKENIZER_PRE, TOKENS, MERGES)
@@ -65,12 +65,9 @@ def check_comparable(model: Path, ref: Path) -> Vocabulary:
 
 
 def is_lossless(fields: dict) -> bool:
-    """dsv4's lossless conversion as dsv4 wrote it: the recipe keys and the file type agree. llama-quantize copies
-    its input's dsv4.* keys into the quant it writes but sets its own general.file_type, so a Q2_K made from the
-    lossless file must not pass for it (or be taken as its own reference, KLD 0)."""
-    from quant.recipes import RECIPES
-
-    return recipe_of(fields) == LOSSLESS and fields.get(FILE_TYPE) == RECIPES[LOSSLESS["experts"]].ftype
+    """dsv4's lossless conversion as dsv4 wrote it (`recipe_of` checks the file type too: a llama-quantize Q2_K made
+    from the lossless file carries its dsv4.* keys, and must not be taken as its own reference, KLD 0)."""
+    return recipe_of(fields) == LOSSLESS
 
 
 def default_reference(model: Path, *, note: Callable[[str], None]) -> Reference:
@@ -82,7 +79,7 @@ def default_reference(model: Path, *, note: Callable[[str], None]) -> Reference:
     if models_dir().resolve() in model.resolve().parents:
         return _other_quant(model)
     source = fields.get(SOURCE_KEY)
-    if not isinstance(source, str) or recipe_of(fields) is None:
+    if not isinstance(source, str):
         raise UsageError(
             f"{model} records no checkpoint it was converted from, so dsv4 cannot make its lossless reference",
             hint="pass --ref with a higher-precision GGUF of the same model",

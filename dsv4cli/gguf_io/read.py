@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError
 from quant.errors import QuantError
-from quant.gguf_keys import RECIPE_KEYS
+from quant.gguf_keys import FILE_TYPE, RECIPE_KEYS
 
 if TYPE_CHECKING:
     from quant.mapping import TensorSpec
@@ -38,9 +38,16 @@ class GgufHeader:
 
 
 def recipe_of(fields: dict[str, Any]) -> dict[str, str] | None:
-    """{"experts": ..., "dense": ...} from header fields, None unless both are recorded."""
+    """{"experts": ..., "dense": ...} from header fields; None unless both are recorded and general.file_type is the
+    one dsv4 writes for them: llama-quantize copies its input's dsv4.* keys into the quant it writes but sets its
+    own file type, and its Q2_K is not dsv4's lossless recipe."""
+    from quant.recipes import RECIPES
+
     values = {name: fields.get(key) for name, key in RECIPE_KEYS.items()}
-    return values if all(isinstance(v, str) for v in values.values()) else None
+    if not all(isinstance(v, str) for v in values.values()):
+        return None
+    recipe = RECIPES.get(values["experts"])
+    return values if recipe is not None and fields.get(FILE_TYPE) == recipe.ftype else None
 
 
 def read_header(path: Path, *, tokenizer: bool = False) -> GgufHeader:
@@ -71,7 +78,7 @@ def read_recipe(path: Path) -> dict[str, str] | None:
     from quant.gguf_header import read_gguf_header
 
     try:
-        header = read_gguf_header(path, keep=lambda key: key in RECIPE_KEYS.values())
+        header = read_gguf_header(path, keep=lambda key: key in RECIPE_KEYS.values() or key == FILE_TYPE)
     except QuantError:
         return None
     return recipe_of(header.fields)
