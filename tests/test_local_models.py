@@ -78,6 +78,19 @@ def test_show_reports_classes_files_error_summary_and_source(dsv4, home, gguf_re
     assert text.code == 0 and "routed_experts" in text.stdout and "chat template: yes" in text.stdout
 
 
+def test_a_quant_another_tool_made_from_ours_shows_no_dsv4_recipe(dsv4, tiny_gguf: Path, tmp_path: Path) -> None:
+    """llama-quantize copies its input's dsv4.* keys (recipe, expert error, fit) and sets its own file type (Q2_K:
+    10 in llama.h): show and list must not report dsv4's recipe or error summary for the quant it wrote."""
+    from tests.test_chat_gguf_check import rewrite
+
+    other = rewrite(tiny_gguf, tmp_path / "other-Q2_K.gguf", set_={"general.file_type": 10})
+    info = json.loads(dsv4("show", str(other), "--json").stdout)
+    assert info["recipe"] is None and info["expert_error_summary"] is None and info["fit"] is None
+    assert info["chat_template"] is True
+    ours = json.loads(dsv4("show", str(tiny_gguf), "--json").stdout)
+    assert ours["recipe"] == {"experts": "mxfp4", "dense": "q8_0"} and ours["expert_error_summary"] is not None
+
+
 def test_rm_removes_each_kind_and_list_follows(dsv4, home, tiny_gguf) -> None:
     for name in (TAGGED, "other-org/half", tiny_gguf.name, "tiny"):
         result = dsv4("rm", name, "--yes")

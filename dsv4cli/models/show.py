@@ -26,8 +26,9 @@ DIMS = (
 )
 
 
-def _header_extras(path: Path) -> dict[str, Any]:
-    """The chat template's presence and the expert error summary, from a local first shard."""
+def _header_extras(path: Path, *, ours: bool) -> dict[str, Any]:
+    """The chat template's presence, and the expert error summary and fit dsv4 recorded, from a local first shard.
+    Not `ours` (another tool wrote it; llama-quantize copies dsv4.* keys from its input): only the template."""
     from quant.gguf_header import read_gguf_header
 
     wanted = {CHAT_TEMPLATE, SUMMARY_KEY, *FIT_KEYS}
@@ -42,8 +43,8 @@ def _header_extras(path: Path) -> dict[str, Any]:
     fitted = {"budget": parsed(BUDGET_KEY), "mix": parsed(MIX_KEY), "imatrix": parsed(IMATRIX_KEY)}
     return {
         "chat_template": CHAT_TEMPLATE in fields,
-        "expert_error_summary": parsed(SUMMARY_KEY),
-        "fit": fitted if any(v is not None for v in fitted.values()) else None,
+        "expert_error_summary": parsed(SUMMARY_KEY) if ours else None,
+        "fit": fitted if ours and any(v is not None for v in fitted.values()) else None,
     }
 
 
@@ -71,7 +72,9 @@ def describe(ref: ModelRef) -> dict[str, Any]:
         row["types"][type_name(t.ggml_type)] += t.nbytes
     local = src.kind == "gguf"
     extras = (
-        _header_extras(src.files[0]) if local else {"chat_template": None, "expert_error_summary": None, "fit": None}
+        _header_extras(src.files[0], ours=src.recipe is not None)
+        if local
+        else {"chat_template": None, "expert_error_summary": None, "fit": None}
     )
     return {
         "name": src.name,
