@@ -95,7 +95,7 @@ def test_plan_and_chat_read_the_recipe_from_the_header(dsv4, tiny_gguf: Path, tm
 
     folder = gguf_dir()
     folder.mkdir(parents=True)
-    decoy = rewrite(tiny_gguf, folder / "tiny-mxfp4-q8_0.gguf", set_={"dsv4.experts": "q4_0"})
+    decoy = rewrite(tiny_gguf, folder / "tiny-mxfp4-q8_0.gguf", set_={"dsv4.experts": "q4_0", "general.file_type": 2})
     real = shutil.copy(tiny_gguf, folder / "tiny-zz.gguf")
     assert resolve_gguf(resolve_model("tiny"), note=print) == Path(real)
 
