@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from quant.errors import CheckpointError
+from quant.errors import CheckpointError, printable
 
 KIB, MIB = 1 << 10, 1 << 20
 # Caps well above the largest real file of each kind (DeepSeek V4's tokenizer.json is ~8 MB, its index ~1 MB).
@@ -30,10 +30,8 @@ PULL_HINT = "the download is incomplete or damaged; run `dsv4 pull MODEL` to com
 
 
 def shown(value: object, limit: int = 120) -> str:
-    """`value` for a one-line message: control characters escaped, cut to `limit` characters."""
-    text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """`value` (a string, else its repr) for a one-line message: `printable`, cut to `limit` characters."""
+    return printable(value if isinstance(value, str) else repr(value), limit=limit)
 
 
 def open_regular(path: Path) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4cli.ui import printable
+from quant.errors import printable
 
 HOSTILE = "evil\x1b[2J\x1b]0;owned\x07\x9b31m\u202eend"
 RAW = ("\x1b", "\x07", "\x9b", "\u202e")

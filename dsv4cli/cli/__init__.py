@@ -15,8 +15,7 @@ import typer
 
 from dsv4cli import __version__
 from dsv4cli.errors import Dsv4Error
-from dsv4cli.ui import printable
-from quant.errors import QuantError
+from quant.errors import QuantError, printable
 
 app = typer.Typer(
     name="dsv4",

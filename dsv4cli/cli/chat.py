@@ -22,7 +22,8 @@ from dsv4cli.cli.options import (
 )
 from dsv4cli.errors import UsageError
 from dsv4cli.load.engines import DEFAULT_ENGINE, ENGINES
-from dsv4cli.ui import err, note, out, print_json, printable
+from dsv4cli.ui import err, note, out, print_json
+from quant.errors import printable
 
 if TYPE_CHECKING:
     from dsv4cli.chat.session import ChatSession, TurnResult

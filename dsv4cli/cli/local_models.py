@@ -10,8 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
-from dsv4cli.ui import err, out, print_json, printable
+from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
+from quant.errors import printable
 
 
 def list_models(json_output: JsonOpt = False) -> None:

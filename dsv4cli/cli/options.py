@@ -19,7 +19,7 @@ import typer
 from dsv4cli.engine.kvcache import KV_TYPES
 from dsv4cli.engine.params import MAX_BATCH, MAX_CTX, MAX_GPUS, MAX_SEQ, max_threads
 from dsv4cli.errors import UsageError
-from dsv4cli.ui import printable
+from quant.errors import printable
 from quant.recipes import DENSE_RECIPES, EXPERT_RECIPES
 
 if TYPE_CHECKING:

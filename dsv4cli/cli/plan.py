@@ -30,8 +30,9 @@ from dsv4cli.cli.options import (
     gib_list,
     in_range,
 )
-from dsv4cli.ui import err, out, print_json, printable
+from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
+from quant.errors import printable
 from quant.recipes import DEFAULT_DENSE, DEFAULT_EXPERTS
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from dsv4cli.models.inventory import LocalModel, list_local
 from dsv4cli.models.local import LOCK_NAME, MANIFEST_NAME, STATE_PREFIX
 from dsv4cli.models.ref import ModelRef
 from dsv4cli.server.records import running_servers
-from dsv4cli.ui import printable
+from quant.errors import printable
 
 LIST_HINT = "`dsv4 list` shows the models dsv4 rm can remove"
 
