@@ -1,17 +1,19 @@
-"""Fitted quants against dsv4's fixed recipes at the same size, on a model at V4-Flash's real widths.
+"""Fitted quants against llama-quantize's named mixes (or dsv4's fixed recipes) at the same size, on a model at
+V4-Flash's real widths whose layers differ on purpose in how much they matter.
 
 A generated checkpoint at V4-Flash's hidden width (`bench_models.REAL_CONFIG`: rows of 4096) made small enough to
-convert eight times in minutes on two cores (CONFIG: 8 heads in 2 output groups, 4 experts top-2 of width 512;
-~230 M weights with the MTP block, under the built-in model cap). FP4 experts, FP8 dense; random
-weights, so its layers do not differ in how much they matter except through the activations the calibration text
-gives them (not made to differ on purpose: that needs a weight-scaling option in the generator). Each baseline is
-either llama.cpp's own `llama-quantize` (from `dsv4 engine build`) at one of its named mixes (`lq:Q2_K`), applied to
-the lossless conversion with BF16 dense tensors (`--allow-requantize` for its MXFP4 experts; without an imatrix,
-since llama-quantize's imatrix path stops at deepseek4's grouped output projection), or a fixed dsv4 recipe
-EXPERTS/DENSE (with the importance matrix). Against each: `dsv4 quantize --size B`, B the baseline's file size,
-with the importance matrix of `dsv4 imatrix` on the lossless conversion. Both are measured by `dsv4 eval` against
-the lossless reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per budget: sizes, KLD
-mean and top-1 agreement of each.
+convert many times in minutes on two cores (CONFIG: 8 heads in 2 output groups, 4 experts top-2 of width 512;
+~230 M weights with the MTP block, under the built-in model cap). FP4 experts, FP8 dense, random weights; the
+projections each layer writes into the residual stream with (attention output, shared and routed down) are drawn
+LAYER_GAINS times wider than the generator's default: layer 0 writes 16x the power of layer 1, layer 2 1/16x.
+Each baseline is either llama.cpp's own `llama-quantize` (from `dsv4 engine build`) at one of its named mixes
+(`lq:Q2_K`), applied to the lossless conversion with BF16 dense tensors (`--allow-requantize` for its MXFP4
+experts; tried with dsv4's importance matrix first, and without when llama-quantize refuses it, as it does at
+deepseek4's grouped output projection: the row says which), or a fixed dsv4 recipe EXPERTS/DENSE (with the
+importance matrix). Against each: `dsv4 quantize --size B`, B the baseline's file size, with the importance
+matrix of `dsv4 imatrix` on the lossless conversion. Both are measured by `dsv4 eval` against the lossless
+reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per budget: sizes, KLD mean and top-1
+agreement of each.
 
     .venv/bin/python bench/fit.py [--models DIR] [--recipes lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS,q4_0/q4_k] [--ctx 128]
                                   [--chunks 4] [--json]
@@ -70,7 +72,7 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
     rows = []
     for recipe in recipes:
         if recipe.startswith("lq:"):
-            fixed = llama_quantize(reference, folder / f"{NAME}-llama-quantize-{recipe[3:]}.gguf", recipe[3:])
+            fixed = llama_quantize(reference, folder / f"{NAME}-llama-quantize-{recipe[3:]}", recipe[3:], matrix)
         else:
             experts, dense = recipe.split("/")
             fixed = folder / f"{NAME}-{experts}-{dense}-imatrix.gguf"
@@ -92,21 +94,39 @@ def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
     return rows
 
 
-def llama_quantize(source: Path, out: Path, mix: str) -> Path:
-    """`source` requantized by the engine build's llama-quantize to its named mix (kept once written)."""
+def llama_quantize(source: Path, stem: Path, mix: str, imatrix: Path) -> Path:
+    """`source` requantized by the engine build's llama-quantize to its named mix, with `imatrix` where it accepts
+    it (STEM-imatrix.gguf), else without (STEM.gguf, and a note saying why); kept once written."""
     from dsv4cli.toolchain.build import installed_engine
 
     engine = installed_engine()
     if engine is None or not engine.tool("llama-quantize").is_file():
         sys.exit("bench/fit.py: lq: baselines need llama-quantize: run `dsv4 engine build`")
-    if not out.is_file():
+
+    def run(out: Path, *flags: str) -> str | None:
+        """Write `out` (None) or say why llama-quantize failed."""
+        if out.is_file():
+            return None
         partial = out.with_name(out.name + ".partial")
-        argv = [str(engine.tool("llama-quantize")), "--allow-requantize", str(source), str(partial), mix, "2"]
-        done = subprocess.run(argv, capture_output=True, text=True, errors="replace")
+        tool = str(engine.tool("llama-quantize"))
+        done = subprocess.run([tool, "--allow-requantize", *flags, str(source), str(partial), mix, "2"],
+                              capture_output=True, text=True, errors="replace")  # fmt: skip
         if done.returncode != 0:
-            sys.exit(f"bench/fit.py: llama-quantize {mix} failed: {done.stderr[-800:]}")
+            partial.unlink(missing_ok=True)
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            return next((line for line in reversed(lines) if "failed to quantize:" in line), lines[-1])
         partial.replace(out)
-    return out
+        return None
+
+    weighted = stem.with_name(stem.name + "-imatrix.gguf")
+    refused = run(weighted, "--imatrix", str(imatrix))
+    if refused is None:
+        return weighted
+    print_note(f"lq:{mix}: without the imatrix, which llama-quantize refuses: {refused}")
+    failed = run(stem.with_name(stem.name + ".gguf"))
+    if failed is not None:
+        sys.exit(f"bench/fit.py: llama-quantize {mix} failed: {failed}")
+    return stem.with_name(stem.name + ".gguf")
 
 
 def evaluate(model: Path, ctx: int, chunks: int) -> dict:
