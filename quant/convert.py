@@ -342,23 +342,32 @@ def _write(
         for written in w.resumed:
             report.expert_errors.extend(ExpertError(**e) for e in written.record)
         done = sum(source.nbytes(s) for p in plans[: len(w.resumed)] for s in p.sources)
-        for plan in plans[len(w.resumed) :]:
-            w.begin(plan.spec.name)
-            source.prefetch(plan.sources)
-            weights = _tensor_importance(importance, plan, options)
-            if plan.kind == "experts":
-                jobs = _expert_jobs(source, plan, fp4_experts, weights)
-            else:
-                jobs = _dense_jobs(source, plan, weights)
-            tensor_errors: list[ExpertError] = []
-            for data, read, errors in _in_order(pool, jobs, window=2 * options.workers):
-                w.append(data)
-                tensor_errors.extend(errors)
-                done += read
-                if progress:
-                    progress(done, report.source_bytes)
-            w.finish([asdict(e) for e in tensor_errors])
-            report.expert_errors.extend(tensor_errors)
+        todo = plans[len(w.resumed) :]
+        jobs = _tagged_jobs(todo, source, fp4_experts, lambda plan: _tensor_importance(importance, plan, options))
+        tensor_errors: list[ExpertError] = []
+        opened = -1  # index in `todo` of the tensor being written
+
+        def open_up_to(index: int) -> None:
+            """Finish the open tensor and begin every one up to `index` (a tensor without rows has no pieces)."""
+            nonlocal opened
+            while opened < index:
+                if opened >= 0:
+                    w.finish([asdict(e) for e in tensor_errors])
+                    report.expert_errors.extend(tensor_errors)
+                    tensor_errors.clear()
+                opened += 1
+                if opened < len(todo):
+                    w.begin(todo[opened].spec.name)
+
+        # one window over every tensor's pieces, so the workers never wait for the last piece of a tensor
+        for index, (data, read, errors) in _in_order(pool, jobs, window=2 * options.workers):
+            open_up_to(index)
+            w.append(data)
+            tensor_errors.extend(errors)
+            done += read
+            if progress:
+                progress(done, report.source_bytes)
+        open_up_to(len(todo))
         summary = json.dumps(report.summary(), separators=(",", ":")).encode()
         w.patch(placeholder, summary.ljust(SUMMARY_WIDTH)[:SUMMARY_WIDTH])
         report.seconds = time.monotonic() - started
@@ -373,15 +382,38 @@ Piece = tuple[np.ndarray, int, list[ExpertError]]
 Job = Callable[[], Piece]
 
 
-def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[Job], *, window: int) -> Iterator[Piece]:
+def _tagged_jobs(
+    plans: list[TensorPlan],
+    source: SourceTensors,
+    fp4_experts: bool,
+    importance_of: Callable[[TensorPlan], np.ndarray | None],
+) -> Iterator[tuple[int, Job]]:
+    """Every tensor's jobs in file order, each with the index of its tensor in `plans`."""
+    for index, plan in enumerate(plans):
+        source.prefetch(plan.sources)
+        weights = importance_of(plan)
+        if plan.kind == "experts":
+            jobs = _expert_jobs(source, plan, fp4_experts, weights)
+        else:
+            jobs = _dense_jobs(source, plan, weights)
+        for job in jobs:
+            yield index, job
+
+
+def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[tuple[int, Job]], *, window: int) -> Iterator[tuple[int, Piece]]:
     """Run jobs on the pool with at most `window` in flight (bounded memory), yielding results in job order."""
-    pending: deque[Future[Piece]] = deque()
-    for job in jobs:
-        pending.append(pool.submit(job))
+    pending: deque[tuple[int, Future[Piece]]] = deque()
+
+    def oldest() -> tuple[int, Piece]:
+        index, future = pending.popleft()
+        return index, future.result()
+
+    for index, job in jobs:
+        pending.append((index, pool.submit(job)))
         if len(pending) >= window:
-            yield pending.popleft().result()
+            yield oldest()
     while pending:
-        yield pending.popleft().result()
+        yield oldest()
 
 
 def _dense_jobs(source: SourceTensors, plan: TensorPlan, weights: np.ndarray | None) -> Iterator[Job]:
