@@ -1,9 +1,9 @@
 """Official safetensors checkpoint -> deepseek4 GGUF, in one streaming pass.
 
-Memory stays bounded by a few tensors whatever the model size: non-expert tensors are converted in row chunks,
-and each stacked expert tensor is produced one expert at a time (a few in flight on a small thread pool,
-`QuantOptions.workers`; numpy and ggml release the GIL) and appended to the output, in order, as soon as it is
-ready. The whole checkpoint is checked (every tensor mapped, every expected tensor present with the right dtype
+Memory stays bounded by a few pieces whatever the model size: non-expert tensors are converted in row chunks,
+and each stacked expert tensor one expert at a time; a few pieces are in flight on a small thread pool
+(`QuantOptions.workers`; numpy and ggml release the GIL), across tensor boundaries, and each is appended to the
+output, in order, as soon as it and those before it are ready. The whole checkpoint is checked (every tensor mapped, every expected tensor present with the right dtype
 and shape) before the output is created.
 """
 
