@@ -3,8 +3,8 @@
 Memory stays bounded by a few pieces whatever the model size: non-expert tensors are converted in row chunks,
 and each stacked expert tensor one expert at a time; a few pieces are in flight on a small thread pool
 (`QuantOptions.workers`; numpy and ggml release the GIL), across tensor boundaries, and each is appended to the
-output, in order, as soon as it and those before it are ready. The whole checkpoint is checked (every tensor mapped, every expected tensor present with the right dtype
-and shape) before the output is created.
+output, in order, as soon as it and those before it are ready. The whole checkpoint is checked (every tensor
+mapped, every expected tensor present with the right dtype and shape) before the output is created.
 """
 
 from __future__ import annotations
