@@ -82,6 +82,18 @@ def test_calibration_cache_is_keyed_and_reused(isolated_env: Path) -> None:
     assert other["assumptions"]["cpu_dense_gemv"]["source"] == "default"
 
 
+@pytest.mark.slow
+def test_calibrate_times_this_machine_and_the_plan_uses_it(dsv4, isolated_env: Path) -> None:
+    """`plan --calibrate` generates its own timing models (larger than a built-in registry entry may be: this was
+    refused as "too large to write") and the plan then takes its CPU figures as measured."""
+    res = dsv4("plan", "tiny", "--calibrate", "--json")
+    assert res.code == 0, res.stderr
+    figures = json.loads(res.stdout)["assumptions"]
+    assert figures["cpu_dense_gemv"]["source"] == figures["cpu_expert_gemv"]["source"] == "measured"
+    assert figures["cpu_dense_gemv"]["value"] > 0 and figures["cpu_expert_gemv"]["value"] > 0
+    assert "--calibrate" not in dsv4("plan", "tiny").stderr
+
+
 def test_reserve_is_kept_free(dsv4) -> None:
     plan = _plan_json(dsv4, "tiny", "--ram", "10", "--reserve", "3")
     ram = next(t for t in plan["tiers"] if t["name"] == "ram")

@@ -170,7 +170,7 @@ def calibration_model(folder: Path, name: str, *, experts: str, dense: str) -> P
     tiny = get_model("tiny")
     spec = ModelSpec(name=f"calibration-{name}", builtin=True, config={**tiny.config, **SHAPES[name]})
     checkpoint = folder / "calibration" / f".{name}-{experts}-{dense}.checkpoint"
-    write_tiny_checkpoint(spec, checkpoint)
+    write_tiny_checkpoint(spec, checkpoint, max_params=None)  # our own shapes, larger than a registry entry may be
     try:
         quantize_checkpoint(checkpoint, out, QuantOptions(experts=experts, dense=dense))
     finally:
