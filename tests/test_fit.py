@@ -137,6 +137,24 @@ def test_a_killed_fitted_run_resumes_to_a_byte_identical_file(
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(clean_files, resumed_files, strict=True))
 
 
+@pytest.mark.slow
+def test_a_fitted_quant_has_its_own_name_and_is_never_taken_for_its_base_recipe(dsv4, isolated_env: Path) -> None:
+    from dsv4cli.home import gguf_dir
+    from dsv4cli.models.local import find_gguf
+
+    assert dsv4("pull", "tiny").code == 0
+    res = dsv4("quantize", "tiny", "--size", "7M")
+    assert res.code == 0, res.stderr
+    fitted, lossless = gguf_dir() / "tiny-fit-6.68MiB.gguf", gguf_dir() / "tiny-mxfp4-q8_0.gguf"
+    assert fitted.is_file() and not lossless.exists()  # not in the place of its base recipe's file
+    listed = {m["name"]: m for m in json.loads(dsv4("list", "--json").stdout)}
+    assert listed[fitted.name]["recipe"] == {"experts": "mxfp4", "dense": "q8_0", "fit": "mix"}
+    assert "fitted mix" in dsv4("list").stdout and "fitted mix" in dsv4("show", str(fitted)).stdout
+    assert find_gguf(get_model("tiny"), experts="mxfp4", dense="q8_0") is None  # chat tiny does not load it
+    assert dsv4("quantize", "tiny").code == 0
+    assert find_gguf(get_model("tiny"), experts="mxfp4", dense="q8_0") == lossless
+
+
 # The tiny model on a machine of MACHINE: no layer fits 1 MiB of VRAM next to the compute buffer (CPU only), and
 # host RAM holds the resident part (embedding, KV, compute buffer: about 12 MiB at 256 tokens) and the experts of
 # a mix between the smallest (5.7 MiB) and the lossless (9.2 MiB) quant, within a default reserve of half the RAM.

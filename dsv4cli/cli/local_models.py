@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dsv4cli.cli.options import JsonOpt, ModelArg
+from dsv4cli.gguf_io.read import recipe_label
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.errors import printable
@@ -30,7 +31,7 @@ def list_models(json_output: JsonOpt = False) -> None:
     for column in ("name", "kind", "recipe", "size", "path"):
         table.add_column(column, no_wrap=column != "path", overflow="fold")
     for m in found:
-        recipe = f"{m.recipe['experts']}/{m.recipe['dense']}" if m.recipe else "-"
+        recipe = recipe_label(m.recipe) if m.recipe else "-"
         kind = m.kind + (f" ({m.state})" if m.state != "complete" else "")
         table.add_row(Text(printable(m.name)), kind, recipe, human_bytes(m.bytes), Text(printable(str(m.path))))
     out.print(table)
@@ -49,7 +50,7 @@ def show(model: ModelArg, json_output: JsonOpt = False) -> None:
 
 
 def _render(info: dict[str, Any]) -> None:
-    recipe = f", {info['recipe']['experts']}/{info['recipe']['dense']}" if info["recipe"] else ""
+    recipe = f", {recipe_label(info['recipe'])}" if info["recipe"] else ""
     out.print(printable(f"{info['name']}  ({info['arch']}{recipe}, {human_bytes(info['bytes'])})"), markup=False)
     out.print(printable("  " + ", ".join(f"{k} {v}" for k, v in info["dims"].items())), markup=False)
     table = Table(box=box.SIMPLE_HEAD)

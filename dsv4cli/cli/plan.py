@@ -30,6 +30,7 @@ from dsv4cli.cli.options import (
     gib_list,
     in_range,
 )
+from dsv4cli.gguf_io.read import recipe_label
 from dsv4cli.ui import err, out, print_json
 from dsv4cli.units import human_bytes
 from quant.errors import printable
@@ -136,7 +137,7 @@ def _quote(arg: str) -> str:
 
 def _render(result: Plan) -> None:
     src = result.source
-    what = f"{src.name} ({src.kind}" + (f", {src.recipe['experts']}/{src.recipe['dense']})" if src.recipe else ")")
+    what = f"{src.name} ({src.kind}" + (f", {recipe_label(src.recipe)})" if src.recipe else ")")
     what = escape(printable(what))  # names, hosts and messages below may come from strangers (a file, --rpc)
     gpus = [t for t in result.tiers if t.kind == "gpu"]
     if result.vram_source == "none":

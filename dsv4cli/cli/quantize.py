@@ -143,7 +143,7 @@ def _fitted(model: str, budget: int | None, inputs, options, *, dry_run: bool, j
     from dsv4cli.models.ref import resolve_model
 
     ref = resolve_model(model)
-    folder, _ = resolve_source(ref, experts=options.experts, dense=options.dense)
+    folder, _ = resolve_source(ref, options)
     matrix = Path(options.imatrix) if options.imatrix else cached_imatrix(model)
     with err.status("measuring each tensor group's loss in every candidate type") as status:
         measured = measure_fit(folder, options, matrix, progress=lambda g: status.update(f"measuring {g}"))

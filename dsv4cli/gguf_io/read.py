@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsv4cli.errors import PlanError
 from quant.errors import QuantError
-from quant.gguf_keys import FILE_TYPE, RECIPE_KEYS
+from quant.gguf_keys import FILE_TYPE, MIX_KEY, RECIPE_KEYS
 
 if TYPE_CHECKING:
     from quant.mapping import TensorSpec
@@ -38,16 +38,24 @@ class GgufHeader:
 
 
 def recipe_of(fields: dict[str, Any]) -> dict[str, str] | None:
-    """{"experts": ..., "dense": ...} from header fields; None unless both are recorded and general.file_type is the
-    one dsv4 writes for them: llama-quantize copies its input's dsv4.* keys into the quant it writes but sets its
-    own file type, and its Q2_K is not dsv4's lossless recipe."""
+    """{"experts": ..., "dense": ...} from header fields, with "fit": "mix" for a fitted quant (`quantize --size`:
+    the two names are only its base, so it is never taken for that recipe's file); None unless both are recorded
+    and general.file_type is the one dsv4 writes for them: llama-quantize copies its input's dsv4.* keys into the
+    quant it writes but sets its own file type, and its Q2_K is not dsv4's lossless recipe."""
     from quant.recipes import RECIPES
 
     values = {name: fields.get(key) for name, key in RECIPE_KEYS.items()}
     if not all(isinstance(v, str) for v in values.values()):
         return None
     recipe = RECIPES.get(values["experts"])
-    return values if recipe is not None and fields.get(FILE_TYPE) == recipe.ftype else None
+    if recipe is None or fields.get(FILE_TYPE) != recipe.ftype:
+        return None
+    return {**values, "fit": "mix"} if MIX_KEY in fields else values
+
+
+def recipe_label(recipe: dict[str, str]) -> str:
+    """How a recipe is shown: "mxfp4/q8_0", or "fitted mix"."""
+    return "fitted mix" if recipe.get("fit") else f"{recipe['experts']}/{recipe['dense']}"
 
 
 def read_header(path: Path, *, tokenizer: bool = False) -> GgufHeader:
@@ -78,7 +86,7 @@ def read_recipe(path: Path) -> dict[str, str] | None:
     from quant.gguf_header import read_gguf_header
 
     try:
-        header = read_gguf_header(path, keep=lambda key: key in RECIPE_KEYS.values() or key == FILE_TYPE)
+        header = read_gguf_header(path, keep=lambda key: key in RECIPE_KEYS.values() or key in (FILE_TYPE, MIX_KEY))
     except QuantError:
         return None
     return recipe_of(header.fields)

@@ -33,9 +33,9 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(STATE_PREFIX))
 
 
-def default_gguf_path(spec: ModelSpec, experts: str, dense: str) -> Path:
-    """Where `dsv4 quantize NAME` writes when no `-o` is given; the recipe is part of the name."""
-    return gguf_dir() / f"{spec.slug}-{experts}-{dense}.gguf"
+def default_gguf_path(spec: ModelSpec, tag: str) -> Path:
+    """Where `dsv4 quantize NAME` writes when no `-o` is given; the recipe (`output_tag`) is part of the name."""
+    return gguf_dir() / f"{spec.slug}-{tag}.gguf"
 
 
 def local_ggufs(spec: ModelSpec) -> list[Path]:

@@ -35,10 +35,18 @@ def parse_size(text: str, flag: str = "--split-max-size") -> int:
     return int(float(m.group(1)) * unit)
 
 
-def resolve_source(ref: ModelRef, *, experts: str, dense: str) -> tuple[Path, Path]:
+def output_tag(options: QuantOptions) -> str:
+    """The recipe part of a default output name: "mxfp4-q8_0", or "fit-6.68MiB" for a fitted quant (which must
+    never take the name, or the place, of its base recipe's file)."""
+    if options.budget:
+        return "fit-" + human_bytes(options.budget).replace(" ", "")
+    return f"{options.experts}-{options.dense}"
+
+
+def resolve_source(ref: ModelRef, options: QuantOptions) -> tuple[Path, Path]:
     """(checkpoint folder, default output) for a checkpoint folder or a pulled registry / Hub model."""
     if ref.kind == "checkpoint":
-        return ref.path, ref.path.parent / f"{ref.path.name}-{experts}-{dense}.gguf"
+        return ref.path, ref.path.parent / f"{ref.path.name}-{output_tag(options)}.gguf"
     if ref.kind == "gguf":
         what = "a GGUF file (already quantized)" if ref.path.is_file() else "not found"
         raise UsageError(f"{ref.text} is {what}", hint="quantize takes a checkpoint folder or a model name")
@@ -48,14 +56,15 @@ def resolve_source(ref: ModelRef, *, experts: str, dense: str) -> tuple[Path, Pa
     if state != "complete":
         what = "partly downloaded" if state == "partial" else "not downloaded"
         raise UsageError(f"model '{spec.name}' is {what} ({folder})", hint=f"run `dsv4 pull {spec.name}` first")
-    return folder, default_gguf_path(spec, experts, dense)
+    return folder, default_gguf_path(spec, output_tag(options))
 
 
 def estimated_bytes(folder: Path, options: QuantOptions) -> int:
     """Output size from the tensor list (exact payload) plus a header allowance."""
     try:
         config = load_json_object(folder / "config.json")
-        specs = gguf_tensor_specs(config, experts=options.experts, dense=options.dense, mtp=options.mtp)
+        mix = dict(options.mix)
+        specs = gguf_tensor_specs(config, experts=options.experts, dense=options.dense, mtp=options.mtp, mix=mix)
     except (OSError, ValueError, QuantError):
         return 0  # the converter reports a bad config with its file name and a hint
     return sum(s.nbytes for s in specs) + HEADER_ALLOWANCE
@@ -71,7 +80,7 @@ def quantize(
 ) -> QuantReport:
     """Convert MODEL into a GGUF; raises before writing anything when the output exists or the disk is too small."""
     ref = resolve_model(model) if isinstance(model, str) else model
-    folder, default_out = resolve_source(ref, experts=options.experts, dense=options.dense)
+    folder, default_out = resolve_source(ref, options)
     out = (output or default_out).expanduser().resolve()
     if out.suffix != ".gguf":
         raise UsageError(f"-o {out}: the output name must end in .gguf")

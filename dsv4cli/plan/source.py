@@ -75,4 +75,4 @@ def load_source(ref: ModelRef | str, inputs: PlanInputs) -> ModelSource:
     if quantized:
         return read_gguf(quantized)
     estimate = estimate_from_config(spec.hf_config(), name=spec.name, experts=inputs.experts, dense=inputs.dense)
-    return dataclasses.replace(estimate, target=default_gguf_path(spec, inputs.experts, inputs.dense))
+    return dataclasses.replace(estimate, target=default_gguf_path(spec, f"{inputs.experts}-{inputs.dense}"))

@@ -50,7 +50,7 @@ def disk_hints(plan: Plan, reserve_gib: float | None) -> list[str]:
     total = need + reserve_gib * GIB if reserve_gib is not None else max(need + 2 * GIB, need / 0.9)
     hints = [f"{gib(total)} of RAM would hold every weight (--ram {math.ceil(total / GIB)}, reserve included)"]
     recipe = plan.source.recipe or {"experts": plan.inputs.experts, "dense": plan.inputs.dense}
-    if recipe.get("experts") in EXPERT_RECIPES and recipe.get("dense") in DENSE_RECIPES:
+    if not recipe.get("fit") and recipe.get("experts") in EXPERT_RECIPES and recipe.get("dense") in DENSE_RECIPES:
         sizes = recipe_bytes(plan.source.tensors, recipe, plan.source.dims.n_layer)
         now = sizes[(recipe["experts"], recipe["dense"])]
         plain = [(size, r) for r, size in sizes.items() if not any(RECIPES[name].needs_imatrix for name in r)]
