@@ -103,6 +103,20 @@ def test_probe_reports_version_and_budget(start_worker) -> None:
     assert info.rtt_s > 0 and info.bandwidth_gbs > 0
 
 
+def test_a_budget_above_what_is_free_is_said_and_never_promised(engine, tmp_path: Path, monkeypatch) -> None:
+    from dsv4cli.rpc.worker import WorkerOptions, start_worker
+
+    monkeypatch.setenv("DSV4_HOME", str(tmp_path))
+    notes: list[str] = []
+    worker = start_worker(WorkerOptions(port=0, mem_gib=100_000, threads=1), engine, note=notes.append)
+    try:
+        assert any("--mem 100000 is more than" in line for line in notes), notes
+        free = int(worker.devices[0]["free_bytes"])
+        assert 0 < probe(_endpoint(worker)).devices[0].free <= free * 1.1  # what the server has, not the budget
+    finally:
+        worker.stop()
+
+
 def test_relay_enforces_the_budget(start_worker) -> None:
     """Beyond the budget an allocation fails as the server's own failure does (a null buffer); free memory shrinks
     by what was allocated and comes back when it is freed."""

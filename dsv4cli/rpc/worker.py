@@ -29,7 +29,7 @@ from dsv4cli.rpc.protocol import Cmd, Endpoint, RpcError, hello, request
 from dsv4cli.rpc.relay import BudgetRelay, Upstream
 from dsv4cli.server.process import ServerProcess, check_port_free, free_port, is_loopback
 from dsv4cli.toolchain.build import ServerBinary
-from dsv4cli.units import GIB
+from dsv4cli.units import GIB, human_bytes
 
 DEFAULT_PORT = 50052  # ggml-rpc-server's own default
 PRIVATE_PORT = 50052  # inside the server's own network namespace nothing else listens
@@ -181,7 +181,12 @@ def start_worker(opts: WorkerOptions, engine: ServerBinary, *, note: Callable[[s
         process.stop(grace=3.0)
         raise
     address = f"{_reachable_host(opts.host)}:{relay.port if relay else server.port}"
-    return RunningWorker(process, relay, address, budget, read_devices(log), launcher, note)
+    devices = read_devices(log)
+    free = sum(int(d["free_bytes"]) for d in devices)
+    if budget is not None and devices and budget > free:
+        note(f"warning: --mem {opts.mem_gib:g} is more than the {human_bytes(free)} its devices have free; clients "
+             "are told at most what is free")  # fmt: skip
+    return RunningWorker(process, relay, address, budget, devices, launcher, note)
 
 
 def _wait_listening(process: ServerProcess, upstream: Upstream) -> int:
