@@ -162,7 +162,7 @@ def _carried(sampled: dict[str, list[_Sampled]], main_layers: int) -> dict[str, 
             mixed = sum(power(w) for w in names)
             carried[f"blk.{layer}.{mixer}.weight"] = [mixed * grown[names[0]]]
     for name in sampled:
-        if name not in carried and writer_of(name) == name:  # the head and its mixer
+        if not name.startswith("blk.") and name not in carried:  # the head and its mixer
             carried[name] = [end]
     return carried
 
