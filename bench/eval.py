@@ -50,14 +50,19 @@ def convert(
     return out
 
 
-def parse_args(doc: str | None, recipes: str, recipes_help: str) -> argparse.Namespace:
-    """The flags bench/eval.py and bench/fit.py share: where models are kept, which recipes, context and chunks."""
+def parse_args(
+    doc: str | None, recipes: str, recipes_help: str, switches: dict[str, str] | None = None
+) -> argparse.Namespace:
+    """The flags bench/eval.py and bench/fit.py share: where models are kept, which recipes, context and chunks;
+    and a script's own on/off `switches` (flag -> help)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, help="keep the generated models here between runs")
     parser.add_argument("--recipes", default=recipes, help=recipes_help)
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--json", action="store_true")
+    for flag, text in (switches or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
     return parser.parse_args()
 
 

@@ -5,7 +5,8 @@ A generated checkpoint at V4-Flash's hidden width (`bench_models.REAL_CONFIG`: r
 convert many times in minutes on two cores (CONFIG: 8 heads in 2 output groups, 4 experts top-2 of width 512;
 ~230 M weights with the MTP block, under the built-in model cap). FP4 experts, FP8 dense, random weights; the
 projections each layer writes into the residual stream with (attention output, shared and routed down) are drawn
-LAYER_GAINS times wider than the generator's default: layer 0 writes 16x the power of layer 1, layer 2 1/16x.
+LAYER_GAINS times wider than the generator's default: layer 0 writes 16x the power of layer 1, layer 2 1/16x
+(`--equal-layers`: the same model without them).
 Each baseline is either llama.cpp's own `llama-quantize` (from `dsv4 engine build`) at one of its named mixes
 (`lq:Q2_K`), applied to the lossless conversion with BF16 dense tensors (`--allow-requantize` for its MXFP4
 experts; tried with dsv4's importance matrix first, and without when llama-quantize refuses it, as it does at
@@ -16,7 +17,7 @@ reference (MXFP4 experts, BF16 dense) on the built-in text. Prints one row per b
 agreement of each.
 
     .venv/bin/python bench/fit.py [--models DIR] [--recipes lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS,q4_0/q4_k] [--ctx 128]
-                                  [--chunks 4] [--json]
+                                  [--chunks 4] [--json] [--equal-layers]
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def main() -> None:
         __doc__,
         "lq:Q2_K,lq:Q3_K_M,lq:IQ4_XS",
         "baselines: lq:MIX (llama-quantize's named mix) or a fixed dsv4 EXPERTS/DENSE, comma-separated",
+        {"--equal-layers": "the same model with every layer at the generator's default (no LAYER_GAINS)"},
     )
+    name, gains = ("bench-fit", ()) if args.equal_layers else (NAME, LAYER_GAINS)
     with models_folder(args.models) as folder:
-        rows = run(folder, args.recipes.split(","), args.ctx, args.chunks)
+        rows = run(folder, args.recipes.split(","), args.ctx, args.chunks, name=name, gains=gains)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -56,33 +59,36 @@ def main() -> None:
         print(f"{r['recipe']:<14}{f['bytes'] / 2**20:>8.1f}{f['kld_mean']:>11.5f}{f['top1']:>8.1%}  |{fitted}")
 
 
-def run(folder: Path, recipes: list[str], ctx: int, chunks: int) -> list[dict]:
-    """Per fixed recipe: its file and the fitted one of at most its size, each evaluated."""
+def run(
+    folder: Path, recipes: list[str], ctx: int, chunks: int, *, name: str = NAME, gains: tuple[float, ...] = LAYER_GAINS
+) -> list[dict]:
+    """Per fixed recipe: its file and the fitted one of at most its size, each evaluated (model `name`, generated
+    with layer `gains`)."""
     from dsv4cli.errors import Dsv4Error
     from dsv4cli.models.fit import fit_measured, measure_fit
     from dsv4cli.models.imatrix import make_imatrix
     from quant.convert import QuantOptions, quantize_checkpoint
 
     # eval's reference and the lossless quant, by the same converter
-    reference = convert(folder, "mxfp4", "bf16", name=NAME, config=CONFIG, layer_gains=LAYER_GAINS)
-    lossless = convert(folder, "mxfp4", "q8_0", name=NAME, config=CONFIG, layer_gains=LAYER_GAINS)
+    reference = convert(folder, "mxfp4", "bf16", name=name, config=CONFIG, layer_gains=gains)
+    lossless = convert(folder, "mxfp4", "q8_0", name=name, config=CONFIG, layer_gains=gains)
     matrix, _, _ = make_imatrix(str(lossless), max_chunks=chunks)
-    checkpoint = folder / NAME
+    checkpoint = folder / name
     measured = measure_fit(checkpoint, QuantOptions(), matrix)
     rows = []
     for recipe in recipes:
         if recipe.startswith("lq:"):
-            fixed = llama_quantize(reference, folder / f"{NAME}-llama-quantize-{recipe[3:]}", recipe[3:], matrix)
+            fixed = llama_quantize(reference, folder / f"{name}-llama-quantize-{recipe[3:]}", recipe[3:], matrix)
         else:
             experts, dense = recipe.split("/")
-            fixed = folder / f"{NAME}-{experts}-{dense}-imatrix.gguf"
+            fixed = folder / f"{name}-{experts}-{dense}-imatrix.gguf"
             if not fixed.is_file():
                 quantize_checkpoint(checkpoint, fixed, QuantOptions(experts=experts, dense=dense, imatrix=str(matrix)))
         budget = fixed.stat().st_size
         if budget >= measured.lossless:
             print_note(f"{recipe}: {budget} bytes is not below the lossless {measured.lossless}; skipped")
             continue
-        fitted = folder / f"{NAME}-fit-{budget}.gguf"
+        fitted = folder / f"{name}-fit-{budget}.gguf"
         if not fitted.is_file():
             try:
                 options = fit_measured(measured, budget, QuantOptions()).options
