@@ -15,6 +15,7 @@ Streaming: one tensor's sample in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,7 @@ def measure(
     fp4_lossless: bool,
     experts_per_token: int,
     main_layers: int,
+    workers: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[Option]]:
     """Every group's options (size and measured loss for each candidate recipe, and keeping the lossless types).
@@ -101,15 +103,21 @@ def measure(
     A loss is the error power a choice leaves in the residual stream at the end, per token, so groups compare: an
     error is taken relative to its matrix's output and scaled by the power that carries it there (`_carried`).
     Layers that write more into the stream, or write it early, and experts that more tokens reach weigh more, in
-    all their tensors. `main_layers`: blocks past it (the MTP block) are not on the main model's path."""
+    all their tensors. `main_layers`: blocks past it (the MTP block) are not on the main model's path. Tensors are
+    sampled on `workers` threads."""
     sampled: dict[str, list[_Sampled]] = {}
-    for group, members in groups.items():
-        if progress:
-            progress(group)
-        names = candidates(group, imatrix=imatrix is not None)
-        for plan in members:
-            importance = imatrix.importance(plan.spec.name) if imatrix is not None else None
-            sampled[plan.spec.name] = _sample(source, plan, names, importance, imatrix, fp4_lossless, experts_per_token)
+    with ThreadPoolExecutor(workers) as pool:  # ggml's quantizers and numpy release the GIL
+        pending = []
+        for group, members in groups.items():
+            names = candidates(group, imatrix=imatrix is not None)
+            for plan in members:
+                importance = imatrix.importance(plan.spec.name) if imatrix is not None else None
+                args = (source, plan, names, importance, imatrix, fp4_lossless, experts_per_token)
+                pending.append((group, plan.spec.name, pool.submit(_sample, *args)))
+        for i, (group, name, future) in enumerate(pending):
+            if progress and (i == 0 or pending[i - 1][0] != group):
+                progress(group)
+            sampled[name] = future.result()
     carried = _carried(sampled, main_layers)
     out: dict[str, list[Option]] = {}
     for group, members in groups.items():

@@ -138,6 +138,17 @@ def test_a_killed_fitted_run_resumes_to_a_byte_identical_file(
 
 
 @pytest.mark.slow
+def test_threads_change_the_speed_not_the_file(python: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    files = []
+    for threads in ("1", "3"):
+        out = tmp_path / threads / "m.gguf"
+        res = run_quantize(python, tiny_checkpoint, out, "--size", "7M", "--threads", threads)
+        assert res.returncode == 0, res.stderr
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+
+
+@pytest.mark.slow
 def test_a_fitted_quant_has_its_own_name_and_is_never_taken_for_its_base_recipe(dsv4, isolated_env: Path) -> None:
     from dsv4cli.home import gguf_dir
     from dsv4cli.models.local import find_gguf

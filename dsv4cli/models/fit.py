@@ -89,7 +89,8 @@ def measure_fit(folder: Path, base: QuantOptions, imatrix: Path | None,
         fp4 = facts["expert_dtype"] == "fp4"
         options = measure(SourceTensors(ckpt, facts), plans, groups, matrix, fp4_lossless=fp4,
                           experts_per_token=int(facts["num_experts_per_tok"]),
-                          main_layers=int(facts["num_hidden_layers"]), progress=progress)  # fmt: skip
+                          main_layers=int(facts["num_hidden_layers"]), workers=base.workers,
+                          progress=progress)  # fmt: skip
         return Measured(options, fixed, lossless, ckpt.config, imatrix)
     finally:
         ckpt.close()
