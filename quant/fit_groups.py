@@ -38,10 +38,6 @@ def group_kind(group: str) -> str:
     return group.split(".")[0]
 
 
-_ATTENTION_INPUT = re.compile(
-    r"attn_(q_a|q_b|kv|output_a)|indexer\.(attn_q_b|proj)|(attn|indexer)_compressor_(kv|gate)"
-)
-_FFN_INPUT = re.compile(r"ffn_(gate|up)_(exps|shexp)")
 ATTENTION_OUT, FFN_OUT = "attn_output_b", ("ffn_down_shexp", "ffn_down_exps")  # what a layer adds to the stream
 
 
@@ -50,13 +46,12 @@ def writer_of(name: str) -> str:
     loss in the stream's unit): the attention output for the attention's inputs, compressors and indexer; the down
     projection for the gate and up of the routed and shared experts; `name` itself for those writers and for the
     tensors outside a block path (hyper-connection mixers, embeddings, head)."""
-    m = _BLOCK.match(name)
-    if m is None:
+    group = fit_group(name) or ""
+    kind = group_kind(group)
+    if kind in ("attention", "compressors"):
+        writer = ATTENTION_OUT
+    elif kind in ("shared", "experts"):
+        writer = FFN_OUT[kind == "experts"]
+    else:
         return name
-    layer, rest = m.group(1), m.group(2)
-    if _ATTENTION_INPUT.fullmatch(rest):
-        return f"blk.{layer}.{ATTENTION_OUT}.weight"
-    found = _FFN_INPUT.fullmatch(rest)
-    if found:
-        return f"blk.{layer}.{FFN_OUT[0] if found.group(2) == 'shexp' else FFN_OUT[1]}.weight"
-    return name
+    return f"blk.{group.split('.')[1]}.{writer}.weight"

@@ -66,8 +66,7 @@ def _weighted_sse(x: np.ndarray, recipe: str, weights: np.ndarray | None) -> flo
     imp = weights if weights is not None else np.ones(x.shape[1], dtype=np.float32)
     needs = RECIPES[recipe].needs_imatrix or RECIPES[recipe].quantizer == "ggml"
     q = quantize(x, t, imatrix=imp if needs and t == RECIPES[recipe].ggml_type else None)
-    err = dequantize(q, t).reshape(x.shape) - x
-    return float(((err.astype(np.float64) ** 2) * imp[None, :]).sum())
+    return _power(dequantize(q, t).reshape(x.shape) - x, imp)
 
 
 @dataclass
@@ -105,14 +104,14 @@ def measure(
     Layers that write more into the stream, or write it early, and experts that more tokens reach weigh more, in
     all their tensors. `main_layers`: blocks past it (the MTP block) are not on the main model's path. Tensors are
     sampled on `workers` threads."""
+    names_of = {group: candidates(group, imatrix=imatrix is not None) for group in groups}
     sampled: dict[str, list[_Sampled]] = {}
     with ThreadPoolExecutor(workers) as pool:  # ggml's quantizers and numpy release the GIL
         pending = []
         for group, members in groups.items():
-            names = candidates(group, imatrix=imatrix is not None)
             for plan in members:
                 importance = imatrix.importance(plan.spec.name) if imatrix is not None else None
-                args = (source, plan, names, importance, imatrix, fp4_lossless, experts_per_token)
+                args = (source, plan, names_of[group], importance, imatrix, fp4_lossless, experts_per_token)
                 pending.append((group, plan.spec.name, pool.submit(_sample, *args)))
         for i, (group, name, future) in enumerate(pending):
             if progress and (i == 0 or pending[i - 1][0] != group):
@@ -121,7 +120,7 @@ def measure(
     carried = _carried(sampled, main_layers)
     out: dict[str, list[Option]] = {}
     for group, members in groups.items():
-        names = candidates(group, imatrix=imatrix is not None)
+        names = names_of[group]
         losses = dict.fromkeys(names, 0.0)
         sizes = dict.fromkeys(names, 0)
         kept = Option(KEEP, 0, 0.0)
