@@ -110,7 +110,7 @@ def test_a_budget_above_what_is_free_is_said_and_never_promised(engine, tmp_path
     notes: list[str] = []
     worker = start_worker(WorkerOptions(port=0, mem_gib=100_000, threads=1), engine, note=notes.append)
     try:
-        assert any("--mem 100000 is more than" in line for line in notes), notes
+        assert any("--mem 100000 GiB is more than" in line for line in notes), notes
         free = int(worker.devices[0]["free_bytes"])
         assert 0 < probe(_endpoint(worker)).devices[0].free <= free * 1.1  # what the server has, not the budget
     finally:

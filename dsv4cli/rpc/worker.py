@@ -184,7 +184,7 @@ def start_worker(opts: WorkerOptions, engine: ServerBinary, *, note: Callable[[s
     devices = read_devices(log)
     free = sum(int(d["free_bytes"]) for d in devices)
     if budget is not None and devices and budget > free:
-        note(f"warning: --mem {opts.mem_gib:g} is more than the {human_bytes(free)} its devices have free; clients "
+        note(f"warning: --mem {opts.mem_gib:g} GiB is more than the {human_bytes(free)} its devices have free; clients "
              "are told at most what is free")  # fmt: skip
     return RunningWorker(process, relay, address, budget, devices, launcher, note)
 
