@@ -223,6 +223,7 @@ def test_repl_ctrl_c_stops_the_answer_and_ctrl_d_leaves(tiny_gguf: Path) -> None
     child.expect("> ")
     child.sendline("/stats")
     child.expect(r"(\d+) tokens at")
+    child.expect("> ")  # at the prompt (a Ctrl-C before it re-prompts without the hint: a race, not the case)
     child.sendintr()  # Ctrl-C at the prompt keeps the session too
     child.expect("Ctrl-D or /exit leaves")
     child.sendeof()
