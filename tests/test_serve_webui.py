@@ -121,10 +121,14 @@ def test_thinking_is_shown_apart_and_collapsible(page) -> None:
     assert page.requests[-1]["chat_template_kwargs"] == {"enable_thinking": True}
     details = _answers(page)[-1].locator("details")
     assert details.is_visible()
-    assert details.locator(".thinking").text_content().strip()  # the tiny model never closes </think>
-    assert details.get_attribute("open") is not None  # open while only thinking came back
+    assert details.locator(".thinking").text_content().strip()
+    # open while only thinking has come back, folded once the answer starts: the random tiny model seldom closes
+    # </think> within MAX_TOKENS, but the page's sampling is not pinned, so a fresh-clone run once saw it do so
+    answered = bool(_answers(page)[-1].locator(".answer").text_content().strip())
+    was_open = details.get_attribute("open") is not None
+    assert was_open != answered
     details.locator("summary").click()
-    assert details.get_attribute("open") is None
+    assert (details.get_attribute("open") is not None) != was_open
 
 
 def test_stop_ends_the_answer(page) -> None:
